@@ -1,0 +1,80 @@
+// Torch glue: validates tensors, splits tokens over threads and registers the op as torch.ops.ufb.cmm,
+// a real custom op (dispatcher schema + CPU kernel), so it runs under torch.inference_mode() and
+// torch.compile can trace it (its fake/meta implementation is registered from Python, engine/cmm.py).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cmm_cpu.h"
+
+namespace {
+
+// Tokens per parallel chunk. Below two chunks' worth the call stays on the calling thread: waking the
+// pool costs more than a few tokens of CMM (measured, README "Kernel design").
+constexpr int64_t kGrain = 24;
+
+std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
+                                           const at::Tensor& w_out, int64_t depth, bool return_leaves) {
+  TORCH_CHECK(x_in.dim() == 2, "ufb::cmm: x must be [N, d_in], got ", x_in.sizes());
+  TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && b_in.dim() == 2,
+              "ufb::cmm: expected w_in [K, nodes, d_in], b_in [K, nodes], w_out [K, nodes, d_out]");
+  TORCH_CHECK(depth >= 0 && depth < 31, "ufb::cmm: depth must be in [0, 30], got ", depth);
+  const int64_t trees = w_in.size(0), nodes = w_in.size(1), d_in = w_in.size(2), d_out = w_out.size(2);
+  TORCH_CHECK(nodes == (int64_t(2) << depth) - 1, "ufb::cmm: depth ", depth, " needs ", (int64_t(2) << depth) - 1,
+              " nodes per tree, weights have ", nodes);
+  TORCH_CHECK(x_in.size(1) == d_in, "ufb::cmm: x has width ", x_in.size(1), ", w_in expects ", d_in);
+  TORCH_CHECK(b_in.size(0) == trees && b_in.size(1) == nodes && w_out.size(0) == trees && w_out.size(1) == nodes,
+              "ufb::cmm: b_in / w_out do not match w_in's trees and nodes");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && b_in.scalar_type() == at::kFloat,
+              "ufb::cmm: x and b_in must be float32");
+  TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type() &&
+                  (w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16),
+              "ufb::cmm: w_in and w_out must both be float32 or both bfloat16");
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu() && w_out.device().is_cpu() && b_in.device().is_cpu(),
+              "ufb::cmm: CPU tensors expected");
+  TORCH_CHECK(w_in.is_contiguous() && w_out.is_contiguous() && b_in.is_contiguous(),
+              "ufb::cmm: weights must be contiguous (pack them once with engine.cmm.pack_fff_weights)");
+
+  // Rows may be strided (a slice of a wider tensor); elements within a row must be adjacent.
+  const at::Tensor x = (x_in.size(0) > 0 && x_in.stride(1) != 1) ? x_in.contiguous() : x_in;
+  const int64_t n = x.size(0);
+  at::Tensor y = at::empty({n, d_out}, x.options());
+  at::Tensor leaves = at::empty({return_leaves ? n : 0, trees}, x.options().dtype(at::kLong));
+  if (n == 0) return {y, leaves};
+
+  ufb::CmmProblem p;
+  p.x = x.data_ptr<float>();
+  p.x_stride = x.stride(0);
+  p.n = n;
+  p.d_in = d_in;
+  p.d_out = d_out;
+  p.trees = trees;
+  p.depth = depth;
+  p.w_in = w_in.data_ptr();
+  p.b_in = b_in.data_ptr<float>();
+  p.w_out = w_out.data_ptr();
+  p.bf16w = w_in.scalar_type() == at::kBFloat16;
+  p.y = y.data_ptr<float>();
+  p.leaves = return_leaves ? leaves.data_ptr<int64_t>() : nullptr;
+
+  if (n < 2 * kGrain) {
+    ufb::cmm_range(p, 0, n);
+  } else {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_range(p, begin, end); });
+  }
+  return {y, leaves};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ufb, m) {
+  m.def("cmm(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int depth, bool return_leaves) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ufb, CPU, m) { m.impl("cmm", &cmm_cpu); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "UltraFastBERT conditional matrix multiplication kernels (registers torch.ops.ufb.*)";
+  m.def("cpu_path", &ufb::cmm_cpu_path, "instruction-set path the CPU kernel uses");
+  m.def("force_portable", &ufb::cmm_force_portable, "use the portable path even where AVX2 exists (tests)");
+}

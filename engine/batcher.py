@@ -1,0 +1,609 @@
+"""Dynamic batching between the asyncio front end and the one thread that owns the model.
+
+Why this shape (TEI's router/queue/backend split, Infinity's length sorting):
+
+* Tokenization runs in a small thread pool, never on the event loop: a 100k-character input must not stall
+  every other connection.
+* Inputs, not requests, are the unit of batching. A request's inputs may land in different batches; each
+  carries its request and position so results are routed back exactly.
+* A batch is bounded by a **token budget** counted in *padded* tokens (``max_len * n``), because that is what
+  the forward pass pays for, and by a cap on the number of sequences. Candidates are chosen by length around
+  the oldest waiting input so that padding stays small and nothing starves.
+* The worker waits a little (``max_wait_s``) for a batch to grow only when it is busy; an input that arrives
+  at an idle worker is dispatched at once, so a lone request pays no batching latency.
+* The queue is bounded in inputs and in tokens; beyond that :class:`Overloaded` is raised immediately
+  (the service answers 429) rather than letting memory and latency grow without bound.
+* A request that was cancelled (client went away) or whose deadline passed is removed before it costs
+  compute. A batch whose forward raises fails only the requests that had inputs in it.
+
+This module must not import the ``service`` package: metrics reach the service through the
+:class:`BatchObserver` callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Task(str, Enum):
+    """What a batch computes; inputs of different tasks never share a forward pass."""
+
+    EMBED = "embed"
+    CLASSIFY = "classify"
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+class BatcherError(Exception):
+    """Base of every error the batcher hands to its callers; ``cause`` is a short stable label."""
+
+    cause = "error"
+
+
+class EmptyInput(BatcherError):
+    cause = "empty"
+
+
+class InvalidInput(BatcherError):
+    """Something about one input the client sent (out-of-vocabulary id, too long, ...)."""
+
+    cause = "validation"
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class InputTooLong(InvalidInput):
+    def __init__(self, index: int, n_tokens: int, max_length: int) -> None:
+        super().__init__(
+            f"input {index} has {n_tokens} tokens, more than the maximum of {max_length}; "
+            "shorten it or set truncate=true", index)
+        self.n_tokens = n_tokens
+        self.max_length = max_length
+
+
+class Overloaded(BatcherError):
+    cause = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(BatcherError):
+    cause = "timeout"
+
+
+class ShuttingDown(BatcherError):
+    cause = "shutting_down"
+
+
+class InferenceFailed(BatcherError):
+    cause = "backend"
+
+
+# ---------------------------------------------------------------------------------------------------- backend
+
+
+class Backend(Protocol):
+    """What the batcher needs from a model; :class:`ModelBackend` adapts ``engine.checkpoint.LoadedModel``."""
+
+    vocab_size: int
+    max_input_tokens: int
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
+                 direction: str) -> list[list[int]]: ...
+
+    def forward(self, task: Task, ids: Sequence[Sequence[int]],
+                record_leaves: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]: ...
+
+
+class ModelBackend:
+    """Runs padded batches through a loaded model. Only the worker thread calls :meth:`forward`."""
+
+    def __init__(self, loaded: Any) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.vocab_size = int(getattr(self.tokenizer, "vocab_size", self.config.vocab_size))
+        self.max_input_tokens = int(self.config.max_position_embeddings)
+        shape = self.model.tree_shape() if hasattr(self.model, "tree_shape") else None
+        self.tree_shape: tuple[int, int] | None = tuple(shape) if shape else None  # type: ignore[assignment]
+        self._recording: bool | None = None
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
+                 direction: str) -> list[list[int]]:
+        from engine.tokenizer import InputTooLongError  # local: keep the batcher importable without it
+
+        try:
+            return self.tokenizer.encode(list(texts), max_length=max_length, truncate=truncate,
+                                         direction=direction)
+        except InputTooLongError as exc:
+            raise InputTooLong(exc.index, exc.n_tokens, exc.max_length) from None
+
+    def forward(self, task: Task, ids: Sequence[Sequence[int]],
+                record_leaves: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        record = record_leaves and self.tree_shape is not None
+        if record != self._recording:
+            self.model.set_record_leaves(record)
+            self._recording = record
+        input_ids, mask = self.tokenizer.pad([list(x) for x in ids])
+        with torch.inference_mode():
+            if task is Task.EMBED:
+                out = self.model.embed(input_ids, mask, normalize=False)
+            else:
+                out = self.model.classify(input_ids, mask)
+        leaves = self.model.last_leaves() if record else None
+        return out.float(), leaves
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class BatcherLimits:
+    """Every bound the batcher enforces; the service fills it from settings and shows it in /info."""
+
+    max_batch_tokens: int = 16384  # padded tokens (max_len * n) per forward pass
+    max_batch_requests: int = 64  # sequences per forward pass
+    max_wait_s: float = 0.002  # how long a busy worker lets a batch grow
+    max_queued_inputs: int = 1024
+    max_queued_tokens: int = 262144
+    max_concurrent_requests: int = 512  # admitted requests, including those still tokenizing
+    max_input_tokens: int = 512
+    tokenizer_workers: int = 2
+    record_leaves: bool = True
+
+
+@dataclass
+class BatchStats:
+    """Handed to the observer after every forward pass (from the worker thread)."""
+
+    task: Task
+    size: int
+    padded_tokens: int
+    real_tokens: int
+    inference_s: float
+    lengths: list[int]
+    leaf_counts: list[torch.Tensor] | None = None  # per layer: [trees, leaves] visit counts of this batch
+    error: str | None = None
+
+
+class BatchObserver(Protocol):
+    def on_batch(self, stats: BatchStats) -> None: ...
+
+
+@dataclass
+class Result:
+    """One request's outputs, in input order, and where its time went."""
+
+    outputs: torch.Tensor  # [n_inputs, dim] float32
+    token_counts: list[int]
+    tokenization_s: float
+    queue_s: float
+    inference_s: float
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+@dataclass(eq=False)
+class _Request:
+    task: Task
+    n: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Result]
+    deadline: float | None
+    enqueued: float
+    token_counts: list[int]
+    tokenization_s: float
+    rows: list[torch.Tensor | None] = field(default_factory=list)
+    remaining: int = 0
+    first_start: float | None = None
+    last_end: float | None = None
+    finished: bool = False  # resolved, failed, cancelled or expired: its queued items are garbage
+
+
+@dataclass(eq=False)
+class _Item:
+    req: _Request
+    index: int
+    ids: list[int]
+    seq: int
+
+
+# ---------------------------------------------------------------------------------------------------- batcher
+
+
+def _resolve(fut: asyncio.Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+class Batcher:
+    """Queue + worker thread. Create it, ``start()`` it, ``await submit(...)`` from the event loop."""
+
+    def __init__(self, backend: Backend, limits: BatcherLimits | None = None,
+                 observer: BatchObserver | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend = backend
+        self.limits = limits or BatcherLimits()
+        self.observer = observer
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: dict[int, _Item] = {}  # insertion order == arrival order
+        self._queued_tokens = 0
+        self._seq = itertools.count()
+        self._admitted = 0  # requests between admission and their answer
+        self._inflight_batches = 0
+        self._inflight_ids: set[int] = set()
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tok_pool = ThreadPoolExecutor(max_workers=max(1, self.limits.tokenizer_workers),
+                                            thread_name_prefix="ufb-tokenize")
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._accepting = True
+        self._thread = threading.Thread(target=self._worker, name="ufb-inference", daemon=True)
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """First step of shutdown: new work gets :class:`ShuttingDown`; admitted work continues."""
+        self._accepting = False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return self._admitted == 0 and not self._pending and self._inflight_batches == 0
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting and wait for admitted work to finish; False if the grace period ran out."""
+        self.stop_accepting()
+        end = self._clock() + timeout_s
+        while not self.idle:
+            if self._clock() >= end:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def stop(self) -> None:
+        """Stop the worker; whatever is still queued fails with :class:`ShuttingDown`."""
+        self._accepting = False
+        with self._cond:
+            self._stopping = True
+            leftovers = list(self._pending.values())
+            self._pending.clear()
+            self._queued_tokens = 0
+            self._cond.notify_all()
+        for item in leftovers:
+            self._fail(item.req, ShuttingDown("the service is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._tok_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -------------------------------------------------------------- introspection (metrics gauges)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def inflight_batches(self) -> int:
+        return self._inflight_batches
+
+    # -------------------------------------------------------------- front end
+
+    async def run_in_tokenizer_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Other tokenizer work (e.g. /tokenize) shares the bounded pool instead of the loop's default one."""
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn, *args)
+
+    async def submit(self, task: Task, *, texts: Sequence[str] | None = None,
+                     token_ids: Sequence[Sequence[int]] | None = None, truncate: bool = False,
+                     direction: str = "right", deadline: float | None = None) -> Result:
+        """Tokenize (off the loop), enqueue, and wait for every input's output.
+
+        ``deadline`` is on this batcher's clock (``time.monotonic`` by default). Cancelling the awaiting task
+        withdraws the request's queued inputs, so a client that went away costs no compute.
+        """
+        if not self._accepting:
+            raise ShuttingDown("the service is not accepting requests (starting or shutting down)")
+        n = len(texts) if texts is not None else len(token_ids or ())
+        if n == 0:
+            raise EmptyInput("the input is empty")
+        with self._cond:
+            if self._admitted >= self.limits.max_concurrent_requests:
+                raise Overloaded(f"too many concurrent requests (limit {self.limits.max_concurrent_requests})")
+            if len(self._pending) + n > self.limits.max_queued_inputs:
+                raise Overloaded(f"the queue is full ({len(self._pending)} inputs waiting, "
+                                 f"limit {self.limits.max_queued_inputs})")
+            self._admitted += 1
+        try:
+            return await self._submit_admitted(task, texts, token_ids, truncate, direction, deadline)
+        finally:
+            with self._cond:
+                self._admitted -= 1
+
+    async def _submit_admitted(self, task: Task, texts: Sequence[str] | None,
+                               token_ids: Sequence[Sequence[int]] | None, truncate: bool, direction: str,
+                               deadline: float | None) -> Result:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        max_len = self.limits.max_input_tokens
+        if texts is not None:
+            if any(t == "" for t in texts):
+                raise EmptyInput(f"input {next(i for i, t in enumerate(texts) if t == '')} is an empty string")
+            ids = await loop.run_in_executor(
+                self._tok_pool, lambda: self.backend.tokenize(texts, max_length=max_len, truncate=truncate,
+                                                              direction=direction))
+        else:
+            ids = self._check_ids(token_ids or (), truncate, direction)
+        tokenization_s = time.perf_counter() - t0
+        now = self._clock()
+        if deadline is not None and now >= deadline:
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+
+        fut: asyncio.Future[Result] = loop.create_future()
+        counts = [len(x) for x in ids]
+        req = _Request(task=task, n=len(ids), loop=loop, future=fut, deadline=deadline, enqueued=now,
+                       token_counts=counts, tokenization_s=tokenization_s,
+                       rows=[None] * len(ids), remaining=len(ids))
+        total = sum(counts)
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the service is shutting down")
+            if len(self._pending) + req.n > self.limits.max_queued_inputs:
+                raise Overloaded(f"the queue is full ({len(self._pending)} inputs waiting, "
+                                 f"limit {self.limits.max_queued_inputs})")
+            if self._queued_tokens + total > self.limits.max_queued_tokens:
+                raise Overloaded(f"the queue is full ({self._queued_tokens} tokens waiting, "
+                                 f"limit {self.limits.max_queued_tokens})")
+            for i, x in enumerate(ids):
+                seq = next(self._seq)
+                self._pending[seq] = _Item(req, i, list(x), seq)
+            self._queued_tokens += total
+            self._cond.notify()
+        try:
+            if deadline is None:
+                return await fut
+            return await asyncio.wait_for(fut, timeout=max(0.0, deadline - self._clock()))
+        except TimeoutError:
+            self._withdraw(req)
+            raise DeadlineExceeded("the request's deadline passed before its inference finished") from None
+        except asyncio.CancelledError:
+            self._withdraw(req)
+            raise
+
+    def _check_ids(self, token_ids: Sequence[Sequence[int]], truncate: bool, direction: str) -> list[list[int]]:
+        vocab, max_len = self.backend.vocab_size, self.limits.max_input_tokens
+        out: list[list[int]] = []
+        for i, seq in enumerate(token_ids):
+            if len(seq) == 0:
+                raise EmptyInput(f"input {i} is an empty list of token ids")
+            bad = next((t for t in seq if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidInput(f"input {i} has token id {bad}, outside the vocabulary (0..{vocab - 1})", i)
+            if len(seq) > max_len:
+                if not truncate:
+                    raise InputTooLong(i, len(seq), max_len)
+                seq = seq[:max_len] if direction == "right" else seq[len(seq) - max_len:]
+            out.append(list(seq))
+        return out
+
+    def _withdraw(self, req: _Request) -> None:
+        """The caller stopped waiting: free its queue slots now rather than at the next batch."""
+        with self._cond:
+            req.finished = True
+            self._drop_items_locked(req)
+
+    def _drop_items_locked(self, req: _Request) -> None:
+        for seq in [s for s, it in self._pending.items() if it.req is req]:
+            self._queued_tokens -= len(self._pending.pop(seq).ids)
+
+    # -------------------------------------------------------------- worker
+
+    def _worker(self) -> None:
+        idle = True
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    idle = True
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                if not idle and self.limits.max_wait_s > 0:
+                    self._let_batch_grow_locked()
+                self._expire_locked()
+                batch = self._take_batch_locked()
+                if batch:
+                    self._inflight_batches += 1
+                    self._inflight_ids.add(id(batch))
+                idle = False
+            if batch:
+                try:
+                    self._run(batch)
+                except Exception as exc:  # noqa: BLE001 -- post-processing bug: fail the batch, keep serving
+                    log.exception("batch post-processing failed")
+                    for req in {it.req for it in batch}:
+                        if not req.finished:
+                            self._withdraw(req)
+                            self._fail(req, InferenceFailed(f"internal error after inference: {exc!r}"))
+                finally:
+                    self._end_inflight(batch)
+
+    def _let_batch_grow_locked(self) -> None:
+        oldest = next(iter(self._pending.values()))
+        until = oldest.req.enqueued + self.limits.max_wait_s
+        while not self._stopping:
+            if (len(self._pending) >= self.limits.max_batch_requests
+                    or self._queued_tokens >= self.limits.max_batch_tokens):
+                return
+            remaining = until - self._clock()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _expire_locked(self) -> None:
+        now = self._clock()
+        dead = {it.req for it in self._pending.values()
+                if it.req.finished or (it.req.deadline is not None and now >= it.req.deadline)}
+        for req in dead:
+            self._drop_items_locked(req)
+            if not req.finished:
+                self._fail(req, DeadlineExceeded("the request's deadline passed while it was queued"))
+
+    def _take_batch_locked(self) -> list[_Item]:
+        """The oldest input plus its nearest neighbours by length, within the token and size budgets."""
+        if not self._pending:
+            return []
+        oldest = next(iter(self._pending.values()))
+        cands = sorted((it for it in self._pending.values() if it.req.task is oldest.req.task),
+                       key=lambda it: (len(it.ids), it.seq))
+        pos = cands.index(oldest)
+        lo, hi = pos - 1, pos + 1
+        chosen = [oldest]
+        max_len = len(oldest.ids)
+        budget, cap = self.limits.max_batch_tokens, self.limits.max_batch_requests
+        while len(chosen) < cap:
+            n = len(chosen) + 1
+            # waste if we add the shorter neighbour: it is padded up to max_len
+            lo_ok = lo >= 0 and max_len * n <= budget
+            hi_len = len(cands[hi].ids) if hi < len(cands) else 0
+            hi_ok = hi < len(cands) and hi_len * n <= budget
+            if not (lo_ok or hi_ok):
+                break
+            lo_waste = max_len - len(cands[lo].ids) if lo_ok else None
+            hi_waste = (hi_len - max_len) * (n - 1) if hi_ok else None
+            if hi_waste is None or (lo_waste is not None and lo_waste <= hi_waste):
+                chosen.append(cands[lo])
+                lo -= 1
+            else:
+                chosen.append(cands[hi])
+                max_len = max(max_len, hi_len)
+                hi += 1
+        for it in chosen:
+            del self._pending[it.seq]
+            self._queued_tokens -= len(it.ids)
+        chosen.sort(key=lambda it: len(it.ids))
+        return chosen
+
+    def _run(self, batch: list[_Item]) -> None:
+        task = batch[0].req.task
+        lengths = [len(it.ids) for it in batch]
+        stats = BatchStats(task=task, size=len(batch), padded_tokens=max(lengths) * len(batch),
+                           real_tokens=sum(lengths), inference_s=0.0, lengths=lengths)
+        start = self._clock()
+        t0 = time.perf_counter()
+        for it in batch:
+            if it.req.first_start is None:
+                it.req.first_start = start
+        try:
+            try:
+                out, leaves = self.backend.forward(task, [it.ids for it in batch], self.limits.record_leaves)
+            finally:
+                self._end_inflight(batch)  # before answering, so the gauge is right when a client looks
+            if out.shape[0] != len(batch):
+                raise RuntimeError(f"backend returned {out.shape[0]} rows for a batch of {len(batch)}")
+        except Exception as exc:  # noqa: BLE001 -- a bad batch must not kill the worker
+            stats.inference_s = time.perf_counter() - t0
+            stats.error = type(exc).__name__
+            log.exception("inference failed for a batch of %d inputs", len(batch))
+            failed = {it.req for it in batch}
+            self._notify(stats)
+            with self._cond:
+                for req in failed:
+                    self._drop_items_locked(req)
+            for req in failed:
+                self._fail(req, InferenceFailed(f"inference failed for the batch this request was in: "
+                                                f"{type(exc).__name__}: {exc}"))
+            return
+        stats.inference_s = time.perf_counter() - t0
+        try:
+            stats.leaf_counts = self._leaf_counts(leaves)
+        except Exception:  # noqa: BLE001 -- leaf metrics are diagnostics, never worth a failed request
+            log.exception("could not count FFF leaves")
+        end = self._clock()
+        self._notify(stats)  # before answering: a client that reads /metrics next sees its own batch
+        out = out.detach().cpu()
+        for row, it in zip(out, batch):
+            req = it.req
+            if req.finished:
+                continue
+            req.rows[it.index] = row.clone()
+            req.remaining -= 1
+            req.last_end = end
+            if req.remaining == 0:
+                req.finished = True
+                result = Result(outputs=torch.stack(req.rows),  # type: ignore[arg-type]
+                                token_counts=req.token_counts, tokenization_s=req.tokenization_s,
+                                queue_s=(req.first_start or end) - req.enqueued,
+                                inference_s=end - (req.first_start or end))
+                req.loop.call_soon_threadsafe(_resolve, req.future, result)
+
+    def _end_inflight(self, batch: list[_Item]) -> None:
+        """Idempotent per batch: the forward's end and the worker's safety net both call it."""
+        with self._cond:
+            if id(batch) in self._inflight_ids:
+                self._inflight_ids.discard(id(batch))
+                self._inflight_batches -= 1
+
+    def _leaf_counts(self, leaves: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        shape = getattr(self.backend, "tree_shape", None)
+        if not leaves or not shape:
+            return None
+        trees, depth = shape
+        n_leaves = 2 ** depth
+        offsets = torch.arange(trees, dtype=torch.long) * n_leaves
+        counts = []
+        for layer in leaves:
+            flat = (layer.long() + offsets).reshape(-1)
+            counts.append(torch.bincount(flat, minlength=trees * n_leaves).reshape(trees, n_leaves))
+        return counts
+
+    def _notify(self, stats: BatchStats) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer.on_batch(stats)
+        except Exception:  # noqa: BLE001 -- metrics must never take inference down
+            log.exception("batch observer failed")
+
+    def _fail(self, req: _Request, exc: BatcherError) -> None:
+        req.finished = True
+        try:
+            req.loop.call_soon_threadsafe(_resolve, req.future, None, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass

@@ -1,0 +1,161 @@
+"""The fast feedforward (FFF) layer: K balanced binary trees of single neurons, hard routing.
+
+Parameter names and shapes follow the reference implementation (``linear_in [K * n_nodes, d_in]`` with bias,
+``linear_out [d_out, K * n_nodes]`` without bias) so that published crammedBERT-FFF checkpoints load as they are.
+Tree ``k`` owns rows ``k * n_nodes ... (k + 1) * n_nodes - 1`` in heap order.
+
+Three implementations compute the same function:
+
+* ``"masked"``: all node pre-activations densely, then a mask of the visited nodes. It is the only one that is
+  differentiable, so training (``module.training`` with grad enabled) always uses it; gradients reach visited
+  neurons only.
+* ``"kernel"``: :func:`engine.cmm.cmm` (the compiled CMM kernel, or its plain-PyTorch fallback) on weights packed
+  once and cached. The serving path.
+* ``"reference"``: :func:`engine.cmm.cmm_reference` on the same packed weights, for tests and benchmarks.
+
+An optional output bias exists only for the BERT layout (``bias_out=True``): converted students keep their teacher
+FFN's output bias, which the reference FFF lacks. The kernel does not know about it; it is added afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import cmm as cmm_ops
+
+IMPLS = ("kernel", "reference", "masked")
+
+
+class FFF(nn.Module):
+    """Fast feedforward layer ``d_in -> d_out`` of ``trees`` trees of depth ``depth``."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        depth: int,
+        trees: int = 1,
+        *,
+        bias_out: bool = False,
+        impl: str = "kernel",
+        weight_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.d_in, self.d_out, self.depth, self.trees = d_in, d_out, depth, trees
+        self.n_nodes = cmm_ops.n_nodes(depth)
+        self.linear_in = nn.Linear(d_in, trees * self.n_nodes, bias=True)
+        self.linear_out = nn.Linear(trees * self.n_nodes, d_out, bias=bias_out)
+        self.reset_parameters()
+        self.impl = impl
+        self.weight_dtype = weight_dtype
+        self.record_leaves = False
+        self.last_leaves: torch.Tensor | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._packed_key: tuple | None = None
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in IMPLS:
+            raise ValueError(f"FFF impl must be one of {IMPLS}, got {value!r}")
+        self._impl = value
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self._weight_dtype
+
+    @weight_dtype.setter
+    def weight_dtype(self, value: torch.dtype) -> None:
+        if value not in cmm_ops.WEIGHT_DTYPES:
+            raise ValueError(f"FFF weight dtype must be one of {cmm_ops.WEIGHT_DTYPES}, got {value}")
+        self._weight_dtype = value
+        self.invalidate()
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_out={self.d_out}, depth={self.depth}, trees={self.trees}, "
+                f"impl={self.impl!r}, weight_dtype={self.weight_dtype}")
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The reference initialisation: inputs U(+-1/sqrt(d_in)), outputs U(+-1/sqrt(K * (D + 1))).
+
+        The output scale accounts for the K * (D + 1) neurons a token actually sums, not for all nodes.
+        """
+        k_in = math.sqrt(1.0 / self.d_in)
+        k_out = math.sqrt(1.0 / ((self.depth + 1) * self.trees))
+        self.linear_in.weight.uniform_(-k_in, k_in, generator=generator)
+        self.linear_in.bias.uniform_(-k_in, k_in, generator=generator)
+        self.linear_out.weight.uniform_(-k_out, k_out, generator=generator)
+        if self.linear_out.bias is not None:
+            self.linear_out.bias.zero_()
+        self.invalidate()
+
+    # ------------------------------------------------------------------ packed weights
+
+    def invalidate(self) -> None:
+        """Drop the packed kernel weights; they are rebuilt on the next inference call."""
+        self._packed = None
+        self._packed_key = None
+
+    def _params_key(self) -> tuple:
+        params = (self.linear_in.weight, self.linear_in.bias, self.linear_out.weight)
+        return tuple((p.data_ptr(), p._version, p.device) for p in params) + (self.weight_dtype,)
+
+    def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kernel-layout weights, repacked only when a parameter changed (in place or replaced).
+
+        Not locked: two threads may both repack after a change, which wastes work but is harmless (same result).
+        """
+        key = self._params_key()
+        if self._packed is None or self._packed_key != key:
+            self._packed = cmm_ops.pack_fff_weights(
+                self.linear_in.weight, self.linear_in.bias, self.linear_out.weight, self.trees, self.weight_dtype
+            )
+            self._packed_key = key
+        return self._packed
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.d_in:
+            raise ValueError(f"FFF expects inputs of width {self.d_in}, got shape {tuple(shape)}")
+        flat = x.reshape(-1, self.d_in)
+        if self.impl == "masked" or (self.training and torch.is_grad_enabled()):
+            y, leaves = self._forward_masked(flat)
+        else:
+            w_in, b_in, w_out = self.packed_weights()
+            if self.impl == "reference":
+                y, leaves = cmm_ops.cmm_reference(flat.float(), w_in, b_in, w_out, self.depth)
+            else:
+                y, leaves = cmm_ops.cmm(flat.float(), w_in, b_in, w_out, self.depth, self.record_leaves)
+            if self.linear_out.bias is not None:
+                y = y + self.linear_out.bias
+        self.last_leaves = leaves if self.record_leaves else None
+        return y.to(x.dtype).reshape(*shape[:-1], self.d_out)
+
+    def _forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense pre-activations, hard routing mask; differentiable w.r.t. the visited neurons."""
+        n = x.shape[0]
+        logits = self.linear_in(x).view(n, self.trees, self.n_nodes)
+        with torch.no_grad():
+            right = logits > 0  # ties at exactly zero go left, as in the reference
+            node = torch.zeros((n, self.trees), dtype=torch.long, device=x.device)
+            mask = torch.zeros_like(logits)
+            mask.scatter_(2, node.unsqueeze(2), 1.0)
+            for _ in range(self.depth):
+                go_right = torch.gather(right, 2, node.unsqueeze(2)).squeeze(2).long()
+                node = 2 * node + 1 + go_right
+                mask.scatter_(2, node.unsqueeze(2), 1.0)
+            leaves = node - (self.n_nodes - 2 ** self.depth)
+        hidden = F.gelu(logits) * mask
+        return F.linear(hidden.flatten(1), self.linear_out.weight, self.linear_out.bias), leaves

@@ -1,0 +1,113 @@
+"""Request and response bodies, in the shapes OpenAI and TEI clients already send and expect.
+
+Strict scalar types (``StrictStr``, ``StrictInt``) so that ``[1, "2"]`` or ``true`` is a 422 rather than being
+coerced into something the client did not mean. Unknown fields are ignored, as TEI and OpenAI do, so newer
+clients that send extra options keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+TokenIds = list[StrictInt]
+# A string, a list of strings, one list of token ids, or a list of lists of token ids (OpenAI and TEI).
+Inputs = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+TextInputs = Union[StrictStr, list[StrictStr]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _direction(v: object) -> object:
+    """TEI spells it ``Left``/``Right``; accept any case so hand-written requests do not trip on it."""
+    if isinstance(v, str) and v.lower() in ("left", "right"):
+        return v.capitalize()
+    return v
+
+
+class _Truncation(_Body):
+    truncate: bool | None = Field(None, description="Truncate long inputs (default: the server's auto-truncate).")
+    truncation_direction: Literal["Left", "Right"] = Field(
+        "Right", description="Which end to cut when truncating.")
+
+    @field_validator("truncation_direction", mode="before")
+    @classmethod
+    def _norm_direction(cls, v: object) -> object:
+        return _direction(v)
+
+
+# ------------------------------------------------------------------------------------------ OpenAI
+
+
+class OpenAIEmbeddingRequest(_Body):
+    input: Inputs = Field(..., description="A string, a list of strings, token ids, or a list of token id lists.")
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+# ------------------------------------------------------------------------------------------ TEI
+
+
+class EmbedRequest(_Truncation):
+    inputs: Inputs
+    normalize: bool = True
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+
+
+class ClassifyRequest(_Truncation):
+    inputs: TextInputs
+    raw_scores: bool = Field(False, description="Return logits instead of softmax probabilities.")
+    top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="Only the k best labels per input.")
+
+
+class PredictRequest(_Truncation):
+    """TEI's ``/predict``: a string, a batch of strings, or sentence pairs (pairs are not supported here)."""
+
+    inputs: Union[StrictStr, list[StrictStr], list[list[StrictStr]]]
+    raw_scores: bool = False
+
+
+class TokenizeRequest(_Body):
+    inputs: TextInputs
+    add_special_tokens: bool = True
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str

@@ -1,0 +1,376 @@
+"""The batcher on a fake backend: routing, budgets, overload, cancellation, deadlines, faults, drain.
+
+A fake backend keeps these tests fast and deterministic (its output is a pure function of each input's ids), and
+lets a test hold the worker inside a forward pass (``gate``) to build up a queue on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from engine.batcher import (
+    Batcher,
+    BatcherLimits,
+    BatchStats,
+    DeadlineExceeded,
+    EmptyInput,
+    InferenceFailed,
+    InputTooLong,
+    InvalidInput,
+    Overloaded,
+    ShuttingDown,
+    Task,
+)
+
+
+class FakeBackend:
+    vocab_size = 1000
+    tree_shape = None
+
+    def __init__(self) -> None:
+        self.max_input_tokens = 64
+        self.seen: list[list[list[int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_token: int | None = None
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool, direction: str) -> list[list[int]]:
+        out = []
+        for i, t in enumerate(texts):
+            ids = [1] + [3 + ord(c) % 900 for c in t] + [2]
+            if len(ids) > max_length:
+                if not truncate:
+                    raise InputTooLong(i, len(ids), max_length)
+                ids = ids[:max_length]
+            out.append(ids)
+        return out
+
+    def forward(self, task: Task, ids: Sequence[Sequence[int]], record_leaves: bool):
+        self.entered.set()
+        assert self.gate.wait(10), "test gate never opened"
+        self.seen.append([list(x) for x in ids])
+        if self.fail_token is not None and any(self.fail_token in x for x in ids):
+            raise RuntimeError("boom")
+        return expected(ids, task), None
+
+
+def expected(ids: Sequence[Sequence[int]], task: Task = Task.EMBED) -> torch.Tensor:
+    bias = 0.0 if task is Task.EMBED else 1000.0
+    return torch.tensor([[float(sum(x)) + bias, float(len(x)), float(x[0]), float(x[-1])] for x in ids])
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[BatchStats] = []
+
+    def on_batch(self, stats: BatchStats) -> None:
+        self.batches.append(stats)
+
+
+def make(limits: BatcherLimits | None = None) -> tuple[Batcher, FakeBackend, Recorder]:
+    backend, rec = FakeBackend(), Recorder()
+    batcher = Batcher(backend, limits or BatcherLimits(max_input_tokens=64), observer=rec)
+    batcher.start()
+    return batcher, backend, rec
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_concurrent_requests_get_their_own_results_and_batches_form() -> None:
+    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=256, max_batch_requests=16, max_wait_s=0.005,
+                                               max_input_tokens=64))
+
+    async def main() -> None:
+        texts = [["x" * ((i * 7) % 40 + 1), "y" * (i % 5)] for i in range(80)]
+        texts = [[t for t in pair if t] for pair in texts]
+        backend.gate.clear()  # hold the first batch so that the rest queue up behind it
+        tasks = [asyncio.ensure_future(batcher.submit(Task.EMBED, texts=t)) for t in texts]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        results = await asyncio.gather(*tasks)
+        for t, res in zip(texts, results):
+            ids = backend.tokenize(t, max_length=64, truncate=False, direction="right")
+            assert torch.equal(res.outputs, expected(ids))
+            assert res.token_counts == [len(x) for x in ids]
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+    assert max(b.size for b in rec.batches) > 1
+    for b in rec.batches:
+        assert b.size <= 16
+        assert b.padded_tokens <= 256 or b.size == 1
+        assert b.padded_tokens == max(b.lengths) * b.size
+
+
+def test_long_requests_are_split_across_batches_in_order() -> None:
+    batcher, backend, rec = make(BatcherLimits(max_batch_requests=2, max_input_tokens=64))
+    ids = [[5 + i] * (1 + (i * 3) % 7) for i in range(9)]
+    try:
+        res = run(batcher.submit(Task.EMBED, token_ids=ids))
+    finally:
+        batcher.stop()
+    assert torch.equal(res.outputs, expected(ids))
+    assert len(rec.batches) >= 5
+
+
+def test_tasks_never_share_a_batch() -> None:
+    batcher, backend, _ = make()
+
+    async def main() -> None:
+        backend.gate.clear()
+        a = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[7, 8]]))
+        b = asyncio.ensure_future(batcher.submit(Task.CLASSIFY, token_ids=[[7, 8]]))
+        c = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[9]]))
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        ra, rb, rc = await asyncio.gather(a, b, c)
+        assert torch.equal(ra.outputs, expected([[7, 8]]))
+        assert torch.equal(rb.outputs, expected([[7, 8]], Task.CLASSIFY))
+        assert torch.equal(rc.outputs, expected([[9]]))
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+
+
+def test_idle_worker_dispatches_without_waiting() -> None:
+    batcher, _, _ = make(BatcherLimits(max_wait_s=1.0, max_input_tokens=64))
+    try:
+        t0 = time.perf_counter()
+        run(batcher.submit(Task.EMBED, texts=["hello"]))
+        assert time.perf_counter() - t0 < 0.5
+    finally:
+        batcher.stop()
+
+
+def test_queue_full_raises_overloaded_and_recovers() -> None:
+    batcher, backend, _ = make(BatcherLimits(max_queued_inputs=4, max_input_tokens=64))
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)  # the worker holds batch 1; the queue is empty
+        queued = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]] * 4))
+        await asyncio.sleep(0.02)
+        assert batcher.queue_depth == 4
+        with pytest.raises(Overloaded):
+            await batcher.submit(Task.EMBED, token_ids=[[6]])
+        backend.gate.set()
+        await asyncio.gather(first, queued)
+        assert (await batcher.submit(Task.EMBED, token_ids=[[6]])).outputs.shape == (1, 4)
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+
+
+def test_queued_token_cap() -> None:
+    batcher, backend, _ = make(BatcherLimits(max_queued_tokens=10, max_input_tokens=64))
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        with pytest.raises(Overloaded):
+            await batcher.submit(Task.EMBED, token_ids=[[5] * 11])
+        backend.gate.set()
+        await first
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+
+
+def test_cancelled_request_costs_no_compute() -> None:
+    batcher, backend, _ = make()
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        doomed = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[777, 777]]))
+        await asyncio.sleep(0.02)
+        assert batcher.queue_depth == 1
+        doomed.cancel()
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 0 and batcher.queued_tokens == 0
+        backend.gate.set()
+        await first
+        await batcher.submit(Task.EMBED, token_ids=[[6]])
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+    assert not any(777 in seq for batch in backend.seen for seq in batch)
+
+
+def test_deadline_in_queue_gives_timeout_and_no_compute() -> None:
+    batcher, backend, _ = make()
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(Task.EMBED, token_ids=[[888]], deadline=time.monotonic() + 0.05)
+        backend.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(Task.EMBED, token_ids=[[889]], deadline=time.monotonic() - 1)
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+    assert not any(888 in seq or 889 in seq for batch in backend.seen for seq in batch)
+
+
+def test_failing_batch_fails_only_its_requests_and_worker_survives() -> None:
+    batcher, backend, rec = make(BatcherLimits(max_batch_requests=1, max_input_tokens=64))
+    backend.fail_token = 666
+
+    async def main() -> None:
+        backend.gate.clear()
+        good = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        bad = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[666]]))
+        good2 = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[7]]))
+        await asyncio.sleep(0.02)
+        backend.gate.set()
+        r1, r2, r3 = await asyncio.gather(good, bad, good2, return_exceptions=True)
+        assert torch.equal(r1.outputs, expected([[5]]))
+        assert isinstance(r2, InferenceFailed) and "boom" in str(r2)
+        assert torch.equal(r3.outputs, expected([[7]]))
+        assert torch.equal((await batcher.submit(Task.EMBED, token_ids=[[8]])).outputs, expected([[8]]))
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+    assert any(b.error == "RuntimeError" for b in rec.batches)
+
+
+def test_input_validation() -> None:
+    batcher, _, _ = make(BatcherLimits(max_input_tokens=4))
+
+    async def main() -> None:
+        with pytest.raises(EmptyInput):
+            await batcher.submit(Task.EMBED, texts=[])
+        with pytest.raises(EmptyInput):
+            await batcher.submit(Task.EMBED, texts=["ok", ""])
+        with pytest.raises(EmptyInput):
+            await batcher.submit(Task.EMBED, token_ids=[[]])
+        with pytest.raises(InvalidInput, match="vocabulary"):
+            await batcher.submit(Task.EMBED, token_ids=[[1, 1000]])
+        with pytest.raises(InvalidInput, match="vocabulary"):
+            await batcher.submit(Task.EMBED, token_ids=[[-1]])
+        with pytest.raises(InputTooLong):
+            await batcher.submit(Task.EMBED, token_ids=[[1, 2, 3, 4, 5]])
+        with pytest.raises(InputTooLong):
+            await batcher.submit(Task.EMBED, texts=["abcdef"])
+        right = await batcher.submit(Task.EMBED, token_ids=[[1, 2, 3, 4, 5]], truncate=True)
+        left = await batcher.submit(Task.EMBED, token_ids=[[1, 2, 3, 4, 5]], truncate=True, direction="left")
+        assert torch.equal(right.outputs, expected([[1, 2, 3, 4]]))
+        assert torch.equal(left.outputs, expected([[2, 3, 4, 5]]))
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+
+
+def test_drain_finishes_admitted_work_and_refuses_new() -> None:
+    batcher, backend, _ = make()
+
+    async def main() -> None:
+        backend.gate.clear()
+        admitted = [asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5 + i]])) for i in range(5)]
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        drain = asyncio.ensure_future(batcher.drain(5))
+        await asyncio.sleep(0.02)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(Task.EMBED, token_ids=[[9]])
+        assert not drain.done()
+        backend.gate.set()
+        assert await drain
+        for i, fut in enumerate(admitted):
+            assert torch.equal(fut.result().outputs, expected([[5 + i]]))
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+
+
+def test_stop_fails_queued_requests() -> None:
+    batcher, backend, _ = make()
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        queued = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[6]]))
+        await asyncio.sleep(0.02)
+        threading.Timer(0.05, backend.gate.set).start()
+        await asyncio.to_thread(batcher.stop)
+        with pytest.raises(ShuttingDown):
+            await queued
+        await first
+
+    run(main())
+
+
+def test_batch_selection_groups_similar_lengths() -> None:
+    """With a tight budget, the oldest input is batched with its nearest neighbours by length."""
+    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=40, max_batch_requests=8, max_input_tokens=64))
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        lengths = [10, 2, 10, 2, 10, 2, 10, 2]
+        futs = [asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5] * n])) for n in lengths]
+        await asyncio.sleep(0.02)
+        backend.gate.set()
+        await asyncio.gather(first, *futs)
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+    later = rec.batches[1:]
+    assert all(len(set(b.lengths)) == 1 for b in later), [b.lengths for b in later]
+
+
+def test_concurrent_request_cap() -> None:
+    batcher, backend, _ = make(BatcherLimits(max_concurrent_requests=2, max_input_tokens=64))
+
+    async def main() -> None:
+        backend.gate.clear()
+        held = [asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]])) for _ in range(2)]
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded, match="concurrent"):
+            await batcher.submit(Task.EMBED, token_ids=[[6]])
+        backend.gate.set()
+        await asyncio.gather(*held)
+        await batcher.submit(Task.EMBED, token_ids=[[6]])
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()

@@ -1,0 +1,108 @@
+"""Prometheus exposition: parses, counters move with traffic, neuron and leaf-evenness metrics are right."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import torch
+
+from engine.batcher import BatchStats, Task
+from service.metrics import ServiceMetrics, leaf_evenness
+from service_support import make_app, metric, metric_samples, running, tiny_loaded  # noqa: F401
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_metrics_parse_and_move_with_traffic(tiny_loaded) -> None:
+    app = make_app(tiny_loaded)
+    npt = tiny_loaded.model.neurons_per_token()
+
+    async def main():
+        async with running(app) as c:
+            r = await c.get("/metrics")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+            before = metric_samples(r.text)
+            texts = ["one", "two words", "three words here"]
+            tokens = 0
+            for t in texts:
+                resp = await c.post("/embed", json={"inputs": [t, t + " again"]})
+                assert resp.status_code == 200
+                tokens += int(resp.headers["x-compute-tokens"])
+            await c.post("/classify", json={"inputs": "fine"})
+            await c.post("/embed", json={"inputs": []})
+            after = metric_samples((await c.get("/metrics")).text)
+            return before, after, tokens
+
+    before, after, tokens = run(main())
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("ufb_requests_total", route="/embed", status="200") == 3
+    assert delta("ufb_request_duration_seconds_count", route="/embed", status="200") == 3
+    assert delta("ufb_requests_total", route="/embed", status="400") == 1
+    assert delta("ufb_failures_total", cause="empty") == 1
+    assert delta("ufb_inputs_total", task="embed") == 6
+    assert delta("ufb_tokens_total", task="embed") == tokens
+    assert delta("ufb_input_length_tokens_count", task="embed") == 6
+    assert delta("ufb_queue_duration_seconds_count", task="embed") == 3
+    assert delta("ufb_tokenization_duration_seconds_count", task="embed") == 3
+    assert delta("ufb_batch_size_sum", task="embed") == 6
+    assert delta("ufb_batch_inference_duration_seconds_count", task="classify") == 1
+    assert delta("ufb_batch_tokens_count", task="embed") >= 1
+    classify_tokens = delta("ufb_tokens_total", task="classify")
+    for layer, (evaluated, dense) in enumerate(npt):
+        assert delta("ufb_ffn_neurons_evaluated_total", layer=str(layer)) == evaluated * (tokens + classify_tokens)
+        assert delta("ufb_ffn_neurons_dense_total", layer=str(layer)) == dense * (tokens + classify_tokens)
+    assert metric(after, "ufb_ready") == 1
+    assert metric(after, "ufb_queue_depth") == 0
+    assert metric(after, "ufb_inflight_batches") == 0
+    assert ("ufb_cmm_kernel_compiled", ()) in after
+    trees = tiny_loaded.config.fff_trees
+    for layer in range(tiny_loaded.config.num_layers):
+        for tree in range(trees):
+            ent = metric(after, "ufb_fff_leaf_entropy_ratio", layer=str(layer), tree=str(tree))
+            used = metric(after, "ufb_fff_leaves_used_ratio", layer=str(layer), tree=str(tree))
+            assert 0 < ent <= 1 and 0 < used <= 1
+
+
+def test_each_app_has_its_own_registry(tiny_loaded) -> None:
+    a, b = make_app(tiny_loaded), make_app(tiny_loaded)
+    assert a.state.metrics.registry is not b.state.metrics.registry
+
+
+def test_leaf_evenness() -> None:
+    even = torch.full((2, 3, 8), 5.0)
+    ent, used = leaf_evenness(even)
+    assert torch.allclose(ent.double(), torch.ones(2, 3, dtype=torch.float64)) and torch.all(used == 1)
+    collapsed = torch.zeros(1, 1, 8)
+    collapsed[0, 0, 3] = 100
+    ent, used = leaf_evenness(collapsed)
+    assert float(ent) == 0 and math.isclose(float(used), 1 / 8)
+    half = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    ent, used = leaf_evenness(half)
+    assert math.isclose(float(ent), 0.5) and math.isclose(float(used), 0.5)
+    ent, used = leaf_evenness(torch.zeros(1, 1, 4))
+    assert float(ent) == 0 and float(used) == 0
+
+
+def test_leaf_counts_decay_towards_recent_traffic() -> None:
+    m = ServiceMetrics(half_life_tokens=100)
+    m.set_model([(4, 16)], (1, 2), {"name": "t"})
+
+    def batch(counts: list[float], tokens: int) -> BatchStats:
+        return BatchStats(task=Task.EMBED, size=1, padded_tokens=tokens, real_tokens=tokens, inference_s=0.001,
+                          lengths=[tokens], leaf_counts=[torch.tensor([counts])])
+
+    m.on_batch(batch([100, 0, 0, 0], 100))
+    assert m.leaf_entropy.labels("0", "0")._value.get() == 0
+    for _ in range(20):  # 20 half-lives of even traffic wash the collapse out
+        m.on_batch(batch([25, 25, 25, 25], 100))
+    assert m.leaf_entropy.labels("0", "0")._value.get() > 0.99
+    assert m.leaves_used.labels("0", "0")._value.get() == 1
+    samples = metric_samples(m.exposition().decode())
+    assert metric(samples, "ufb_ffn_neurons_evaluated_total", layer="0") == 4 * 2100
+    assert metric(samples, "ufb_ffn_neurons_dense_total", layer="0") == 16 * 2100

@@ -1,0 +1,263 @@
+"""Model, FFF layer and tokenizer: implementations agree, padding is invisible, the tokenizer truncates right."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.fff import FFF
+from engine.model import UltraFastBert
+from engine.tokenizer import InputTooLongError, Tokenizer
+
+torch.set_num_threads(2)
+
+
+def tiny_model(layout: str, ffn: str = "fff", trees: int = 2, depth: int = 3, labels=None, seed: int = 0,
+               vocab: int = 120) -> UltraFastBert:
+    config = ModelConfig(layout=layout, vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, ffn=ffn,
+                         fff_trees=trees, fff_depth=depth, intermediate_size=64, max_position_embeddings=64,
+                         labels=labels, classifier_dim=48 if labels and layout == "crammed" else None)
+    model = UltraFastBert(config)
+    model.init_weights(seed)
+    return model.eval()
+
+
+def random_batch(lengths: list[int], vocab: int = 120, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), width), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        ids[row, n:] = 0
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------- FFF layer
+
+
+@pytest.mark.parametrize("trees,depth", [(1, 0), (1, 4), (3, 2)])
+def test_fff_impls_agree(trees: int, depth: int) -> None:
+    torch.manual_seed(0)
+    fff = FFF(24, 16, depth, trees).eval()
+    x = torch.randn(5, 7, 24)
+    out = {}
+    for impl in ("masked", "reference", "kernel"):
+        fff.impl = impl
+        fff.record_leaves = True
+        with torch.inference_mode():
+            out[impl] = (fff(x), fff.last_leaves)
+    for impl in ("reference", "kernel"):
+        assert out[impl][0].shape == (5, 7, 16)
+        torch.testing.assert_close(out[impl][0], out["masked"][0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[impl][1], out["masked"][1])
+    assert out["kernel"][1].shape == (35, trees)
+    assert int(out["kernel"][1].max()) < 2 ** depth
+
+
+def test_fff_masked_matches_explicit_descent() -> None:
+    """The masked implementation against a per-token walk of the trees (heap order, ties go left)."""
+    torch.manual_seed(1)
+    fff = FFF(8, 6, 2, 2).eval()
+    fff.impl = "masked"
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        got = fff(x)
+        w_in, b_in, w_out = fff.linear_in.weight, fff.linear_in.bias, fff.linear_out.weight
+        for t in range(4):
+            want = torch.zeros(6)
+            for k in range(2):
+                node = 0
+                for _ in range(3):
+                    row = k * 7 + node
+                    a = float(w_in[row] @ x[t] + b_in[row])
+                    want += torch.nn.functional.gelu(torch.tensor(a)) * w_out[:, row]
+                    node = 2 * node + 1 if a <= 0 else 2 * node + 2
+            torch.testing.assert_close(got[t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_fff_training_gradients_reach_visited_neurons_only() -> None:
+    torch.manual_seed(2)
+    fff = FFF(8, 4, 3, 1).train()
+    x = torch.randn(1, 8)
+    fff.record_leaves = True
+    fff(x).sum().backward()
+    touched = (fff.linear_in.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+    leaf = int(fff.last_leaves[0, 0])
+    node, path = leaf + 2 ** 3 - 1, []
+    while True:
+        path.append(node)
+        if node == 0:
+            break
+        node = (node - 1) // 2
+    assert sorted(touched) == sorted(path)
+    assert (fff.linear_out.weight.grad.abs().sum(0) > 0).sum() == 4  # D + 1 columns
+
+
+def test_fff_repacks_after_parameter_change_and_supports_bf16() -> None:
+    torch.manual_seed(3)
+    fff = FFF(16, 16, 3, 2).eval()
+    x = torch.randn(6, 16)
+    with torch.inference_mode():
+        before = fff(x)
+    with torch.no_grad():
+        fff.linear_out.weight.mul_(2.0)  # in place: same data_ptr, new _version
+    with torch.inference_mode():
+        after = fff(x)
+    torch.testing.assert_close(after, 2 * before, atol=1e-5, rtol=1e-5)
+    fff.weight_dtype = torch.bfloat16
+    with torch.inference_mode():
+        bf16 = fff(x)
+    assert fff.packed_weights()[0].dtype == torch.bfloat16
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, after, atol=5e-2, rtol=5e-2)
+    with pytest.raises(ValueError):
+        fff.impl = "fast"
+
+
+# ---------------------------------------------------------------------------------------------------- whole model
+
+
+@pytest.mark.parametrize("layout", ["bert", "crammed"])
+@pytest.mark.parametrize("trees,depth,lengths", [(1, 4, [9]), (2, 3, [12, 5, 1]), (3, 1, [7, 7, 3, 16])])
+def test_model_kernel_matches_masked_and_reference(layout: str, trees: int, depth: int, lengths: list[int]) -> None:
+    model = tiny_model(layout, trees=trees, depth=depth, seed=trees + depth)
+    ids, mask = random_batch(lengths, seed=len(lengths))
+    results = {}
+    for impl in ("masked", "reference", "kernel"):
+        model.set_ffn_impl(impl)
+        model.set_record_leaves(True)
+        with torch.inference_mode():
+            results[impl] = (model(ids, mask), model.embed(ids, mask), model.last_leaves())
+    real = mask.bool()
+    for impl in ("reference", "kernel"):
+        torch.testing.assert_close(results[impl][0][real], results["masked"][0][real], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(results[impl][1], results["masked"][1], atol=1e-4, rtol=1e-4)
+    leaves = results["kernel"][2]
+    assert len(leaves) == 2 and all(t.shape == (sum(lengths), trees) for t in leaves)
+
+
+@pytest.mark.parametrize("layout", ["bert", "crammed"])
+@pytest.mark.parametrize("ffn", ["fff", "dense", "none"])
+def test_embedding_is_the_same_alone_and_in_a_padded_batch(layout: str, ffn: str) -> None:
+    model = tiny_model(layout, ffn=ffn, labels=["a", "b", "c"])
+    ids, mask = random_batch([5, 13, 2, 9], seed=7)
+    with torch.inference_mode():
+        batch = model.embed(ids, mask)
+        logits = model.classify(ids, mask)
+        for row in range(4):
+            n = int(mask[row].sum())
+            alone = model.embed(ids[row: row + 1, :n], mask[row: row + 1, :n])
+            torch.testing.assert_close(batch[row: row + 1], alone, atol=1e-5, rtol=1e-5)
+            alone_logits = model.classify(ids[row: row + 1, :n], mask[row: row + 1, :n])
+            torch.testing.assert_close(logits[row: row + 1], alone_logits, atol=1e-5, rtol=1e-5)
+    assert logits.shape == (4, 3)
+
+
+def test_embed_pooling_and_normalisation_options() -> None:
+    model = tiny_model("bert")
+    ids, mask = random_batch([6, 3])
+    with torch.inference_mode():
+        hidden = model(ids, mask)
+        raw = model.embed(ids, mask, normalize=False)
+        unit = model.embed(ids, mask)
+    torch.testing.assert_close(raw[1], hidden[1, :3].mean(0))
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(2))
+    model.config.pooling = "cls"
+    with torch.inference_mode():
+        torch.testing.assert_close(model.embed(ids, mask, normalize=False), hidden[:, 0])
+
+
+def test_metrics_and_controls() -> None:
+    fff_model = tiny_model("bert", trees=2, depth=3)
+    assert fff_model.neurons_per_token() == [(8, 64), (8, 64)]
+    assert fff_model.tree_shape() == (2, 3)
+    dense = tiny_model("crammed", ffn="dense")
+    assert dense.neurons_per_token() == [(64, 64)] * 2 and dense.tree_shape() is None
+    none = tiny_model("bert", ffn="none")
+    assert none.neurons_per_token() == [(0, 64)] * 2
+    assert none.last_leaves() is None
+    ids, mask = random_batch([4])
+    with pytest.raises(ValueError, match="no classification head"):
+        fff_model.classify(ids, mask)
+    with pytest.raises(ValueError):
+        fff_model.set_ffn_impl("nope")
+    fff_model.set_record_leaves(False)
+    with torch.inference_mode():
+        fff_model(ids, mask)
+    assert fff_model.last_leaves() is None
+
+
+def test_training_mode_is_differentiable() -> None:
+    model = tiny_model("crammed", labels=["x", "y"]).train()
+    ids, mask = random_batch([5, 3])
+    loss = model.classify(ids, mask).logsumexp(-1).sum()
+    loss.backward()
+    assert model.layers[0].ffn.linear_in.weight.grad is not None
+    assert model.embeddings.position_scale.grad is not None
+
+
+def test_config_validation_and_json(tmp_path: Path) -> None:
+    config = ModelConfig(layout="crammed", labels=["a", "b"], name="x")
+    config.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == config
+    with pytest.raises(ValueError, match="layout"):
+        ModelConfig(layout="gpt")
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict({"hiden_size": 3})
+    with pytest.raises(ValueError, match="unique"):
+        ModelConfig(labels=["a", "a"])
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir: Path) -> Tokenizer:
+    return Tokenizer.from_folder(minilm_dir)
+
+
+def test_tokenizer_truncates_both_directions_keeping_special_tokens(tokenizer: Tokenizer) -> None:
+    text = "one two three four five six seven eight"
+    full = tokenizer.encode([text], max_length=512, truncate=False)[0]
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    assert full[0] == cls and full[-1] == sep and len(full) == 10
+    right = tokenizer.encode([text], max_length=5, truncate=True)[0]
+    left = tokenizer.encode([text], max_length=5, truncate=True, direction="left")[0]
+    assert right == [cls] + full[1:4] + [sep]
+    assert left == [cls] + full[-4:-1] + [sep]
+    assert tokenizer.decode(right) == "one two three"
+    assert tokenizer.convert_ids_to_tokens(left) == ["[CLS]", "six", "seven", "eight", "[SEP]"]
+    with pytest.raises(InputTooLongError) as info:
+        tokenizer.encode(["short", text], max_length=5, truncate=False)
+    assert (info.value.index, info.value.n_tokens, info.value.max_length) == (1, 10, 5)
+
+
+def test_tokenizer_pad_and_vocab_txt_fallback(tokenizer: Tokenizer, minilm_dir: Path, tmp_path: Path) -> None:
+    batch = tokenizer.encode(["hello world", "hi"], max_length=16, truncate=False)
+    ids, mask = tokenizer.pad(batch)
+    assert ids.dtype == torch.long and ids.shape == (2, 4)
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]] and ids[1, 3] == tokenizer.pad_token_id
+    (tmp_path / "vocab.txt").write_bytes((minilm_dir / "vocab.txt").read_bytes())
+    from_vocab = Tokenizer.from_folder(tmp_path)
+    texts = ["Hello, World! Ünïcode café", "tokenization of unusualwords"]
+    assert from_vocab.encode(texts, max_length=64, truncate=False) == tokenizer.encode(
+        texts, max_length=64, truncate=False)
+    assert from_vocab.vocab_size == tokenizer.vocab_size == 30522
+
+
+def test_tokenizer_is_thread_safe(tokenizer: Tokenizer) -> None:
+    texts = [f"sentence number {i} " + "word " * (i % 40) for i in range(64)]
+    expected = [tokenizer.encode([t], max_length=16 + i % 5, truncate=True, direction="left" if i % 2 else "right")
+                for i, t in enumerate(texts)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda it: tokenizer.encode([it[1]], max_length=16 + it[0] % 5, truncate=True,
+                                                        direction="left" if it[0] % 2 else "right"),
+                            list(enumerate(texts)) * 4))
+    assert got == expected * 4

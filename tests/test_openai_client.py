@@ -1,0 +1,97 @@
+"""A real uvicorn server on a free loopback port answers the official ``openai`` client, unchanged."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from service_support import make_app, reference_embedding, tiny_loaded  # noqa: F401
+
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_loaded) -> Iterator[str]:
+    port = _free_port()
+    app = make_app(tiny_loaded, api_key=API_KEY, port=port)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                            lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("server never became ready")
+    yield base
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def _vector(embedding: list[float] | str) -> np.ndarray:
+    """The client decodes base64 itself only when it chose the format; asked for explicitly, it hands the string
+    back (as the real OpenAI API does), so decode it the documented way: little-endian float32."""
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+    return np.asarray(embedding, dtype=np.float32)
+
+
+def _client(base: str, key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64", None])
+def test_openai_client_embeddings(server: str, tiny_loaded, encoding_format: str | None) -> None:
+    texts = ["The quick brown fox.", "A much longer sentence about nothing in particular, really."]
+    kwargs = {} if encoding_format is None else {"encoding_format": encoding_format}
+    resp = _client(server).embeddings.create(model="ultrafastbert", input=texts, **kwargs)
+    assert [d.index for d in resp.data] == [0, 1]
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens > 0
+    assert resp.model == tiny_loaded.name
+    for text, item in zip(texts, resp.data):
+        ref = reference_embedding(tiny_loaded, text).numpy()
+        assert np.allclose(_vector(item.embedding), ref, atol=1e-5)
+
+
+def test_openai_client_single_string_and_dimensions(server: str, tiny_loaded) -> None:
+    resp = _client(server).embeddings.create(model="m", input="hello", dimensions=16, encoding_format="base64")
+    vec = _vector(resp.data[0].embedding)
+    assert vec.shape == (16,) and abs(float(np.linalg.norm(vec)) - 1) < 1e-5
+
+
+def test_openai_client_errors_are_status_errors(server: str) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        _client(server, key="wrong").embeddings.create(model="m", input="hello")
+    with pytest.raises(openai.BadRequestError):
+        _client(server).embeddings.create(model="m", input=[])
+
+
+def test_real_server_payload_limit_and_health(server: str) -> None:
+    assert httpx.get(server + "/health").status_code == 200
+    r = httpx.post(server + "/embed", content=b"x" * 3_000_000,
+                   headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+    r = httpx.post(server + "/embed", json={"inputs": "still alive"}, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200

@@ -1,0 +1,499 @@
+"""The HTTP service in-process (httpx ASGITransport) on the tiny random model with the real tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from service.app import create_app
+from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
+    make_app,
+    metric,
+    metric_samples,
+    reference_embedding,
+    reference_logits,
+    running,
+    settings,
+    tiny_loaded,
+)
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+
+
+def text_of(i: int) -> str:
+    n = 1 + (i * 13) % 60
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_requests_match_single_computation(tiny_loaded) -> None:
+    app = make_app(tiny_loaded, max_batch_wait_ms=5)
+
+    async def main():
+        async with running(app) as c:
+            jobs = []
+            for i in range(72):
+                texts = [text_of(i)] if i % 3 else [text_of(i), text_of(i + 100), text_of(i + 7)]
+                if i % 4 == 0:
+                    jobs.append(("openai", texts, c.post("/v1/embeddings", json={"input": texts})))
+                elif i % 4 == 1:
+                    jobs.append(("classify", texts, c.post("/classify", json={"inputs": texts})))
+                else:
+                    jobs.append(("embed", texts, c.post("/embed", json={"inputs": texts})))
+            responses = await asyncio.gather(*(j[2] for j in jobs))
+            return [(kind, texts, r.status_code, r.json(), r.headers) for (kind, texts, _), r in
+                    zip(jobs, responses)], (await c.get("/metrics")).text
+
+    results, metrics_text = run(main())
+    labels = tiny_loaded.config.labels
+    for kind, texts, status, body, headers in results:
+        assert status == 200, body
+        for k in ("x-queue-time", "x-tokenization-time", "x-inference-time", "x-total-time"):
+            assert float(headers[k]) >= 0
+        if kind == "classify":
+            for text, preds in zip(texts, body):
+                probs = torch.softmax(reference_logits(tiny_loaded, text), -1)
+                assert [p["label"] for p in preds] == sorted(labels, key=lambda lab: -probs[labels.index(lab)])
+                for p in preds:
+                    assert abs(p["score"] - float(probs[labels.index(p["label"])])) <= 1e-5
+            continue
+        vectors = [d["embedding"] for d in body["data"]] if kind == "openai" else body
+        assert len(vectors) == len(texts)
+        for text, vec in zip(texts, vectors):
+            ref = reference_embedding(tiny_loaded, text)
+            assert torch.allclose(torch.tensor(vec), ref, atol=1e-5, rtol=0), text
+    samples = metric_samples(metrics_text)
+    batches = sum(metric(samples, "ufb_batch_size_count", task=t) for t in ("embed", "classify"))
+    singles = sum(metric(samples, "ufb_batch_size_bucket", task=t, le="1.0") for t in ("embed", "classify"))
+    assert batches > 0 and singles < batches, "no batch with more than one input formed"
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+
+def test_routes_shapes_headers_and_neurons(tiny_loaded) -> None:
+    app = make_app(tiny_loaded)
+    hidden = tiny_loaded.config.hidden_size
+    per_token = sum(e for e, _ in tiny_loaded.model.neurons_per_token())
+    dense_per_token = sum(d for _, d in tiny_loaded.model.neurons_per_token())
+
+    async def main():
+        async with running(app) as c:
+            r = await c.post("/embed", json={"inputs": "hello world"})
+            assert r.status_code == 200 and len(r.json()) == 1 and len(r.json()[0]) == hidden
+            n_tokens = int(r.headers["x-compute-tokens"])
+            assert n_tokens == 4  # [CLS] hello world [SEP]
+            assert int(r.headers["x-neurons-evaluated"]) == n_tokens * per_token
+            assert int(r.headers["x-neurons-dense"]) == n_tokens * dense_per_token
+
+            raw = (await c.post("/embed", json={"inputs": ["hello"], "normalize": False})).json()[0]
+            assert torch.allclose(torch.tensor(raw), reference_embedding(tiny_loaded, "hello", False), atol=1e-5)
+
+            r = await c.post("/embed", json={"inputs": ["hello"], "dimensions": 8})
+            v = torch.tensor(r.json()[0])
+            assert v.shape == (8,) and abs(float(v.norm()) - 1) < 1e-5
+
+            ids = tiny_loaded.tokenizer.encode(["token ids"], max_length=100, truncate=False)[0]
+            r = await c.post("/v1/embeddings", json={"input": ids, "model": "whatever"})
+            body = r.json()
+            assert body["object"] == "list" and body["model"] == tiny_loaded.name
+            assert body["usage"] == {"prompt_tokens": len(ids), "total_tokens": len(ids)}
+            assert torch.allclose(torch.tensor(body["data"][0]["embedding"]),
+                                  reference_embedding(tiny_loaded, ids), atol=1e-5)
+
+            r = await c.post("/embeddings", json={"input": ["a", "b"], "encoding_format": "base64",
+                                                  "dimensions": 16})
+            data = r.json()["data"]
+            assert [d["index"] for d in data] == [0, 1]
+            vec = np.frombuffer(base64.b64decode(data[1]["embedding"]), dtype="<f4")
+            ref = reference_embedding(tiny_loaded, "b")[:16]
+            assert np.allclose(vec, (ref / ref.norm()).numpy(), atol=1e-5)
+
+            r = await c.post("/classify", json={"inputs": "great", "top_k": 1, "raw_scores": True})
+            preds = r.json()
+            assert len(preds) == 1 and len(preds[0]) == 1
+            logits = reference_logits(tiny_loaded, "great")
+            assert abs(preds[0][0]["score"] - float(logits.max())) < 1e-5
+
+            single = (await c.post("/predict", json={"inputs": "great"})).json()
+            batch = (await c.post("/predict", json={"inputs": ["great", "awful"]})).json()
+            assert isinstance(single[0], dict) and isinstance(batch[0], list) and len(batch) == 2
+            assert single[0]["score"] >= single[1]["score"]
+
+            toks = (await c.post("/tokenize", json={"inputs": "Hello, world"})).json()[0]
+            assert toks[0]["special"] and toks[0]["text"] == "[CLS]"
+            assert toks[1] == {"id": toks[1]["id"], "text": "Hello", "special": False, "start": 0, "stop": 5}
+
+            left = (await c.post("/embed", json={"inputs": "x " * 300, "truncate": True,
+                                                 "truncation_direction": "Left"}))
+            assert left.status_code == 200 and int(left.headers["x-compute-tokens"]) == 128
+
+            info = (await c.get("/info")).json()
+            assert info["model"]["hidden_size"] == hidden and info["model"]["fff_depth"] == 3
+            assert info["limits"]["max_inputs_per_request"] == 32
+            assert info["limits"]["max_input_tokens"] == 128
+            assert info["neurons_per_token"]["evaluated"] == per_token
+            assert set(info["kernel"]) >= {"compiled", "name", "warning"}
+            assert (await c.get("/health")).json() == {"status": "ok"}
+            assert (await c.get("/docs")).status_code == 200
+            assert "/v1/embeddings" in (await c.get("/openapi.json")).json()["paths"]
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+async def _chunks(total: int, size: int = 1 << 20):
+    sent = 0
+    while sent < total:
+        n = min(size, total - sent)
+        sent += n
+        yield b" " * n
+
+
+BAD_REQUESTS = [
+    # (route, kwargs for client.post, status, error_type)
+    ("/embed", {"json": {"inputs": []}}, 400, "empty"),
+    ("/embed", {"json": {"inputs": ""}}, 400, "empty"),
+    ("/embed", {"json": {"inputs": ["ok", ""]}}, 400, "empty"),
+    ("/v1/embeddings", {"json": {"input": [[]]}}, 400, "empty"),
+    ("/embed", {"json": {"inputs": ["a"] * 33}}, 413, "too_many_inputs"),
+    ("/embed", {"content": b"x" * (10 * 1024 * 1024), "headers": {"content-type": "application/json"}},
+     413, "payload_too_large"),
+    ("/embed", {"content": _chunks(3_000_000), "headers": {"content-type": "application/json"}},
+     413, "payload_too_large"),
+    ("/embed", {"content": b'{"inputs": "a"', "headers": {"content-type": "application/json"}}, 422, "validation"),
+    ("/embed", {"content": b"not json at all", "headers": {"content-type": "application/json"}}, 422,
+     "validation"),
+    ("/embed", {"content": b'{"inputs": "caf\xe9"}', "headers": {"content-type": "application/json"}}, 422,
+     "validation"),
+    ("/embed", {"content": b"\xff\xfe\x00\x01", "headers": {"content-type": "application/json"}}, 422,
+     "validation"),
+    ("/embed", {"json": {"inputs": 5}}, 422, "validation"),
+    ("/embed", {"json": {"inputs": True}}, 422, "validation"),
+    ("/embed", {"json": {"inputs": [1, "a"]}}, 422, "validation"),
+    ("/embed", {"json": {"inputs": None}}, 422, "validation"),
+    ("/embed", {"json": {"text": "a"}}, 422, "validation"),
+    ("/embed", {"json": ["a", "b"]}, 422, "validation"),
+    ("/embed", {"json": {"inputs": "a", "truncation_direction": "middle"}}, 422, "validation"),
+    ("/embed", {"json": {"inputs": [[1, 10**9]]}}, 422, "validation"),
+    ("/embed", {"json": {"inputs": [[-5]]}}, 422, "validation"),
+    ("/embed", {"json": {"inputs": "word " * 200}}, 422, "validation"),
+    ("/v1/embeddings", {"json": {"input": "a", "dimensions": 10_000}}, 422, "validation"),
+    ("/v1/embeddings", {"json": {"input": "a", "dimensions": 0}}, 422, "validation"),
+    ("/v1/embeddings", {"json": {"input": "a", "encoding_format": "hex"}}, 422, "validation"),
+    ("/classify", {"json": {"inputs": "a", "top_k": 0}}, 422, "validation"),
+    ("/classify", {"json": {"inputs": [[1, 2]]}}, 422, "validation"),
+    ("/predict", {"json": {"inputs": [["a", "b"]]}}, 422, "validation"),
+    ("/tokenize", {"json": {"inputs": []}}, 400, "empty"),
+]
+
+
+def test_error_cases_answer_cleanly_and_service_survives(tiny_loaded) -> None:
+    app = make_app(tiny_loaded)
+
+    async def main():
+        async with running(app) as c:
+            for route, kwargs, status, kind in BAD_REQUESTS:
+                kwargs = dict(kwargs)
+                if route == "/embed" and "content" in kwargs and not isinstance(kwargs["content"], bytes):
+                    kwargs["content"] = _chunks(3_000_000)  # a fresh generator each time
+                r = await c.post(route, **kwargs)
+                assert r.status_code == status, (route, kwargs.get("json"), r.status_code, r.text)
+                body = r.json()
+                assert body["error_type"] == kind and isinstance(body["error"], str) and body["error"], body
+                ok = await c.post("/embed", json={"inputs": "still serving"})
+                assert ok.status_code == 200
+            r = await c.get("/nowhere")
+            assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+            r = await c.get("/embed")
+            assert r.status_code == 405 and "error" in r.json()
+            failures = metric_samples((await c.get("/metrics")).text)
+            assert metric(failures, "ufb_failures_total", cause="validation") >= 10
+            assert metric(failures, "ufb_failures_total", cause="payload_too_large") == 2
+
+    run(main())
+
+
+def test_auto_truncate_setting(tiny_loaded) -> None:
+    app = make_app(tiny_loaded, auto_truncate=True, max_input_tokens=16)
+
+    async def main():
+        async with running(app) as c:
+            r = await c.post("/embed", json={"inputs": "word " * 200})
+            assert r.status_code == 200 and r.headers["x-compute-tokens"] == "16"
+            r = await c.post("/embed", json={"inputs": "word " * 200, "truncate": False})
+            assert r.status_code == 422
+
+    run(main())
+
+
+def test_api_key(tiny_loaded) -> None:
+    app = make_app(tiny_loaded, api_key="s3cret")
+
+    async def main():
+        async with running(app) as c:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                            {"Authorization": "Basic s3cret"}):
+                r = await c.post("/embed", json={"inputs": "a"}, headers=headers)
+                assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
+                assert r.headers["www-authenticate"] == "Bearer"
+            assert (await c.get("/info")).status_code == 401
+            # an unauthenticated huge body is refused before it is read
+            r = await c.post("/embed", content=b"x" * (10 * 1024 * 1024))
+            assert r.status_code == 401
+            ok = {"Authorization": "Bearer s3cret"}
+            assert (await c.post("/embed", json={"inputs": "a"}, headers=ok)).status_code == 200
+            assert (await c.get("/info", headers=ok)).json()["auth"]["api_key_required"] is True
+            assert (await c.get("/health")).status_code == 200
+            samples = metric_samples((await c.get("/metrics")).text)
+            assert metric(samples, "ufb_failures_total", cause="unauthorized") == 6
+
+    run(main())
+
+
+def test_not_ready_until_started_and_failed_start(tiny_loaded, tmp_path) -> None:
+    app = make_app(tiny_loaded)
+
+    import httpx
+
+    async def no_lifespan():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/health")).status_code == 200
+            r = await c.get("/ready")
+            assert r.status_code == 503 and r.json()["error_type"] == "unhealthy"
+            r = await c.post("/embed", json={"inputs": "a"})
+            assert r.status_code == 503
+            assert (await c.get("/info")).json()["state"] == "loading"
+
+    run(no_lifespan())
+    broken = create_app(settings(tmp_path / "missing"))
+
+    async def failed():
+        async with running(broken, wait_ready=False) as c:
+            for _ in range(200):
+                if (await c.get("/info")).json()["state"] == "failed":
+                    break
+                await asyncio.sleep(0.01)
+            r = await c.get("/ready")
+            assert r.status_code == 503 and "failed" in r.json()["error"]
+            assert (await c.get("/health")).status_code == 200
+
+    run(failed())
+
+
+# ---------------------------------------------------------------------------------------------- load control
+
+
+def _gate_backend(app):
+    """Hold the worker inside its next forward pass until the returned event is set."""
+    state = app.state.service
+    gate, entered, seen = threading.Event(), threading.Event(), []
+    original = state.backend.forward
+
+    def forward(task, ids, record):
+        seen.append([list(x) for x in ids])
+        entered.set()
+        gate.wait(10)
+        return original(task, ids, record)
+
+    state.backend.forward = forward
+    return gate, entered, seen
+
+
+def test_overload_gives_429_with_retry_after(tiny_loaded) -> None:
+    app = make_app(tiny_loaded, max_queued_inputs=3)
+
+    async def main():
+        async with running(app) as c:
+            gate, entered, _ = _gate_backend(app)
+            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
+            assert await asyncio.to_thread(entered.wait, 10)
+            queued = asyncio.ensure_future(c.post("/embed", json={"inputs": ["a", "b", "c"]}))
+            while app.state.service.batcher.queue_depth < 3:
+                await asyncio.sleep(0.005)
+            r = await c.post("/embed", json={"inputs": "one too many"})
+            assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
+            assert int(r.headers["retry-after"]) >= 1
+            gate.set()
+            assert (await first).status_code == 200 and (await queued).status_code == 200
+            assert (await c.post("/embed", json={"inputs": "recovered"})).status_code == 200
+
+    run(main())
+
+
+def test_deadline_gives_504_without_compute(tiny_loaded) -> None:
+    app = make_app(tiny_loaded, request_timeout_s=1.0)
+
+    async def main():
+        async with running(app) as c:
+            gate, entered, seen = _gate_backend(app)
+            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
+            assert await asyncio.to_thread(entered.wait, 10)
+            r = await c.post("/embed", json={"inputs": "zebra zebra zebra"})
+            assert r.status_code == 504 and r.json()["error_type"] == "timeout"
+            gate.set()
+            await first
+            return seen
+
+    seen = run(main())
+    zebra = tiny_loaded.tokenizer.encode(["zebra"], max_length=10, truncate=False)[0][1]
+    assert not any(zebra in seq for batch in seen for seq in batch)
+
+
+def test_failing_batch_is_500_and_worker_keeps_serving(tiny_loaded) -> None:
+    app = make_app(tiny_loaded)
+
+    async def main():
+        async with running(app) as c:
+            state = app.state.service
+            original = state.backend.forward
+            calls = {"n": 0}
+
+            def flaky(task, ids, record):
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("simulated kernel fault")
+                return original(task, ids, record)
+
+            state.backend.forward = flaky
+            r = await c.post("/embed", json={"inputs": "unlucky"})
+            assert r.status_code == 500 and r.json()["error_type"] == "backend"
+            assert "simulated kernel fault" in r.json()["error"]
+            assert (await c.post("/embed", json={"inputs": "lucky"})).status_code == 200
+            samples = metric_samples((await c.get("/metrics")).text)
+            assert metric(samples, "ufb_batch_failures_total", task="embed") == 1
+            assert metric(samples, "ufb_failures_total", cause="backend") == 1
+
+    run(main())
+
+
+def test_client_disconnect_withdraws_queued_work(tiny_loaded) -> None:
+    app = make_app(tiny_loaded)
+
+    async def main():
+        async with running(app) as c:
+            gate, entered, seen = _gate_backend(app)
+            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
+            assert await asyncio.to_thread(entered.wait, 10)
+
+            gone = asyncio.Event()
+            messages = [{"type": "http.request", "body": json.dumps({"inputs": "zebra zebra"}).encode(),
+                         "more_body": False}]
+
+            async def receive():
+                if messages:
+                    return messages.pop(0)
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/embed", "raw_path": b"/embed", "root_path": "",
+                     "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
+                     "client": ("127.0.0.1", 1), "server": ("t", 80)}
+            call = asyncio.ensure_future(app(scope, receive, send))
+            batcher = app.state.service.batcher
+            while batcher.queue_depth == 0:
+                await asyncio.sleep(0.005)
+            gone.set()
+            await asyncio.wait_for(call, 5)
+            assert batcher.queue_depth == 0 and batcher.queued_tokens == 0
+            gate.set()
+            assert (await first).status_code == 200
+            samples = metric_samples((await c.get("/metrics")).text)
+            assert metric(samples, "ufb_failures_total", cause="client_disconnected") == 1
+            return seen
+
+    seen = run(main())
+    zebra = tiny_loaded.tokenizer.encode(["zebra"], max_length=10, truncate=False)[0][1]
+    assert not any(zebra in seq for batch in seen for seq in batch)
+
+
+def test_shutdown_drains_admitted_work(tiny_loaded) -> None:
+    app = make_app(tiny_loaded)
+
+    async def main():
+        async with running(app) as c:
+            gate, entered, _ = _gate_backend(app)
+            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
+            assert await asyncio.to_thread(entered.wait, 10)
+            second = asyncio.ensure_future(c.post("/embed", json={"inputs": "second"}))
+            while app.state.service.batcher.queue_depth == 0:
+                await asyncio.sleep(0.005)
+            app.state.service.begin_shutdown()
+            assert (await c.get("/ready")).status_code == 503
+            assert (await c.post("/embed", json={"inputs": "late"})).status_code == 503
+            gate.set()
+            assert (await first).status_code == 200 and (await second).status_code == 200
+
+    run(main())
+
+
+def test_internal_error_is_a_json_500(tiny_loaded) -> None:
+    app = make_app(tiny_loaded)
+
+    async def main():
+        async with running(app) as c:
+            def broken(n_tokens):
+                raise RuntimeError("a bug, not the client's fault")
+
+            app.state.service.neurons_for = broken
+            r = await c.post("/embed", json={"inputs": "a"})
+            assert r.status_code == 500 and r.json() == {"error": "internal error", "error_type": "internal"}
+            del app.state.service.neurons_for
+            assert (await c.post("/embed", json={"inputs": "a"})).status_code == 200
+
+    run(main())
+
+
+def test_cli_refuses_a_missing_model_in_one_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--model", str(missing)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--port", "nope"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_kernel_fallback_is_loud(tiny_loaded, monkeypatch, caplog) -> None:
+    from engine.cmm import KernelInfo
+
+    fallback = KernelInfo(False, "reference", "the extension failed to load (test)")
+    monkeypatch.setattr("service.state.kernel_info", lambda: fallback)
+    monkeypatch.setattr("service.routes.kernel_info", lambda: fallback)
+    app = make_app(tiny_loaded)
+
+    async def main():
+        async with running(app) as c:
+            info = (await c.get("/info")).json()
+            assert info["kernel"]["compiled"] is False and "SLOW" in info["kernel"]["warning"]
+            samples = metric_samples((await c.get("/metrics")).text)
+            assert metric(samples, "ufb_cmm_kernel_compiled") == 0
+
+    with caplog.at_level("WARNING", logger="service"):
+        run(main())
+    assert any("REFERENCE" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
