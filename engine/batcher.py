@@ -255,6 +255,10 @@ class Batcher:
         self._queued_tokens = 0
         self._seq = itertools.count()
         self._admitted = 0  # requests between admission and their answer
+        # high-water marks since the last reset_peaks(): what the queue bounds actually held under load
+        self._peak_queue_depth = 0
+        self._peak_queued_tokens = 0
+        self._peak_admitted = 0
         self._inflight_batches = 0
         self._inflight_ids: set[int] = set()
         self._accepting = False
@@ -325,6 +329,23 @@ class Batcher:
     def inflight_batches(self) -> int:
         return self._inflight_batches
 
+    @property
+    def admitted(self) -> int:
+        """Requests admitted and not yet answered (tokenizing, queued or in a forward pass)."""
+        return self._admitted
+
+    def peaks(self) -> dict[str, int]:
+        """High-water marks of queue depth (inputs), queued tokens and admitted requests since the last reset."""
+        with self._cond:
+            return {"queue_depth": self._peak_queue_depth, "queued_tokens": self._peak_queued_tokens,
+                    "admitted": self._peak_admitted}
+
+    def reset_peaks(self) -> None:
+        with self._cond:
+            self._peak_queue_depth = len(self._pending)
+            self._peak_queued_tokens = self._queued_tokens
+            self._peak_admitted = self._admitted
+
     # -------------------------------------------------------------- front end
 
     async def run_in_tokenizer_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -351,6 +372,7 @@ class Batcher:
                 raise Overloaded(f"the queue is full ({len(self._pending)} inputs waiting, "
                                  f"limit {self.limits.max_queued_inputs})")
             self._admitted += 1
+            self._peak_admitted = max(self._peak_admitted, self._admitted)
         try:
             return await self._submit_admitted(task, texts, token_ids, truncate, direction, deadline)
         finally:
@@ -395,6 +417,8 @@ class Batcher:
                 seq = next(self._seq)
                 self._pending[seq] = _Item(req, i, list(x), seq)
             self._queued_tokens += total
+            self._peak_queue_depth = max(self._peak_queue_depth, len(self._pending))
+            self._peak_queued_tokens = max(self._peak_queued_tokens, self._queued_tokens)
             self._cond.notify()
         try:
             if deadline is None:

@@ -392,11 +392,21 @@ def load_model(
     return LoadedModel(model, tokenizer, config, folder, config.name, fmt, weight_dtype)
 
 
-def save_model(loaded: LoadedModel, path: str | Path) -> Path:
-    """Write our folder format; :func:`load_model` gives back bit-identical tensors, config and tokenizer."""
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def save_model(loaded: LoadedModel, path: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write our folder format; :func:`load_model` gives back bit-identical tensors, config and tokenizer.
+
+    ``dtype`` stores the floating-point tensors in float16 or bfloat16 to halve the file (shipped models);
+    loading upcasts them to float32, so a model saved, loaded and saved again in the same dtype is bit-identical.
+    """
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {SAVE_DTYPES}, got {dtype}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
+             for k, v in loaded.model.state_dict().items()}
     # Write to a temporary name first, so an interrupted save never leaves a truncated model.safetensors.
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
         tmp_path = Path(tmp.name)

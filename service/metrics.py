@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.batcher import Batcher, BatchStats
@@ -38,6 +38,8 @@ class ServiceMetrics:
 
     def __init__(self, *, half_life_tokens: int = 20000) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes, process_cpu_seconds_total, ...: the dashboard and `loadtest soak` use them
+        ProcessCollector(registry=r)
         self.request_duration = Histogram("ufb_request_duration_seconds", "HTTP request duration",
                                           ["route", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.requests = Counter("ufb_requests", "HTTP requests", ["route", "status"], registry=r)
@@ -58,6 +60,8 @@ class ServiceMetrics:
         self.inputs = Counter("ufb_inputs", "Inputs answered", ["task"], registry=r)
         self.tokens = Counter("ufb_tokens", "Tokens answered", ["task"], registry=r)
         self.failures = Counter("ufb_failures", "Failed requests by cause", ["cause"], registry=r)
+        self.auth_failures = Counter("ufb_auth_failures", "Requests refused with 401 (reason: missing or invalid "
+                                     "key)", ["reason"], registry=r)
         self.batch_failures = Counter("ufb_batch_failures", "Forward passes that raised", ["task"], registry=r)
         self.queue_depth = Gauge("ufb_queue_depth", "Inputs waiting for inference", registry=r)
         self.queue_tokens = Gauge("ufb_queue_tokens", "Tokens waiting for inference", registry=r)

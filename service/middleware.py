@@ -123,6 +123,7 @@ class ApiKey:
         metrics = self._metrics_of()
         if metrics is not None:
             metrics.failure("unauthorized")
+            metrics.auth_failures.labels("missing" if not header.strip() else "invalid").inc()
         await _send_error(send, 401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                           "unauthorized", {"WWW-Authenticate": "Bearer"})
 

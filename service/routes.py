@@ -310,6 +310,8 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "max_inputs_per_request": s.max_inputs_per_request,
             "max_input_tokens": state.max_input_tokens or s.max_input_tokens, "auto_truncate": s.auto_truncate,
             "payload_limit_bytes": s.payload_limit, "request_timeout_s": s.request_timeout_s,
+            "shutdown_grace_s": s.shutdown_grace_s, "shutdown_delay_s": s.shutdown_delay_s,
         },
-        "auth": {"api_key_required": s.api_key is not None},
+        "auth": {"api_key_required": s.api_key is not None,
+                 "metrics_require_key": s.api_key is not None and s.metrics_require_key},
     }

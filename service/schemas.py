@@ -9,12 +9,24 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+
+def _valid_unicode(v: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``); they are not text and the tokenizer cannot take them."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"character {exc.start} is an unpaired surrogate (U+{ord(v[exc.start]):04X}); "
+                         "send valid Unicode") from None
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 TokenIds = list[StrictInt]
 # A string, a list of strings, one list of token ids, or a list of lists of token ids (OpenAI and TEI).
-Inputs = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
-TextInputs = Union[StrictStr, list[StrictStr]]
+Inputs = Union[Text, list[Text], TokenIds, list[TokenIds]]
+TextInputs = Union[Text, list[Text]]
 
 
 class _Body(BaseModel):
@@ -86,7 +98,7 @@ class ClassifyRequest(_Truncation):
 class PredictRequest(_Truncation):
     """TEI's ``/predict``: a string, a batch of strings, or sentence pairs (pairs are not supported here)."""
 
-    inputs: Union[StrictStr, list[StrictStr], list[list[StrictStr]]]
+    inputs: Union[Text, list[Text], list[list[Text]]]
     raw_scores: bool = False
 
 

@@ -51,12 +51,17 @@ class Settings(BaseSettings):
 
     # --- security, observability, lifecycle
     api_key: SecretStr | None = Field(None, description="If set, required as 'Authorization: Bearer <key>'.")
+    metrics_require_key: bool = Field(False, description="Also require the API key for /metrics "
+                                      "(/health and /ready stay open for probes).")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     record_leaves: bool = Field(True, description="Record FFF leaf visits for the leaf-evenness metrics.")
     leaf_half_life_tokens: int = Field(20000, ge=1,
                                        description="Half-life, in tokens, of the decayed leaf-visit counts.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long shutdown waits for admitted work.")
+    shutdown_delay_s: float = Field(0.0, ge=0, le=300,
+                                    description="After SIGTERM, keep the port open this long answering /ready "
+                                    "with 503 (new work 503 too) so load balancers notice, then drain.")
     warmup: bool = Field(True, description="Run a warm-up batch before reporting ready.")
 
     @field_validator("api_key")

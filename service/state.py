@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class ServiceState:
         self.batcher: Batcher | None = None
         self.max_input_tokens = settings.max_input_tokens or 0
         self.neurons_per_token: list[tuple[int, int]] = []
+        self.shutdown_started: float | None = None  # time.monotonic() of begin_shutdown
 
     # ------------------------------------------------------------------ derived facts
 
@@ -143,6 +145,9 @@ class ServiceState:
 
     def begin_shutdown(self) -> None:
         """Readiness goes false and new work is refused; admitted work continues (called on SIGTERM)."""
+        if self.shutdown_started is None:
+            self.shutdown_started = time.monotonic()
+            log.info("shutting down: readiness is off, new work is refused, admitted work continues")
         if self.phase != Phase.FAILED:
             self.phase = Phase.DRAINING
         self.metrics.ready.set(0)
@@ -152,7 +157,11 @@ class ServiceState:
     async def shutdown(self) -> None:
         self.begin_shutdown()
         if self.batcher is not None:
-            drained = await self.batcher.drain(self.settings.shutdown_grace_s)
+            # one grace period from SIGTERM, not a fresh one after uvicorn has already waited for connections
+            assert self.shutdown_started is not None
+            left = self.settings.shutdown_grace_s + self.settings.shutdown_delay_s \
+                - (time.monotonic() - self.shutdown_started)
+            drained = await self.batcher.drain(max(0.0, left))
             if not drained:
                 log.warning("shutdown grace period (%.1fs) ran out with work still queued",
                             self.settings.shutdown_grace_s)

@@ -80,3 +80,37 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, ready: bool = True) -> Any:
+    """The app behind a real uvicorn on a free loopback port, in a background thread; yields its base URL.
+
+    Real sockets matter for slow readers and vanishing clients (uvicorn's flow control and disconnect
+    detection), which the in-process transport cannot show.
+    """
+    import threading
+    import time
+
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    end = time.monotonic() + 30
+    while not (server.started and server.servers) and time.monotonic() < end:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if ready:
+            while httpx.get(url + "/ready", timeout=5).status_code != 200:
+                assert time.monotonic() < end, "never ready"
+                time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(20)

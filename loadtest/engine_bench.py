@@ -1,0 +1,146 @@
+"""The engine driven directly, without HTTP or the batcher: the yardstick for the service's overhead.
+
+Each step takes ``pool`` texts (default ``batch_size``) from the same :class:`~loadtest.corpus.TextMix` the HTTP
+load uses and tokenizes them (the service tokenizes too). With ``max_batch_tokens`` unset they form one batch;
+otherwise they are sorted by length and cut into consecutive batches of at most ``batch_size`` inputs and
+``max_batch_tokens`` padded tokens -- what the service's batcher does with a queue of ``pool`` inputs (it takes
+length neighbours within the same two budgets). Each batch is one forward pass through
+:class:`engine.batcher.ModelBackend`, the exact call the batcher's worker makes, leaf recording included.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest.corpus import TextMix
+
+
+@dataclass
+class EngineReport:
+    model: str
+    batch_size: int
+    duration_s: float
+    batches: int
+    inputs_per_s: float
+    tokens_per_s: float
+    mean_padded_tokens: float
+    mean_real_tokens: float
+    ms_per_batch: dict[str, float]  # forward only: mean, p50, p99 (p50/p99 over pools, per batch)
+    tokenize_ms_per_batch: float
+    forward_only_inputs_per_s: float
+    torch_threads: int
+    mean_batch_size: float = math.nan
+    pool: int | None = None
+    max_batch_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        m = self.ms_per_batch
+        how = (f"batches of <= {self.batch_size} inputs and <= {self.max_batch_tokens} padded tokens from "
+               f"length-sorted pools of {self.pool}" if self.max_batch_tokens else f"batch {self.batch_size}")
+        return (f"engine direct, {how} on {self.model} ({self.torch_threads} torch threads), "
+                f"{self.duration_s:.1f}s, {self.batches} batches (mean size {self.mean_batch_size:.1f})\n"
+                f"  {self.inputs_per_s:.2f} inputs/s incl. tokenization ({self.forward_only_inputs_per_s:.2f} "
+                f"forward only), {self.tokens_per_s:.0f} tokens/s\n"
+                f"  per batch: forward ms mean {m['mean']:.1f} p50 {m['p50']:.1f} p99 {m['p99']:.1f}, tokenize "
+                f"{self.tokenize_ms_per_batch:.1f} ms, padded tokens {self.mean_padded_tokens:.0f}, real "
+                f"{self.mean_real_tokens:.0f}")
+
+
+def split_batches(ids: list[list[int]], batch_size: int, max_batch_tokens: int | None) -> list[list[list[int]]]:
+    """One pool of tokenized inputs -> batches (see the module docstring)."""
+    if max_batch_tokens is None:
+        return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    out: list[list[list[int]]] = []
+    cur: list[list[int]] = []
+    for x in sorted(ids, key=len):
+        if cur and (len(cur) + 1 > batch_size or len(x) * (len(cur) + 1) > max_batch_tokens):
+            out.append(cur)
+            cur = []
+        cur.append(x)
+    return out + [cur]
+
+
+def calibrate_pool(loaded: Any, *, target_mean_size: float, batch_size: int, max_batch_tokens: int | None,
+                   max_pool: int, seed: int = 0, source: str = "auto", samples: int = 400) -> tuple[int, float]:
+    """The pool size whose batches (same policy, same texts, no model run) have the mean size closest to
+    ``target_mean_size`` -- e.g. the service's, read from /metrics. Returns (pool, its mean batch size)."""
+    from engine.batcher import ModelBackend
+
+    backend = ModelBackend(loaded)
+    ids = backend.tokenize(TextMix(seed=seed, source=source).texts(samples), max_length=backend.max_input_tokens,
+                           truncate=True, direction="right")
+    best = (1, 1.0)
+    for pool in range(1, max(1, max_pool) + 1):
+        sizes = [len(b) for i in range(0, len(ids) - pool + 1, pool)
+                 for b in split_batches(ids[i:i + pool], batch_size, max_batch_tokens)]
+        mean = sum(sizes) / len(sizes)
+        if abs(mean - target_mean_size) < abs(best[1] - target_mean_size):
+            best = (pool, mean)
+    return best
+
+
+def run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float = 10.0, warmup_s: float = 2.0,
+               seed: int = 0, source: str = "auto", record_leaves: bool = True,
+               max_batches: int | None = None, pool: int | None = None,
+               max_batch_tokens: int | None = None) -> EngineReport:
+    """``model``: a folder, or an already loaded ``engine.checkpoint.LoadedModel``."""
+    import torch
+
+    from engine.batcher import ModelBackend, Task
+    from engine.checkpoint import load_model
+    from loadtest.runner import percentile
+
+    loaded = load_model(model) if isinstance(model, (str, Path)) else model
+    backend = ModelBackend(loaded)
+    mix = TextMix(seed=seed, source=source)
+    max_len = backend.max_input_tokens
+
+    n_pool = pool or batch_size
+
+    def step() -> tuple[float, float, list[tuple[int, int]]]:
+        texts = mix.texts(n_pool)
+        t0 = time.perf_counter()
+        ids = backend.tokenize(texts, max_length=max_len, truncate=True, direction="right")
+        t1 = time.perf_counter()
+        shapes = []
+        for b in split_batches(ids, batch_size, max_batch_tokens):
+            out, _ = backend.forward(Task.EMBED, b, record_leaves)
+            assert out.shape[0] == len(b)
+            shapes.append((len(b), max(map(len, b)) * len(b), sum(map(len, b))))
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, shapes
+
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        step()
+    tok_s, fwd_s, shapes = [], [], []
+    t_start = time.perf_counter()
+    end = t_start + duration_s
+    while time.perf_counter() < end and (max_batches is None or len(shapes) < max_batches):
+        a, b, sh = step()
+        tok_s.append(a)
+        fwd_s.append(b)
+        shapes.extend(sh)
+    elapsed = time.perf_counter() - t_start
+    n = len(shapes)
+    inputs = sum(s[0] for s in shapes)
+    per_batch_ms = [x * 1e3 * len(fwd_s) / n for x in fwd_s] if n else []
+    return EngineReport(
+        model=str(getattr(loaded, "path", model)), batch_size=batch_size, duration_s=elapsed, batches=n,
+        inputs_per_s=inputs / elapsed, tokens_per_s=sum(s[2] for s in shapes) / elapsed,
+        mean_padded_tokens=sum(s[1] for s in shapes) / n if n else math.nan,
+        mean_real_tokens=sum(s[2] for s in shapes) / n if n else math.nan,
+        ms_per_batch={"mean": sum(fwd_s) * 1e3 / n if n else math.nan, "p50": percentile(per_batch_ms, 50),
+                      "p99": percentile(per_batch_ms, 99)},
+        tokenize_ms_per_batch=sum(tok_s) * 1e3 / n if n else math.nan,
+        forward_only_inputs_per_s=inputs / sum(fwd_s) if n else math.nan,
+        torch_threads=torch.get_num_threads(), mean_batch_size=inputs / n if n else math.nan,
+        pool=n_pool, max_batch_tokens=max_batch_tokens,
+    )

@@ -1,0 +1,273 @@
+"""docker/: the compose file, Prometheus config, Grafana provisioning and dashboard agree with each other and
+with the service; and every dashboard expression returns data from the REAL Prometheus server scraping a real
+running service (skipped with a reason when the ``prometheus`` binary is not installed; .ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from service.settings import Settings
+from service_support import make_app, running, tiny_loaded  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "docker-compose.yml"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "ultrafastbert.json"
+PROVISIONING = DOCKER / "grafana" / "provisioning"
+RATE_INTERVAL = "30s"  # what the test substitutes for Grafana's $__rate_interval
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs() -> list[str]:
+    exprs = []
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            exprs.append(target["expr"])
+    return exprs
+
+
+def promql(expr: str) -> str:
+    return expr.replace("$__rate_interval", RATE_INTERVAL)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in an expression: identifiers of our namespaces (ufb_, process_) not inside a label matcher."""
+    no_strings = re.sub(r'"[^"]*"', '""', expr)
+    return set(re.findall(r"\b((?:ufb|process)_[a-zA-Z0-9_]+)\b", no_strings))
+
+
+def volumes(service: dict[str, Any]) -> dict[str, str]:
+    """container path -> host path (resolved against docker/) for bind mounts."""
+    out = {}
+    for v in service.get("volumes", []):
+        src, dst = v.split(":")[:2]
+        if src.startswith("."):
+            out[dst] = str((DOCKER / src).resolve())
+    return out
+
+
+def dockerfile() -> str:
+    return (DOCKER / "Dockerfile").read_text()
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+async def _exposition_after_traffic(loaded: Any) -> str:
+    app = make_app(loaded)
+    async with running(app) as c:
+        for text in ["a short sentence", "a somewhat longer sentence about the weather in spring"]:
+            assert (await c.post("/v1/embeddings", json={"input": text})).status_code == 200
+        assert (await c.post("/embed", json={"inputs": ""})).status_code in (400, 422)
+        return (await c.get("/metrics")).text
+
+
+# ------------------------------------------------------------------------------------------------ compose
+
+
+def test_compose_services_images_and_ports() -> None:
+    c = compose()
+    services = c["services"]
+    assert set(services) == {"ufb", "prometheus", "grafana"}
+    for name in ("prometheus", "grafana"):
+        image = services[name]["image"]
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and tag != "latest" and re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: pin {image}"
+    ufb = services["ufb"]
+    assert ufb["build"]["context"] == ".."
+    assert (DOCKER / ".." / ufb["build"]["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
+    env = env_of(ufb)
+    assert env["UFB_HOST"] == "0.0.0.0"
+    port = int(env["UFB_PORT"])
+    assert f"{port}:{port}" in [str(p) for p in ufb["ports"]]
+    assert "9090:9090" in services["prometheus"]["ports"]
+    assert "3000:3000" in services["grafana"]["ports"]
+    for var in env:  # every UFB_ variable the compose file sets is a real setting
+        assert var.startswith("UFB_") and var[4:].lower() in Settings.model_fields, var
+
+
+def test_dockerfile_is_multistage_non_root_with_healthcheck_and_default_model() -> None:
+    text = dockerfile()
+    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\w+))?", text, re.M)
+    assert len(froms) >= 2 and {"build", "runtime"} <= {alias for _, alias in froms}
+    assert "COPY --from=build" in text
+    assert "--no-build-isolation" in text and "TORCH_VERSION=2.13.0" in text
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    health = re.search(r"^HEALTHCHECK .*?CMD (.*)$", text, re.M | re.S)
+    assert health and "/health" in health.group(1)
+    envs = dict(re.findall(r"\b(UFB_[A-Z_]+)=(\S+)", text))
+    assert envs["UFB_HOST"] == "0.0.0.0"
+    for var in envs:
+        assert var[4:].lower() in Settings.model_fields, var
+    default_model = Settings.model_fields["model"].default
+    assert f"models/{default_model.name}" in text and envs["UFB_MODEL"].endswith(default_model.name)
+    assert re.search(r"^EXPOSE\s+" + envs["UFB_PORT"], text, re.M)
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text()
+    for src in re.findall(r"^COPY (?!--from)(?:--\S+ )*(\S+?)/? ", text, re.M):
+        if "$" not in src:
+            assert f"!{src}" in ignore or f"!{src.rstrip('/')}/**" in ignore, f"{src} is excluded from the context"
+
+
+def test_prometheus_scrapes_the_compose_service() -> None:
+    c = compose()
+    prom = c["services"]["prometheus"]
+    mounts = volumes(prom)
+    config_flag = next(a for a in prom["command"] if a.startswith("--config.file="))
+    config_path = config_flag.split("=", 1)[1]
+    assert mounts[config_path] == str((DOCKER / "prometheus.yml").resolve())
+    cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "ufb")
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    port = env_of(c["services"]["ufb"])["UFB_PORT"]
+    assert job["static_configs"][0]["targets"] == [f"ufb:{port}"]
+
+
+def test_grafana_provisioning_matches_compose_and_dashboard() -> None:
+    c = compose()
+    graf = c["services"]["grafana"]
+    env = env_of(graf)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = volumes(graf)
+    assert mounts["/etc/grafana/provisioning"] == str(PROVISIONING.resolve())
+    ds = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert len(ds) == 1 and ds[0]["type"] == "prometheus"
+    prom_port = c["services"]["prometheus"]["ports"][0].split(":")[1]
+    assert ds[0]["url"] == f"http://prometheus:{prom_port}"
+    providers = yaml.safe_load((PROVISIONING / "dashboards" / "ultrafastbert.yml").read_text())["providers"]
+    dash_dir = providers[0]["options"]["path"]
+    assert mounts[dash_dir] == str(DASHBOARD.parent.resolve())
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert Path(home).parent == Path(dash_dir) and (DASHBOARD.parent / Path(home).name).is_file()
+    d = dashboard()
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids)) and d["uid"]
+    for p in d["panels"]:
+        for t in [p, *p["targets"]]:
+            assert t["datasource"]["uid"] == ds[0]["uid"], p["title"]
+
+
+def test_dashboard_covers_the_issue_and_uses_standard_quantiles() -> None:
+    exprs = dashboard_exprs()
+    joined = "\n".join(exprs)
+    for needed in ["ufb_requests_total", 'status=~"4..|5.."', "ufb_request_duration_seconds_bucket",
+                   "ufb_queue_duration_seconds_bucket", "ufb_batch_inference_duration_seconds", "ufb_batch_size",
+                   "ufb_batch_tokens", "ufb_queue_depth", "ufb_tokens_total", "ufb_ffn_neurons_evaluated_total",
+                   "ufb_fff_leaf_entropy_ratio", "ufb_fff_leaves_used_ratio"]:
+        assert needed in joined, needed
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le, route) (rate(ufb_request_duration_seconds_bucket[" in joined
+    for e in exprs:
+        if "histogram_quantile" in e:
+            assert re.fullmatch(r"histogram_quantile\(0\.\d+, sum by \(le(, \w+)?\) \(rate\(\w+_bucket\[\S+\]\)\)\)", e), e
+
+
+def test_every_dashboard_metric_exists_in_our_metrics(tiny_loaded: Any) -> None:  # noqa: F811
+    text = asyncio.run(_exposition_after_traffic(tiny_loaded))
+    exposed = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.M))
+    used = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    assert used, "no metric found in the dashboard"
+    missing = sorted(used - exposed)
+    assert not missing, f"dashboard metrics missing from /metrics: {missing}"
+
+
+# ------------------------------------------------------------------------------------------------ real Prometheus
+
+
+def _free_port() -> int:
+    from loadtest.servers import free_port
+
+    return free_port()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="the prometheus binary is not installed (Debian: apt-get install -y prometheus)")
+def test_real_prometheus_evaluates_every_dashboard_expression(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from loadtest.runner import Workload, closed_loop
+    from loadtest.servers import LocalServer
+
+    with LocalServer(tiny_model_dir, log_path=tmp_path / "server.log") as srv:
+        prom_port = _free_port()
+        cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+        cfg["global"]["scrape_interval"] = cfg["global"]["evaluation_interval"] = "1s"
+        for job in cfg["scrape_configs"]:
+            target = f"127.0.0.1:{srv.port}" if job["job_name"] == "ufb" else f"127.0.0.1:{prom_port}"
+            job["static_configs"] = [{"targets": [target]}]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        base = f"http://127.0.0.1:{prom_port}"
+        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(base + "/-/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "prometheus not ready in 30 s"
+                time.sleep(0.2)
+
+            async def traffic() -> None:
+                async with httpx.AsyncClient(base_url=srv.url, timeout=10) as c:
+                    for _ in range(3):  # errors early, so their series have several scrapes
+                        assert (await c.post("/embed", json={"inputs": ""})).status_code == 400
+                        assert (await c.post("/embed", json={"inputs": ["x"] * 100})).status_code == 413
+                        await asyncio.sleep(1.0)
+                await closed_loop(srv.url, Workload(), concurrency=4, duration_s=6.0, warmup_s=0.0)
+
+            asyncio.run(traffic())
+            time.sleep(2.5)  # the last scrapes land
+
+            targets = httpx.get(base + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+            ufb = [t for t in targets if t["labels"]["job"] == "ufb"]
+            assert ufb and ufb[0]["health"] == "up", ufb
+            failures = []
+            for expr in dashboard_exprs():
+                r = httpx.get(base + "/api/v1/query", params={"query": promql(expr)}, timeout=10)
+                body = r.json()
+                if r.status_code != 200 or body.get("status") != "success":
+                    failures.append(f"{expr}: {body.get('error', r.text[:200])}")
+                    continue
+                result = body["data"]["result"]
+                values = [float(s["value"][1]) for s in result]
+                if not result:
+                    failures.append(f"{expr}: no data")
+                elif all(v != v for v in values):  # every value NaN
+                    failures.append(f"{expr}: only NaN")
+            assert not failures, "\n".join(failures)
+        finally:
+            prom.terminate()
+            try:
+                prom.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                prom.kill()
+            log.close()

@@ -1,0 +1,164 @@
+"""The distillation pipeline and ``evaluate`` on a tiny teacher (hidden 32, 2 layers): a few steps only.
+
+Never runs the real distillation. The tiny teacher is a random Hugging Face ``BertModel`` saved with the MiniLM
+tokenizer files, so the whole path (HF folder -> convert -> layer-wise -> end-to-end -> head -> save -> load ->
+serve, and evaluate against teacher and ablation) is exercised in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import load_model
+from engine.distill import DistillOptions, distill
+from service.app import create_app
+from service_support import running, settings
+
+WORDS = ("the film was a quiet triumph of light and memory; every scene felt alive and honest yet the plot "
+         "dragged on while the actors seemed lost in a script nobody had finished writing before shooting began "
+         "history of the city river bridge market winter summer music science theory numbers war peace").split()
+
+
+def _texts(n: int, seed: int = 0) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 24, (1,), generator=gen))
+        idx = torch.randint(0, len(WORDS), (length,), generator=gen).tolist()
+        out.append(" ".join(WORDS[i] for i in idx) + ".")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("teacher") / "tiny-bert-teacher"
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = BertModel(cfg, add_pooling_layer=False)
+    with torch.no_grad():  # make the FFNs matter, so the ablation differs from the teacher
+        for layer in model.encoder.layer:
+            layer.intermediate.dense.weight.mul_(10)
+            layer.output.dense.weight.mul_(10)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "vocab.txt"):
+        shutil.copyfile(minilm_dir / name, folder / name)
+    return folder
+
+
+def _opts(teacher: Path, out: Path, **kw: object) -> DistillOptions:
+    texts = _texts(160)
+    head = (_texts(40, seed=1), ["fresh" if i % 2 else "rotten" for i in range(40)])
+    base = DistillOptions(teacher=str(teacher), out=str(out), trees=2, depth=2, seed=3, layer_steps=12, steps=8,
+                          layer_lr=3e-3, lr=1e-3, layer_batch_tokens=256, batch_size=8, max_length=32,
+                          cache_tokens=2000, checkpoint_every=5, save_dtype="float32", texts=texts, head_data=head)
+    return replace(base, **kw)
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return distill(_opts(tiny_teacher, tmp_path_factory.mktemp("run") / "a"), progress=False)
+
+
+def test_losses_go_down(distilled: Path) -> None:
+    records = [json.loads(line) for line in (distilled.parent / "distill_log.jsonl").read_text().splitlines()]
+    done = [r for r in records if r.get("done")]
+    assert len(done) == 2
+    for r in done:  # each FFF got closer to its own FFN
+        assert r["rel_err"] < r["rel_err_init"]
+    e2e = [r["loss"] for r in records if r["phase"] == "e2e"]
+    assert len(e2e) >= 2 and e2e[-1] < e2e[0]
+
+
+def test_resume_reaches_the_same_state(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    opts = _opts(tiny_teacher, tmp_path / "b")
+    distill(opts, progress=False, stop_after_steps=7)  # inside layer 0 (steps are shared out by difficulty)
+    assert (tmp_path / "b" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "b" / "model").exists()
+    distill(opts, resume=True, progress=False, stop_after_steps=20)  # lands in the end-to-end phase
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["state"]
+    assert state["phase"] == "e2e" and 0 < state["step"] < opts.steps
+    final = distill(opts, resume=True, progress=False)
+    a, b = load_file(str(distilled / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_result_loads_classifies_and_serves(distilled: Path) -> None:
+    loaded = load_model(distilled)
+    assert loaded.config.ffn == "fff" and loaded.config.labels == ["fresh", "rotten"]
+    assert loaded.model.neurons_per_token()[0] == (2 * 3, 64)
+    assert loaded.config.extra["distill"]["trees"] == 2
+
+    async def go() -> None:
+        app = create_app(settings(distilled, warmup=False), loaded)
+        async with running(app) as c:
+            r = await c.post("/embed", json={"inputs": ["a quiet triumph", "the plot dragged"]})
+            assert r.status_code == 200, r.text
+            emb = torch.tensor(r.json())
+            assert emb.shape == (2, 32)
+            assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-4)
+            r = await c.post("/classify", json={"inputs": "a quiet triumph"})
+            assert r.status_code == 200, r.text
+            assert {p["label"] for p in r.json()[0]} == {"fresh", "rotten"}
+
+    asyncio.run(go())
+
+
+def test_save_dtype_halves_the_file_and_round_trips(distilled: Path, tmp_path: Path) -> None:
+    from engine.checkpoint import save_model
+
+    loaded = load_model(distilled)
+    save_model(loaded, tmp_path / "h", dtype=torch.float16)
+    size = (tmp_path / "h" / "model.safetensors").stat().st_size
+    assert size < 0.6 * (distilled / "model.safetensors").stat().st_size
+    again = load_model(tmp_path / "h")
+    assert all(v.dtype == torch.float32 for v in again.model.state_dict().values())
+    save_model(again, tmp_path / "h2", dtype=torch.float16)
+    first, second = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("h", "h2"))
+    assert first.keys() == second.keys()
+    assert all(first[k].dtype == torch.float16 and torch.equal(first[k], second[k]) for k in first)
+
+
+def test_evaluate_on_a_tiny_model(distilled: Path, tiny_teacher: Path, tmp_path: Path) -> None:
+    from engine.evaluate import QUALITY_CHECKS, evaluate, format_table
+
+    docs = _texts(8, seed=5)
+    sims = [float(i % 3) / 2 for i in range(8 * 7 // 2)]
+    texts = {"heldout": _texts(30, seed=4), "lee": (docs, sims),
+             "train": (_texts(40, seed=6), ["fresh" if i % 3 else "rotten" for i in range(40)]),
+             "test": (_texts(20, seed=7), ["fresh" if i % 3 else "rotten" for i in range(20)])}
+    report = evaluate(distilled, tiny_teacher, texts=texts)
+    r = report["results"]
+    assert r["teacher"]["cos_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert r["teacher"]["nn_overlap10"] == pytest.approx(1.0)
+    assert r["student"]["neurons_per_token"] == 6 and r["ablation"]["neurons_per_token"] == 0
+    assert r["teacher"]["neurons_per_token"] == 64
+    assert r["student"]["head_source"] == "shipped head"
+    for model in ("student", "ablation"):
+        for check in QUALITY_CHECKS:
+            assert -1.0 <= r[model][check] <= 1.0
+    assert set(report["summary"]) >= set(QUALITY_CHECKS) | {"all_met", "cos_mean_met"}
+    table = format_table(report)
+    assert "cos_mean" in table and "sentences/s" in table
+    json.dumps(report)  # JSON-able
+
+
+def test_cli_registers_distill_and_evaluate() -> None:
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["distill", "--trees", "4", "--depth", "3", "--time-budget", "5", "--resume"])
+    assert (args.trees, args.depth, args.time_budget, args.resume) == (4, 3, 5.0, True)
+    args = build_parser().parse_args(["evaluate", "some/model", "--json", "out.json"])
+    assert args.model == "some/model" and args.json_out == "out.json"

@@ -1,0 +1,174 @@
+"""The load generator (``python -m loadtest``) against a real local server on a tiny model: closed and open
+loop, report fields, errors by status, compare, soak, engine and overhead modes. Kept to a few seconds each."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import cli
+from loadtest.corpus import SENTENCES, TextMix
+from loadtest.runner import Workload, closed_loop, open_loop, percentile
+from loadtest.servers import LocalServer, free_port
+
+SHORT = ["--duration", "1.5", "--warmup", "0.3"]
+# the tiny model has 128 positions; the longest texts of the mix have more tokens
+TRUNC = ["--server-arg=--auto-truncate"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    log = tmp_path_factory.mktemp("srv") / "server.log"
+    with LocalServer(tiny_model_dir, log_path=log, args=["--auto-truncate"]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    from engine.checkpoint import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-dense", ffn="dense")
+
+
+def test_corpus_is_real_english_with_a_spread_of_lengths() -> None:
+    assert len(SENTENCES) >= 60 and all(s[0].isupper() and s[-1] in ".?!" for s in SENTENCES)
+    mix = TextMix(seed=1, source="builtin")
+    words = sorted(len(t.split()) for t in mix.texts(2000))
+    assert words[len(words) // 2] < 30  # mostly short
+    assert words[int(len(words) * 0.97)] > 100  # some long documents
+    assert TextMix(seed=1, source="builtin").texts(5) == TextMix(seed=1, source="builtin").texts(5)
+
+
+def test_percentile_nearest_rank() -> None:
+    xs = [float(i) for i in range(1, 101)]
+    assert percentile(xs, 50) == 50 and percentile(xs, 99) == 99 and percentile(xs, 100) == 100
+    assert math.isnan(percentile([], 50))
+
+
+def test_closed_loop_report(server: Any) -> None:
+    rep = asyncio.run(closed_loop(server.url, Workload(), concurrency=4, duration_s=1.5, warmup_s=0.3))
+    assert rep.mode == "closed" and rep.concurrency == 4 and rep.errors == {}
+    assert rep.ok == rep.requests > 4 and rep.rps > 0 and rep.tokens_per_s > 0
+    lat = rep.latency_ms
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert rep.server_ms["inference"] > 0 and rep.server_ms["total"] > 0
+    text = rep.text()
+    for word in ("closed loop", "concurrency 4", "throughput", "p50", "p95", "p99", "errors none"):
+        assert word in text
+
+
+def test_open_loop_keeps_its_arrival_rate(server: Any) -> None:
+    rep = asyncio.run(open_loop(server.url, Workload(route="/embed"), rate=20, duration_s=1.5, warmup_s=0.3))
+    assert rep.mode == "open" and rep.rate == 20 and rep.dropped == 0
+    assert 28 <= rep.requests <= 32 and rep.ok == rep.requests  # 1.5 s at 20/s, fixed spacing
+    assert "open loop, rate 20/s" in rep.text()
+
+
+def test_errors_are_reported_by_status(server: Any) -> None:
+    too_many = Workload(inputs_per_request=40)  # the server's limit is 32 inputs per request
+    rep = asyncio.run(closed_loop(server.url, too_many, concurrency=2, duration_s=0.5, warmup_s=0.0))
+    assert rep.ok == 0 and set(rep.errors) == {"413"} and rep.errors["413"] == rep.requests > 0
+    dead = f"http://127.0.0.1:{free_port()}"
+    rep = asyncio.run(closed_loop(dead, Workload(), concurrency=1, duration_s=0.3, warmup_s=0.0))
+    assert rep.ok == 0 and set(rep.errors) == {"ConnectError"}
+
+
+def test_cli_run_json_closed_and_open(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([server.url, "-c", "2", *SHORT, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("mode", "requests", "ok", "errors", "rps", "latency_ms", "tokens_per_s", "text_source"):
+        assert key in data
+    assert set(data["latency_ms"]) == {"mean", "p50", "p95", "p99", "max"} and data["mode"] == "closed"
+    assert cli.main(["run", server.url, "--rate", "10", "--poisson", *SHORT, "--encoding", "float"]) == 0
+    out = capsys.readouterr().out
+    assert "open loop, rate 10/s" in out and "latency ms: p50" in out
+
+
+def test_compare_two_model_folders_one_at_a_time(tiny_model_dir: Path, tiny_dense_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["compare", str(tiny_model_dir), str(tiny_dense_dir), "--name-a", "fff", "--name-b", "dense",
+                     "-c", "2", "--rate", "10", "--duration", "1", "--warmup", "0.2", "--json", *TRUNC])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["a"] == "fff" and data["b"] == "dense"
+    assert [r["load"] for r in data["rows"]] == ["concurrency 2", "rate 10/s"]
+    for row in data["rows"]:
+        assert row["a"]["rps"] > 0 and row["b"]["rps"] > 0
+        assert row["rps_ratio_a_over_b"] == pytest.approx(row["a"]["rps"] / row["b"]["rps"])
+        assert row["p99_ratio_a_over_b"] == pytest.approx(row["a"]["p99_ms"] / row["b"]["p99_ms"])
+    # two different servers were started (different ports)
+    assert data["reports"]["fff"][0][0]["url"] != data["reports"]["dense"][0][0]["url"]
+
+
+def test_compare_text_table_with_repeats(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["compare", server.url, server.url, "-c", "2", "--repeat", "2", "--duration", "0.6",
+                     "--warmup", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "req/s A/B" in out and "concurrency 2" in out and "median of 2 alternating runs" in out
+    assert cli.main(["compare", server.url, server.url, "-c", "2", "--repeat", "3", "--duration", "0.4",
+                     "--warmup", "0.1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    row = data["rows"][0]
+    assert len(row["a"]["rps_runs"]) == 3 and row["a"]["rps"] == sorted(row["a"]["rps_runs"])[1]
+
+
+def test_soak_reports_rss_and_p99_over_time(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["soak", server.url, "--minutes", "0.04", "--interval", "0.8", "-c", "2", "--warmup", "0.2", "--json"]
+    assert cli.main([*args, "--pid", str(server.pid)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["points"]) >= 2
+    for p in data["points"]:
+        assert p["rss_mb"] > 10 and p["rss_from"] == "pid" and p["p99_ms"] > 0 and p["errors"] == 0
+    assert cli.main(args) == 0  # no pid: process_resident_memory_bytes from /metrics
+    data = json.loads(capsys.readouterr().out)
+    assert data["points"][0]["rss_from"] == "metrics" and data["points"][0]["rss_mb"] > 10
+
+
+def test_engine_mode(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["engine", "--model", str(tiny_model_dir), "-b", "1", "4", "--duration", "0.5",
+                     "--warmup", "0.1", "--json"]) == 0
+    reps = json.loads(capsys.readouterr().out)
+    assert [r["batch_size"] for r in reps] == [1, 4]
+    for r in reps:
+        assert r["batches"] > 0 and r["inputs_per_s"] > 0
+        assert r["mean_padded_tokens"] >= r["mean_real_tokens"] > 0
+    assert cli.main(["engine", "--model", str(tiny_model_dir), "-b", "8", "--pool", "16", "--max-batch-tokens", "256",
+                     "--duration", "0.5", "--warmup", "0.1", "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["pool"] == 16 and r["max_batch_tokens"] == 256 and r["mean_padded_tokens"] <= 256
+    assert 1 <= r["mean_batch_size"] <= 8
+
+
+def test_split_batches_follows_the_batcher_budgets() -> None:
+    from loadtest.engine_bench import split_batches
+
+    ids = [[1] * n for n in (5, 50, 7, 60, 6, 8)]
+    batches = split_batches(ids, 3, 100)
+    assert sorted(len(x) for b in batches for x in b) == [5, 6, 7, 8, 50, 60]
+    for b in batches:
+        assert len(b) <= 3 and max(map(len, b)) * len(b) <= 100
+    assert split_batches(ids, 4, None) == [ids[:4], ids[4:]]
+
+
+def test_overhead_mode(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["overhead", "--model", str(tiny_model_dir), "-c", "4", "--duration", "1", "--warmup", "0.3",
+                     "--json", *TRUNC]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["service_batches"]["batches"] > 0 and data["service_batches"]["mean_size"] >= 1
+    eng = data["engine"]
+    assert eng["batch_size"] == data["limits"]["max_batch_requests"] and eng["max_batch_tokens"] == 16384
+    assert 1 <= eng["pool"] <= 4 and eng["mean_batch_size"] >= 1
+    assert data["overhead"] == pytest.approx(1 - data["service"]["inputs_per_s"] / data["engine"]["inputs_per_s"])
+
+
+def test_locustfile_is_valid_python_using_the_same_texts() -> None:
+    src = (Path(cli.__file__).parent / "locustfile.py").read_text()
+    tree = ast.parse(src)
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    assert "EmbeddingUser" in names and "TextMix" in src and "/v1/embeddings" in src
