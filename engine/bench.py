@@ -115,6 +115,41 @@ def print_ff_row(row: dict[str, Any]) -> None:
     print(f"  tokens={row['tokens']:>5}  us/token: {times}\n               vs dense: {ratios}", flush=True)
 
 
+# ------------------------------------------------------------------------------------------ kernel anatomy
+
+
+def bench_anatomy(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
+    """Where a token's time goes, on one thread: the same op on paths whose rows are hot in cache (every token
+    follows one path), on random paths through weights that fit in L2 (depth 5), and on random paths through
+    the full depth-11 tree (rows mostly from L3 or memory). The gaps separate compute from memory stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        n, width = 1024, 768
+        for dtype in (torch.float32, torch.bfloat16):
+            cases: dict[str, Callable[[int], Any]] = {}
+            for depth in (0, 5, 11):
+                fff = FFF(width, width, depth, trees=1, weight_dtype=dtype).eval()
+                w = fff.packed_weights()
+                random_x = [torch.randn(n, width) for _ in range(2)]
+                cases[f"depth{depth}_random"] = (lambda i, w=w, d=depth, xs=random_x:
+                                                 torch.ops.ufb.cmm(xs[i % 2], *w, d, False))
+                if depth == 11:
+                    same_x = torch.randn(1, width).expand(n, width).contiguous()
+                    cases["depth11_one_path"] = lambda i, w=w, x=same_x: torch.ops.ufb.cmm(x, *w, 11, False)
+            with torch.inference_mode():
+                secs = measure(cases, repeats, min_seconds)
+            row = {"weights": str(dtype).replace("torch.", ""), "tokens": n, "threads": 1}
+            row.update({f"{k}_ns_per_token": v / n * 1e9 for k, v in secs.items()})
+            rows.append(row)
+            print("  " + f"{row['weights']:>8}: " + "  ".join(f"{k}={v / n * 1e9:.0f}ns" for k, v in secs.items()),
+                  flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ whole encoder
 
 
@@ -185,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--min-seconds", type=float, default=0.2, help="minimum time of one repeat")
-    parser.add_argument("--only", choices=("ff", "encoder"), default=None)
+    parser.add_argument("--only", choices=("ff", "anatomy", "encoder"), default=None)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -198,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "ff"):
         print("FF layer 768 -> 768 (UltraFastBERT-1x11: depth 11, one tree; dense = 4095 wide)")
         result["ff_layer"] = bench_ff_layer(tokens, repeats, args.min_seconds)
+    if args.only in (None, "anatomy") and C.KERNEL.compiled and not args.quick:
+        print("Kernel anatomy: ns per token, one thread, 1024 tokens (one path = rows hot in cache)")
+        result["anatomy"] = bench_anatomy(repeats, args.min_seconds)
     if args.only in (None, "encoder"):
         print("Whole encoder, UltraFastBERT-1x11 shape (16 layers, hidden 768)")
         result["encoder"] = bench_encoder(shapes, max(3, repeats // 2), args.min_seconds)

@@ -252,9 +252,10 @@ def cmd_engine(a: argparse.Namespace) -> int:
 
 
 def cmd_overhead(a: argparse.Namespace) -> int:
-    """Service closed loop at --concurrency; then (server stopped) the engine with the service's batching policy
-    (its max_batch_requests and max_batch_tokens, read from /info) on pools sized so that the mean batch size
-    equals the service's (read from /metrics); overhead = 1 - service inputs/s / engine inputs/s."""
+    """Service closed loop at --concurrency, then (the server idle) the engine in this process with the service's
+    batching policy (its max_batch_requests and max_batch_tokens, read from /info) on pools sized so that the
+    mean batch size equals the service's (read from /metrics); overhead = 1 - service inputs/s / engine inputs/s.
+    --repeat N alternates the two N times and reports the median."""
     from engine.checkpoint import load_model
     from loadtest.engine_bench import calibrate_pool, run_engine
 
@@ -263,38 +264,51 @@ def cmd_overhead(a: argparse.Namespace) -> int:
     wl = _workload(a)
     _set_threads(a.torch_threads)
     server_args = a.server_arg + ([f"--torch-threads={a.torch_threads}"] if a.torch_threads else [])
+    loaded = load_model(a.model)
+    svc_runs, eng_runs, shapes = [], [], []
     with LocalServer(a.model, args=server_args, log_path=a.server_log) as srv:
         limits = httpx.get(srv.url + "/info", timeout=10).json()["limits"]
+        size, budget = int(limits["max_batch_requests"]), int(limits["max_batch_tokens"])
         # warm-up outside the scrape window, so the shape reflects the measured load only
         asyncio.run(closed_loop(srv.url, wl, concurrency=a.concurrency, duration_s=a.warmup, warmup_s=0.0))
-        before = asyncio.run(scrape(srv.url))
-        svc = asyncio.run(closed_loop(srv.url, wl, concurrency=a.concurrency, duration_s=a.duration,
-                                      warmup_s=0.0, timeout_s=a.timeout))
-        after = asyncio.run(scrape(srv.url))
-    shape = batch_shape(before, after)
-    if not shape["batches"]:
-        raise SystemExit("loadtest overhead: the service ran no batch")
-    loaded = load_model(a.model)
-    size, budget = int(limits["max_batch_requests"]), int(limits["max_batch_tokens"])
-    pool, _ = calibrate_pool(loaded, target_mean_size=shape["mean_size"], batch_size=size, max_batch_tokens=budget,
-                             max_pool=max(a.concurrency, 1), seed=a.seed, source=a.source)
-    eng = run_engine(loaded, batch_size=size, max_batch_tokens=budget, pool=pool, duration_s=a.duration,
-                     warmup_s=a.warmup, seed=a.seed, source=a.source)
-    overhead = 1.0 - svc.inputs_per_s / eng.inputs_per_s
-    data = {"concurrency": a.concurrency, "service": svc.to_dict(), "service_batches": shape, "limits": limits,
-            "engine": eng.to_dict(), "overhead": overhead,
-            "overhead_vs_forward_only": 1.0 - svc.inputs_per_s / eng.forward_only_inputs_per_s}
-    text = "\n".join([
-        svc.text(),
-        f"  service batches: {shape['batches']:.0f}, mean size {shape['mean_size']:.2f}, padded tokens "
-        f"{shape['mean_padded_tokens']:.0f}, real tokens {shape['mean_real_tokens']:.0f}, forward "
-        f"{shape['inference_s_per_batch'] * 1e3:.1f} ms/batch",
-        eng.text(),
-        f"HTTP + batching overhead at concurrency {a.concurrency}: {overhead * 100:.1f} % "
-        f"(service {svc.inputs_per_s:.2f} vs engine {eng.inputs_per_s:.2f} inputs/s at mean batch "
-        f"{eng.mean_batch_size:.1f} vs the service's {shape['mean_size']:.1f}; "
-        f"vs forward only: {data['overhead_vs_forward_only'] * 100:.1f} %)",
-    ])
+        for _ in range(max(1, a.repeat)):  # service and engine alternate; the idle server costs no CPU
+            before = asyncio.run(scrape(srv.url))
+            svc = asyncio.run(closed_loop(srv.url, wl, concurrency=a.concurrency, duration_s=a.duration,
+                                          warmup_s=0.0, timeout_s=a.timeout))
+            shape = batch_shape(before, asyncio.run(scrape(srv.url)))
+            if not shape["batches"]:
+                raise SystemExit("loadtest overhead: the service ran no batch")
+            pool, _ = calibrate_pool(loaded, target_mean_size=shape["mean_size"], batch_size=size,
+                                     max_batch_tokens=budget, max_pool=max(a.concurrency, 1), seed=a.seed,
+                                     source=a.source)
+            eng = run_engine(loaded, batch_size=size, max_batch_tokens=budget, pool=pool, duration_s=a.duration,
+                             warmup_s=min(a.warmup, 2.0), seed=a.seed, source=a.source)
+            svc_runs.append(svc)
+            eng_runs.append(eng)
+            shapes.append(shape)
+    overheads = [1.0 - s.inputs_per_s / e.inputs_per_s for s, e in zip(svc_runs, eng_runs)]
+    overhead = _median(overheads)
+    data = {"concurrency": a.concurrency, "repeat": len(overheads), "overhead": overhead, "overhead_runs": overheads,
+            "service_inputs_per_s": _median([s.inputs_per_s for s in svc_runs]),
+            "engine_inputs_per_s": _median([e.inputs_per_s for e in eng_runs]), "limits": limits,
+            "service": svc_runs[-1].to_dict(), "service_batches": shapes[-1], "engine": eng_runs[-1].to_dict(),
+            "runs": [{"service": s.to_dict(), "service_batches": sh, "engine": e.to_dict()}
+                     for s, sh, e in zip(svc_runs, shapes, eng_runs)]}
+    lines = []
+    for s, sh, e, o in zip(svc_runs, shapes, eng_runs, overheads):
+        lines += [
+            s.text(),
+            f"  service batches: {sh['batches']:.0f}, mean size {sh['mean_size']:.2f}, padded tokens "
+            f"{sh['mean_padded_tokens']:.0f}, real tokens {sh['mean_real_tokens']:.0f}, forward "
+            f"{sh['inference_s_per_batch'] * 1e3:.1f} ms/batch, server CPU {sh['process_cpu_s'] / s.duration_s:.2f} cores",
+            e.text(),
+            f"  -> overhead {o * 100:.1f} % (service {s.inputs_per_s:.2f} vs engine {e.inputs_per_s:.2f} inputs/s, "
+            f"mean batch {sh['mean_size']:.1f} vs {e.mean_batch_size:.1f})",
+        ]
+    lines.append(f"HTTP + batching overhead at concurrency {a.concurrency}: {overhead * 100:.1f} % "
+                 f"(median of {len(overheads)}: {', '.join(f'{o * 100:.1f}' for o in overheads)} %; service "
+                 f"{data['service_inputs_per_s']:.2f} vs engine {data['engine_inputs_per_s']:.2f} inputs/s)")
+    text = "\n".join(lines)
     _emit(a, _clean(data), text)
     return 0
 
@@ -352,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("overhead", help="service throughput vs the engine at the service's batch shapes")
     p.add_argument("--model", required=True)
     p.add_argument("--concurrency", "-c", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=1, help="alternate service and engine runs; report the median")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads for the engine run and the server (passed as --torch-threads)")
     _load_options(p)

@@ -87,6 +87,7 @@ class Report:
     server_ms: dict[str, float]  # means of the timing headers of successful requests
     text_source: str
     dropped: int = 0  # open loop: arrivals not sent because max_inflight requests were outstanding
+    client_cpu_cores: float = math.nan  # CPU the load generator itself used (it shares the machine's cores)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +105,7 @@ class Report:
             f"  latency ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  "
             f"mean {lat['mean']:.1f}  max {lat['max']:.1f}",
             f"  server ms (mean): queue {self.server_ms['queue']:.1f}, inference {self.server_ms['inference']:.1f}, "
-            f"total {self.server_ms['total']:.1f}",
+            f"total {self.server_ms['total']:.1f}; load generator CPU {self.client_cpu_cores:.2f} cores",
         ]
         return "\n".join(lines)
 
@@ -173,6 +174,7 @@ async def closed_loop(url: str, workload: Workload, *, concurrency: int, duratio
                       max_requests: int | None = None) -> Report:
     """``concurrency`` clients back to back for ``warmup_s + duration_s`` (or until ``max_requests`` measured)."""
     samples: list[Sample] = []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     async with make_client(url, concurrency, timeout_s) as client:
         t0 = time.perf_counter()
         start, end = t0 + warmup_s, t0 + warmup_s + duration_s
@@ -190,8 +192,10 @@ async def closed_loop(url: str, workload: Workload, *, concurrency: int, duratio
     measured = min(duration_s, max(time.perf_counter() - start, 1e-9))
     if max_requests is not None and samples:
         measured = max(max(s.sent + s.latency_s for s in samples) - start, 1e-9)
-    return summarize(samples, mode="closed", url=url, workload=workload, duration_s=measured, warmup_s=warmup_s,
-                     concurrency=concurrency)
+    rep = summarize(samples, mode="closed", url=url, workload=workload, duration_s=measured, warmup_s=warmup_s,
+                    concurrency=concurrency)
+    rep.client_cpu_cores = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    return rep
 
 
 async def open_loop(url: str, workload: Workload, *, rate: float, duration_s: float, warmup_s: float = 2.0,
@@ -204,6 +208,7 @@ async def open_loop(url: str, workload: Workload, *, rate: float, duration_s: fl
     samples: list[Sample] = []
     dropped = 0
     inflight: set[asyncio.Task[None]] = set()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     async with make_client(url, max_inflight, timeout_s) as client:
         t0 = time.perf_counter()
         start, end = t0 + warmup_s, t0 + warmup_s + duration_s
@@ -227,8 +232,10 @@ async def open_loop(url: str, workload: Workload, *, rate: float, duration_s: fl
             due += rng.expovariate(rate) if poisson else 1.0 / rate
         if inflight:
             await asyncio.gather(*inflight)
-    return summarize(samples, mode="open", url=url, workload=workload, duration_s=duration_s, warmup_s=warmup_s,
-                     rate=rate, dropped=dropped)
+    rep = summarize(samples, mode="open", url=url, workload=workload, duration_s=duration_s, warmup_s=warmup_s,
+                    rate=rate, dropped=dropped)
+    rep.client_cpu_cores = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    return rep
 
 
 async def wait_ready(url: str, timeout_s: float = 120.0) -> None:
@@ -267,10 +274,12 @@ def batch_shape(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix + "{"))
 
     batches = delta("ufb_batch_size_count")
+    cpu = delta("process_cpu_seconds_total")
     if batches <= 0:
         return {"batches": 0.0, "mean_size": math.nan, "mean_padded_tokens": math.nan,
-                "mean_real_tokens": math.nan, "inference_s_per_batch": math.nan}
+                "mean_real_tokens": math.nan, "inference_s_per_batch": math.nan, "process_cpu_s": cpu}
     return {"batches": batches, "mean_size": delta("ufb_batch_size_sum") / batches,
             "mean_padded_tokens": delta("ufb_batch_tokens_sum") / batches,
             "mean_real_tokens": delta("ufb_batch_real_tokens_sum") / batches,
-            "inference_s_per_batch": delta("ufb_batch_inference_duration_seconds_sum") / batches}
+            "inference_s_per_batch": delta("ufb_batch_inference_duration_seconds_sum") / batches,
+            "process_cpu_s": cpu}
