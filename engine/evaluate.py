@@ -76,6 +76,7 @@ def model_scores(loaded: LoadedModel, data: Data, teacher_ref: dict[str, Any] | 
     from engine.distill import fit_linear_head
 
     loaded.model.eval()
+    _features(loaded, data.heldout[:64])  # warm-up (weight packing, kernel load) before the timed pass
     held, secs = _features(loaded, data.heldout)
     held_n = F.normalize(held, dim=-1)
     lee, _ = _features(loaded, list(data.lee_docs))

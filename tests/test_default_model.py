@@ -20,8 +20,8 @@ SENTENCES = [
     "This sequel is a loud, tedious mess with nothing new to say.",
 ]
 # Measured on the shipped model (see MODEL_CARD.md); the bounds leave a margin below the measured values.
-MIN_MEAN_COS = 0.70
-MIN_EACH_COS = 0.50
+MIN_MEAN_COS = 0.65  # measured 0.715 (per sentence 0.631 .. 0.835); the FFN-removed ablation averages ~0.5
+MIN_EACH_COS = 0.55
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,26 @@ def test_shipped_embeddings_stay_close_to_the_teacher(shipped, minilm_dir: Path)
     cos = (_embed(shipped, SENTENCES) * _embed(teacher, SENTENCES)).sum(-1)
     assert float(cos.mean()) >= MIN_MEAN_COS, cos.tolist()
     assert float(cos.min()) >= MIN_EACH_COS, cos.tolist()
+
+
+def test_serve_defaults_to_the_shipped_model(shipped) -> None:
+    import asyncio
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    assert Settings(_env_file=None).model == DEFAULT_MODEL_PATH  # type: ignore[call-arg]
+
+    async def go() -> None:
+        from service_support import running, settings
+
+        app = create_app(settings(DEFAULT_MODEL_PATH, warmup=False), shipped)
+        async with running(app) as c:
+            r = await c.post("/classify", json={"inputs": "A wonderful, moving and beautifully acted film."})
+            assert r.status_code == 200, r.text
+            assert r.json()[0][0]["label"] == "fresh"
+            r = await c.post("/v1/embeddings", json={"input": ["hello world"], "model": "x"})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["data"][0]["embedding"]) == 384
+
+    asyncio.run(go())

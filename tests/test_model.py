@@ -261,3 +261,16 @@ def test_tokenizer_is_thread_safe(tokenizer: Tokenizer) -> None:
                                                         direction="left" if it[0] % 2 else "right"),
                             list(enumerate(texts)) * 4))
     assert got == expected * 4
+
+
+def test_fff_built_and_run_under_inference_mode() -> None:
+    """Inference tensors have no version counter; the packed-weight cache must still work on them."""
+    from engine.fff import FFF
+
+    with torch.inference_mode():
+        fff = FFF(32, 16, 3, trees=2).eval()
+        x = torch.randn(5, 32)
+        first = fff(x)
+        assert torch.equal(fff(x), first)
+        fff.impl = "reference"
+        assert torch.allclose(fff(x), first, atol=1e-5)
