@@ -138,7 +138,7 @@ class FFF(nn.Module):
         shape = x.shape
         if shape[-1] != self.d_in:
             raise ValueError(f"FFF expects inputs of width {self.d_in}, got shape {tuple(shape)}")
-        flat = x.reshape(-1, self.d_in)
+        flat = x if len(shape) == 2 else x.reshape(-1, self.d_in)
         if self._impl == "masked" or (self.training and torch.is_grad_enabled()):
             y, leaves = self._forward_masked(flat)
         else:
