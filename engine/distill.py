@@ -10,6 +10,8 @@ Pipeline (``ultrafastbert distill``):
    Steps are shared out in proportion to each layer's initial relative error (hard layers get more work).
 3. **End-to-end**: the whole student (all but the embedding tables) is trained against the teacher's
    per-layer hidden states (MSE) and its sentence embeddings (1 - cosine).
+   ``init_student`` starts this phase from an existing student (same teacher, K and D) and skips the
+   layer-wise phase: more end-to-end training for a finished model, with a fresh learning-rate schedule.
 4. **Head**: a fresh/rotten logistic-regression head on the Rotten Tomatoes train split is attached.
 
 Determinism and resume: every batch is drawn from a generator seeded by ``(seed, phase, layer, step)``, so a run
@@ -62,6 +64,7 @@ class DistillOptions:
     layerwise_share: float = 0.35  # of the time budget
     layer_steps: int = 1500  # layer-wise steps per layer on average (shared out by difficulty)
     steps: int = 2000  # end-to-end steps
+    init_student: str | None = None  # a student folder (same teacher, K, D) to continue end-to-end from
     layer_lr: float = 1e-3
     lr: float = 1e-4
     layer_batch_tokens: int = 2048
@@ -197,6 +200,31 @@ def _save_checkpoint(out: Path, student: LoadedModel, state: dict[str, Any], opt
     tmp.replace(out / CHECKPOINT_FILE)
 
 
+def _init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]) -> None:
+    """Copy an earlier student's weights into ``student`` and jump to the end-to-end phase.
+
+    The earlier student must have the same shapes (teacher, K, D); its classifier head is dropped, as the head
+    is refitted on the new encoder at the end."""
+    earlier = load_model(folder)
+    want, found = student.config, earlier.config
+    if found.ffn != "fff" or (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth):
+        raise ValueError(f"--init-student {folder}: expected an FFF student with K={want.fff_trees}, "
+                         f"D={want.fff_depth}; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}")
+    weights = {k: v for k, v in earlier.model.state_dict().items() if not k.startswith("head.")}
+    missing, unexpected = student.model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"--init-student {folder}: weights do not match the student "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for f in student.model.fffs():
+        f.invalidate()
+    state["phase"], state["layer"], state["step"] = "e2e", 0, 0
+    for key in ("layer_errors_init", "layer_errors_final"):
+        state[key] = earlier.config.extra.get(key, state[key])
+    state["init_student"] = str(folder)
+    log.info("continuing from the student in %s: end-to-end phase only", folder)
+
+
 def _log(out: Path, record: dict[str, Any]) -> None:
     with (out / LOG_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -243,6 +271,8 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         log.info("resumed from %s: phase %s, layer %s, step %s", ckpt, state["phase"], state["layer"], state["step"])
     elif not resume:
         (out / LOG_FILE).unlink(missing_ok=True)
+    if opts.init_student and state["phase"] == "layerwise":
+        _init_from_student(student, Path(opts.init_student), state)
     started = time.monotonic() - state["elapsed_s"]
     budget_s = opts.time_budget_min * 60 if opts.time_budget_min else None
     steps_this_call = 0
@@ -523,7 +553,8 @@ def run_cli(args: Any) -> int:
     opts = DistillOptions(
         teacher=args.teacher, out=args.out, trees=args.trees, depth=args.depth, seed=args.seed,
         time_budget_min=args.time_budget, layerwise_share=args.layerwise_share, layer_steps=args.layer_steps,
-        steps=args.steps, layer_lr=args.layer_lr, lr=args.lr, layer_batch_tokens=args.layer_batch_tokens,
+        steps=args.steps, init_student=args.init_student, hidden_weight=args.hidden_weight,
+        embed_weight=args.embed_weight, layer_lr=args.layer_lr, lr=args.lr, layer_batch_tokens=args.layer_batch_tokens,
         batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,
         head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype)
     final = distill(opts, resume=args.resume, progress=not args.no_progress)

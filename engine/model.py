@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.fff import FFF
+from engine.fff import FFF, _version
 
 
 # ---------------------------------------------------------------------------------------------------- embeddings
@@ -88,12 +88,32 @@ class SelfAttention(nn.Module):
         else:
             self.qkv = nn.Linear(h, 3 * h, bias=False)
         self.out = nn.Linear(h, h, bias=config.layout == "bert")
+        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fused_key: tuple | None = None
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT's three projections as one ``[3h, h]`` weight and bias, for inference.
+
+        Why: one GEMM instead of three small ones; attention projections are most of what is left of the
+        FFF model's cost. A copy, rebuilt when a parameter changes (in place or replaced), like the FFF's packed
+        kernel weights; training keeps the three parameters (names match BERT checkpoints)."""
+        params = [m._parameters[n] for m in (self.query, self.key, self.value) for n in ("weight", "bias")]
+        key = tuple((p.data_ptr(), _version(p)) for p in params)
+        if self._fused is None or self._fused_key != key:
+            with torch.no_grad():
+                self._fused = (torch.cat(params[0::2]), torch.cat(params[1::2]))
+            self._fused_key = key
+        return self._fused
 
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.layout == "bert":
+        if self.layout == "bert" and torch.is_grad_enabled():
             q, k, v = (proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                        for proj in (self.query, self.key, self.value))
+        elif self.layout == "bert":
+            weight, bias = self.fused_qkv()
+            fused = F.linear(x, weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
+            q, k, v = fused.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             fused = self.qkv(x).view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2)
             q, k, v = fused.split(self.head_dim, dim=-1)

@@ -177,3 +177,22 @@ def test_cli_defaults_match_distill_options() -> None:
              "head_train_size": "head_train_size", "save_dtype": "save_dtype", "teacher": "teacher"}
     for arg, field_name in pairs.items():
         assert getattr(args, arg) == getattr(defaults, field_name), arg
+
+
+def test_init_student_continues_end_to_end_only(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    """``init_student`` starts from an earlier student's weights and skips the layer-wise phase."""
+    opts = _opts(tiny_teacher, tmp_path / "c", init_student=str(distilled), steps=3)
+    distill(opts, progress=False, stop_after_steps=1)
+    payload = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert payload["state"]["phase"] == "e2e" and payload["state"]["step"] == 1
+    log = [json.loads(line) for line in (tmp_path / "c" / "distill_log.jsonl").read_text().splitlines()]
+    assert log and all(r["phase"] == "e2e" for r in log)
+    earlier = load_file(str(distilled / "model.safetensors"))
+    for name in ("layers.0.ffn.linear_in.weight", "layers.1.attention.query.weight"):
+        moved = (payload["model"][name] - earlier[name]).abs().max().item()
+        assert 0 < moved < 2 * opts.lr, name  # one Adam step (each weight moves at most ~lr) off the earlier ones
+
+
+def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="K=4, D=1"):
+        distill(_opts(tiny_teacher, tmp_path / "d", init_student=str(distilled), trees=4, depth=1), progress=False)

@@ -274,3 +274,25 @@ def test_fff_built_and_run_under_inference_mode() -> None:
         assert torch.equal(fff(x), first)
         fff.impl = "reference"
         assert torch.allclose(fff(x), first, atol=1e-5)
+
+
+def test_fused_qkv_at_inference_matches_the_three_projections_and_follows_changes() -> None:
+    """Inference runs BERT's query/key/value as one fused GEMM; it must equal the separate projections (the
+    training path) and be rebuilt after a weight changes in place."""
+    model = tiny_model("bert", ffn="dense")
+    ids, mask = random_batch([9, 4, 1])
+    with torch.enable_grad():
+        separate = model.embed(ids, mask).detach()
+    with torch.inference_mode():
+        fused = model.embed(ids, mask)
+    torch.testing.assert_close(fused, separate, rtol=0, atol=1e-5)
+    attention = model.layers[0].attention
+    with torch.no_grad():
+        attention.key.weight.mul_(-1.5)
+        attention.value.bias.add_(0.25)
+    with torch.enable_grad():
+        separate2 = model.embed(ids, mask).detach()
+    with torch.inference_mode():
+        fused2 = model.embed(ids, mask)
+    assert (separate2 - separate).abs().max() > 1e-3  # the change matters ...
+    torch.testing.assert_close(fused2, separate2, rtol=0, atol=1e-5)  # ... and the fused copy followed it
