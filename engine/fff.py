@@ -82,6 +82,9 @@ class FFF(nn.Module):
     def weight_dtype(self, value: torch.dtype) -> None:
         if value not in cmm_ops.WEIGHT_DTYPES:
             raise ValueError(f"FFF weight dtype must be one of {cmm_ops.WEIGHT_DTYPES}, got {value}")
+        if value == torch.float16:  # fail when the dtype is chosen (model load), not at the first request
+            cmm_ops.check_fits_float16(self.linear_in.weight, "linear_in.weight")
+            cmm_ops.check_fits_float16(self.linear_out.weight, "linear_out.weight")
         self._weight_dtype = value
         self.invalidate()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 import typing
@@ -59,7 +60,26 @@ def register_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             p.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_)
+    _ray_arguments(p)
     p.set_defaults(handler=run_serve)
+
+
+RAY_DEST = "ray_"  # argparse dest prefix of the --ray-* flags, kept apart from the Settings flags
+
+
+def _ray_arguments(p: argparse.ArgumentParser) -> None:
+    """``--ray`` and the ``--ray-*`` flags, generated from RayOptions (which does not import ray)."""
+    from service.ray_serve.options import RayOptions
+
+    g = p.add_argument_group("Ray Serve", "Run the same service as Ray Serve replicas (needs the 'ray' extra: "
+                             "pip install 'ultrafastbert-serve[ray]'). --host/--port are the Serve HTTP proxy's.")
+    g.add_argument("--ray", dest="ray", action="store_true", default=None,
+                   help="serve on a Ray cluster (a new local one unless --ray-address or RAY_ADDRESS says "
+                   "otherwise) [env UFB_RAY=1]")
+    for name, field in RayOptions.model_fields.items():
+        kind, _, _ = _flag_type(field.annotation)
+        help_ = f"{field.description or ''} [env UFB_RAY_{name.upper()}; default {field.default}]".strip()
+        g.add_argument("--ray-" + name.replace("_", "-"), dest=RAY_DEST + name, type=kind, default=None, help=help_)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -68,13 +88,18 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.logs import setup_logging
     from service.settings import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "handler") and v is not None}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "ray") and v is not None}
+    overrides = {k: v for k, v in given.items() if not k.startswith(RAY_DEST)}
+    ray_overrides = {k[len(RAY_DEST):]: v for k, v in given.items() if k.startswith(RAY_DEST)}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"ultrafastbert serve: invalid settings: {problems}", file=sys.stderr)
         return 2
+    ray_requested = bool(args.ray) or os.environ.get("UFB_RAY", "").strip().lower() in ("1", "true", "yes", "on")
+    if ray_requested or ray_overrides:
+        return _run_serve_ray(settings, ray_overrides, ray_requested)
     setup_logging(settings.log_format, settings.log_level)
     loaded = _load(settings)
     if loaded is None:
@@ -94,6 +119,33 @@ def run_serve(args: argparse.Namespace) -> int:
     server.run()
     log.info("stopped cleanly")
     return 0
+
+
+def _run_serve_ray(settings: Any, ray_overrides: dict[str, Any], ray_requested: bool) -> int:
+    """``serve --ray``: the replicas load the model, not this process; ray is imported only on this path."""
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from service.logs import setup_logging
+    from service.ray_serve.options import RayOptions
+
+    if not ray_requested:
+        print("ultrafastbert serve: --ray-* options need --ray", file=sys.stderr)
+        return 2
+    try:
+        options = RayOptions(**ray_overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ray'}: {e['msg']}" for e in exc.errors())
+        print(f"ultrafastbert serve: invalid Ray options: {problems}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        print("ultrafastbert serve --ray needs Ray Serve: pip install 'ultrafastbert-serve[ray]'", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
+    from service.ray_serve.launch import serve_on_ray
+
+    return serve_on_ray(settings, options)
 
 
 def _load(settings: Any) -> Any | None:
@@ -186,6 +238,11 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000, help="end-to-end steps (default 2000)")
     p.add_argument("--layer-steps", type=int, default=1500,
                    help="layer-wise steps per layer on average (default 1500)")
+    p.add_argument("--init-student", default=None, metavar="FOLDER",
+                   help="continue end-to-end from an earlier student (same teacher, K, D); skips layer-wise")
+    p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the per-layer hidden-state MSE")
+    p.add_argument("--embed-weight", type=float, default=1.0,
+                   help="weight of (1 - cosine) to the teacher's sentence embeddings")
     p.add_argument("--lr", type=float, default=0.0001, help="end-to-end learning rate (default 1e-4)")
     p.add_argument("--layer-lr", type=float, default=0.001)
     p.add_argument("--batch-size", type=int, default=16, help="end-to-end sequences per step")

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     # --- model
     model: Path = Field(DEFAULT_MODEL_PATH, description="Checkpoint folder to serve.")
     served_model_name: str | None = Field(None, description="Name reported to clients (default: the config's).")
-    weight_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype of the packed FFF weights.")
+    weight_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32",
+                                                                   description="Dtype of the packed FFF weights.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
 
     # --- batching and queueing

@@ -19,7 +19,7 @@ from service.settings import Settings
 
 log = logging.getLogger("service")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Phase:

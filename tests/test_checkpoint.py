@@ -160,7 +160,7 @@ def test_crammed_unsupported_option_is_refused(tmp_path: Path, minilm_dir: Path)
 
 
 @pytest.mark.parametrize("layout", ["bert", "crammed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_save_load_round_trip_is_exact(request: pytest.FixtureRequest, tmp_path: Path, layout: str,
                                        dtype: torch.dtype) -> None:
     source = request.getfixturevalue("tiny_model_dir" if layout == "bert" else "tiny_crammed_dir")

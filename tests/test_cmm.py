@@ -22,6 +22,11 @@ FP32_TOL = 1e-5
 # for tokens whose routing is unchanged the output error stays below BF16_REL_BOUND of max |y| (measured
 # about 0.3-0.5 % here on N(0, 1) data).
 BF16_REL_BOUND = 2e-2
+# float16 weights: likewise equal to the reference on the same float16-rounded weights to FP32_TOL. Against the
+# float32 weights, float16 keeps 11 significant bits (unit roundoff u = 2^-11 = 4.9e-4, vs 2^-8 for bf16); the
+# bound is the bf16 one scaled by the 8x smaller roundoff, about 5u (measured 0.03-0.04 % here, about 8x below
+# bfloat16 on the same data), and fewer decisions flip.
+FP16_REL_BOUND = 2.5e-3
 
 
 def dyadic(shape: tuple[int, ...], scale: float, steps: int, gen: torch.Generator) -> torch.Tensor:
@@ -129,6 +134,148 @@ def test_bf16_bound_against_float32_weights() -> None:
     assert rel <= BF16_REL_BOUND, rel
 
 
+# ---------------------------------------------------------------------------------------------------- float16
+
+
+@pytest.fixture(params=["native", "portable"])
+def isa(request: pytest.FixtureRequest):
+    """Runs a test on the path this CPU picks (AVX2 + F16C here) and again on the portable path."""
+    from engine import _cmm
+
+    _cmm.force_portable(request.param == "portable")
+    try:
+        if request.param == "portable":
+            assert _cmm.cpu_path() == "portable"
+        yield request.param
+    finally:
+        _cmm.force_portable(False)
+
+
+def half(x, w_in, b_in, w_out):
+    """The problem with float16 weights; the reference then runs on exactly these rounded weights."""
+    return x, w_in.half(), b_in, w_out.half()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 128, 1031])
+@pytest.mark.parametrize("depth", [0, 1, 5, 11])
+@pytest.mark.parametrize("trees", [1, 4])
+def test_fp16_tokens_depths_trees(n: int, depth: int, trees: int, isa: str) -> None:
+    if depth == 11 and trees == 4 and n > 128:
+        n = 300
+    # Dyadic w_in (multiples of 1/16) is exact in float16, so routing is exact; w_out gets rounded.
+    check_against_reference(*half(*make_problem(n, 384, 384, depth, trees, seed=n + 17 * depth + trees)), depth)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(64, 64), (768, 768), (65, 33), (1, 7), (97, 768), (768, 100)])
+@pytest.mark.parametrize("n", [1, 7, 200])
+def test_fp16_widths(d_in: int, d_out: int, n: int, isa: str) -> None:
+    check_against_reference(*half(*make_problem(n, d_in, d_out, 5, 2, seed=d_in * 31 + d_out + n)), 5)
+
+
+@pytest.mark.parametrize("n", [1, 64, 1000])
+def test_fp16_random_float_data(n: int, isa: str) -> None:
+    check_against_reference(*half(*make_problem(n, 768, 768, 11, 1, seed=n, exact=False)), 11)
+
+
+def test_fp16_non_contiguous_inputs(isa: str) -> None:
+    x, w_in, b_in, w_out = half(*make_problem(130, 96, 40, 5, 2, seed=3))
+    wide = torch.zeros(130, 200)
+    wide[:, 7:103] = x
+    check_against_reference(wide[:, 7:103], w_in, b_in, w_out, 5)
+    check_against_reference(x.t().contiguous().t(), w_in, b_in, w_out, 5)
+    check_against_reference(x[::2], w_in, b_in, w_out, 5)
+
+
+def test_fp16_exact_zero_preactivation_goes_left(isa: str) -> None:
+    depth, d = 3, 16
+    nodes = C.n_nodes(depth)
+    x = torch.zeros(3, d)
+    x[1, 0] = 1.0
+    x[2, 0] = -0.0
+    w_in = torch.zeros(1, nodes, d, dtype=torch.float16)
+    w_in[0, :, 1] = 1.0
+    w_in[0, :, 0] = -0.0  # x[2, 0] * -0.0: signed zeros in the weights too
+    b_in = torch.zeros(1, nodes)
+    w_out = torch.randn(1, nodes, d).half()
+    y, leaves = check_against_reference(x, w_in, b_in, w_out, depth)
+    assert leaves.flatten().tolist() == [0, 0, 0]
+    assert y.abs().max().item() == 0.0
+    b_in[0, 0] = torch.finfo(torch.float32).tiny
+    _, leaves = check_against_reference(x, w_in, b_in, w_out, depth)
+    assert leaves.flatten().tolist() == [4, 4, 4]
+
+
+def test_fp16_conversion_of_every_finite_value(isa: str) -> None:
+    """All 63,488 finite float16 values (subnormals, signed zeros, extremes) go through one w_out row: the kernel
+    must widen each exactly. y = GELU(a) * w, one rounding, so y == y[0] * w bit for bit with w[0] = 1. (The sign of
+    a zero cannot be seen: the kernel's sums start from +0.)"""
+    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.float16)
+    values = values[torch.isfinite(values)]
+    w = torch.cat([torch.ones(1, dtype=torch.float16), values])
+    x = torch.ones(1, 8)
+    w_in = torch.full((1, 1, 8), 0.25, dtype=torch.float16)  # a = 2: GELU(a) is not a power of two
+    b_in = torch.zeros(1, 1)
+    y, _ = C.cmm(x, w_in, b_in, w.view(1, 1, -1), 0)
+    assert torch.equal(y[0, 1:], y[0, 0] * values.float())
+
+
+def test_fp16_bound_against_float32_weights() -> None:
+    x, w_in, b_in, w_out = make_problem(2000, 768, 768, 11, 1, seed=9, exact=False)
+    y32, leaves32 = C.cmm(x, w_in, b_in, w_out, 11, return_leaves=True)
+    rel = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        y16, leaves16 = C.cmm(x, w_in.to(dtype), b_in, w_out.to(dtype), 11, return_leaves=True)
+        same = (leaves32 == leaves16).all(dim=1)
+        assert same.float().mean().item() > (0.99 if dtype == torch.float16 else 0.9)
+        rel[dtype] = (y16[same] - y32[same]).abs().max().item() / y32.abs().max().item()
+    assert rel[torch.float16] <= FP16_REL_BOUND, rel
+    assert rel[torch.float16] < rel[torch.bfloat16] / 4, rel  # 3 more mantissa bits: ~8x smaller
+
+
+@pytest.mark.parametrize("bad", [65520.0, -1e6, float("inf"), float("-inf")])
+def test_pack_fp16_refuses_weights_outside_its_range(bad: float) -> None:
+    trees, depth, d = 1, 2, 8
+    nodes = C.n_nodes(depth)
+    lin_in_w, lin_in_b, lin_out_w = torch.randn(nodes, d), torch.randn(nodes), torch.randn(d, nodes)
+    for weight, name in ((lin_in_w, "linear_in.weight"), (lin_out_w, "linear_out.weight")):
+        saved = weight[1, 2].item()
+        weight[1, 2] = bad
+        with pytest.raises(ValueError, match=f"{name}.*float16 range"):
+            C.pack_fff_weights(lin_in_w, lin_in_b, lin_out_w, trees, torch.float16)
+        C.pack_fff_weights(lin_in_w, lin_in_b, lin_out_w, trees, torch.bfloat16)  # other dtypes unaffected
+        weight[1, 2] = saved
+    lin_in_w[0, 0], lin_out_w[0, 0] = 65504.0, -65504.0  # the largest float16 itself is fine
+    w_in, b_in, w_out = C.pack_fff_weights(lin_in_w, lin_in_b, lin_out_w, trees, torch.float16)
+    assert w_in.dtype == w_out.dtype == torch.float16 and b_in.dtype == torch.float32
+    assert torch.isfinite(w_in).all() and torch.isfinite(w_out).all()
+
+
+def test_fff_module_fp16_weights() -> None:
+    from engine.fff import FFF
+
+    torch.manual_seed(4)
+    fff = FFF(64, 48, 5, 2).eval()
+    x = torch.randn(37, 64)
+    with torch.inference_mode():
+        y32 = fff(x)
+    fff.weight_dtype = torch.float16
+    with torch.inference_mode():
+        y16 = fff(x)
+        w_in, b_in, w_out = fff.packed_weights()
+        y_ref, _ = C.cmm_reference(x, w_in, b_in, w_out, 5)
+    assert w_in.dtype == w_out.dtype == torch.float16 and y16.dtype == torch.float32
+    torch.testing.assert_close(y16, y_ref, atol=FP32_TOL, rtol=0)
+    torch.testing.assert_close(y16, y32, atol=1e-2, rtol=1e-2)
+    # Choosing float16 for weights it cannot hold fails at once (model load), and leaves the dtype as it was.
+    fff.weight_dtype = torch.float32
+    with torch.no_grad():
+        fff.linear_out.weight[0, 0] = 1e5
+    with pytest.raises(ValueError, match="float16 range"):
+        fff.weight_dtype = torch.float16
+    assert fff.weight_dtype == torch.float32
+
+
 def test_portable_path_equals_reference() -> None:
     from engine import _cmm
 
@@ -175,6 +322,8 @@ def test_inference_mode_and_torch_compile() -> None:
         (lambda p: (p[0], p[1][:, :-1], p[2][:, :-1], p[3][:, :-1]), "nodes"),
         (lambda p: (p[0].double(), *p[1:]), "float32"),
         (lambda p: (p[0], p[1].bfloat16(), p[2], p[3]), "both"),
+        (lambda p: (p[0], p[1].half(), p[2], p[3].bfloat16()), "both"),
+        (lambda p: (p[0], p[1].double(), p[2], p[3].double()), "both"),
         (lambda p: (p[0], p[1].transpose(1, 2).contiguous().transpose(1, 2), p[2], p[3]), "contiguous"),
         (lambda p: (p[0], p[1], p[2][:1], p[3]), "b_in"),
     ],
@@ -196,3 +345,8 @@ def test_pack_fff_weights_layout() -> None:
     assert torch.equal(b_in[2, 0], lin_in_b[2 * nodes])
     assert torch.equal(w_out[1, 4], lin_out_w[:, nodes + 4])
     assert w_out.is_contiguous()
+    w_in, b_in, w_out = C.pack_fff_weights(lin_in_w, lin_in_b, lin_out_w, trees, torch.float16)
+    assert w_in.dtype == w_out.dtype == torch.float16 and b_in.dtype == torch.float32
+    assert torch.equal(w_out[1, 4], lin_out_w[:, nodes + 4].half()) and w_out.is_contiguous()
+    with pytest.raises(ValueError, match="weight dtype"):
+        C.pack_fff_weights(lin_in_w, lin_in_b, lin_out_w, trees, torch.float64)

@@ -6,49 +6,28 @@ running service (skipped with a reason when the ``prometheus`` binary is not ins
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import shutil
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 
 from service.settings import Settings
+from prometheus_support import (DASHBOARD, dashboard, dashboard_exprs, dashboard_failures, drive_dashboard_traffic,
+                                free_port, needs_prometheus, running_prometheus)
 from service_support import make_app, running, tiny_loaded  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
-DASHBOARD = DOCKER / "grafana" / "dashboards" / "ultrafastbert.json"
 PROVISIONING = DOCKER / "grafana" / "provisioning"
-RATE_INTERVAL = "30s"  # what the test substitutes for Grafana's $__rate_interval
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
 def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
-
-
-def dashboard_exprs() -> list[str]:
-    exprs = []
-    for panel in dashboard()["panels"]:
-        for target in panel.get("targets", []):
-            exprs.append(target["expr"])
-    return exprs
-
-
-def promql(expr: str) -> str:
-    return expr.replace("$__rate_interval", RATE_INTERVAL)
 
 
 def metric_names(expr: str) -> set[str]:
@@ -199,75 +178,20 @@ def test_every_dashboard_metric_exists_in_our_metrics(tiny_loaded: Any) -> None:
 # ------------------------------------------------------------------------------------------------ real Prometheus
 
 
-def _free_port() -> int:
-    from loadtest.servers import free_port
-
-    return free_port()
-
-
-@pytest.mark.skipif(shutil.which("prometheus") is None,
-                    reason="the prometheus binary is not installed (Debian: apt-get install -y prometheus)")
+@needs_prometheus
 def test_real_prometheus_evaluates_every_dashboard_expression(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from loadtest.runner import Workload, closed_loop
     from loadtest.servers import LocalServer
 
     with LocalServer(tiny_model_dir, log_path=tmp_path / "server.log") as srv:
-        prom_port = _free_port()
+        prom_port = free_port()
         cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
-        cfg["global"]["scrape_interval"] = cfg["global"]["evaluation_interval"] = "1s"
         for job in cfg["scrape_configs"]:
             target = f"127.0.0.1:{srv.port}" if job["job_name"] == "ufb" else f"127.0.0.1:{prom_port}"
             job["static_configs"] = [{"targets": [target]}]
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-        base = f"http://127.0.0.1:{prom_port}"
-        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
-        prom = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(base + "/-/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "prometheus not ready in 30 s"
-                time.sleep(0.2)
-
-            async def traffic() -> None:
-                async with httpx.AsyncClient(base_url=srv.url, timeout=10) as c:
-                    for _ in range(3):  # errors early, so their series have several scrapes
-                        assert (await c.post("/embed", json={"inputs": ""})).status_code == 400
-                        assert (await c.post("/embed", json={"inputs": ["x"] * 100})).status_code == 413
-                        await asyncio.sleep(1.0)
-                await closed_loop(srv.url, Workload(), concurrency=4, duration_s=6.0, warmup_s=0.0)
-
-            asyncio.run(traffic())
-            time.sleep(2.5)  # the last scrapes land
-
+        with running_prometheus(cfg, prom_port, tmp_path) as base:
+            drive_dashboard_traffic(srv.url, concurrency=4, timeout_s=10)
             targets = httpx.get(base + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
             ufb = [t for t in targets if t["labels"]["job"] == "ufb"]
             assert ufb and ufb[0]["health"] == "up", ufb
-            failures = []
-            for expr in dashboard_exprs():
-                r = httpx.get(base + "/api/v1/query", params={"query": promql(expr)}, timeout=10)
-                body = r.json()
-                if r.status_code != 200 or body.get("status") != "success":
-                    failures.append(f"{expr}: {body.get('error', r.text[:200])}")
-                    continue
-                result = body["data"]["result"]
-                values = [float(s["value"][1]) for s in result]
-                if not result:
-                    failures.append(f"{expr}: no data")
-                elif all(v != v for v in values):  # every value NaN
-                    failures.append(f"{expr}: only NaN")
+            failures = dashboard_failures(base)
             assert not failures, "\n".join(failures)
-        finally:
-            prom.terminate()
-            try:
-                prom.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                prom.kill()
-            log.close()
