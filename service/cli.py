@@ -94,8 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"ultrafastbert serve: invalid settings: {problems}", file=sys.stderr)
+        print(f"ultrafastbert serve: invalid settings: {_problems(exc)}", file=sys.stderr)
         return 2
     ray_requested = bool(args.ray) or os.environ.get("UFB_RAY", "").strip().lower() in ("1", "true", "yes", "on")
     if ray_requested or ray_overrides:
@@ -121,6 +120,11 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _problems(exc: Any, whole: str = "") -> str:
+    """A pydantic ValidationError as one line: ``field: message; ...`` (``whole`` names model-level errors)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or whole}: {e['msg']}" for e in exc.errors())
+
+
 def _run_serve_ray(settings: Any, ray_overrides: dict[str, Any], ray_requested: bool) -> int:
     """``serve --ray``: the replicas load the model, not this process; ray is imported only on this path."""
     import importlib.util
@@ -136,8 +140,7 @@ def _run_serve_ray(settings: Any, ray_overrides: dict[str, Any], ray_requested: 
     try:
         options = RayOptions(**ray_overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ray'}: {e['msg']}" for e in exc.errors())
-        print(f"ultrafastbert serve: invalid Ray options: {problems}", file=sys.stderr)
+        print(f"ultrafastbert serve: invalid Ray options: {_problems(exc, 'ray')}", file=sys.stderr)
         return 2
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         print("ultrafastbert serve --ray needs Ray Serve: pip install 'ultrafastbert-serve[ray]'", file=sys.stderr)

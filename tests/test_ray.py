@@ -130,6 +130,19 @@ def test_cli_serve_ray_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["serve", "--ray", "--ray-min-replicas", "3", "--ray-max-replicas", "2"]) == 2
 
 
+def test_cli_serve_names_the_bad_setting_in_one_line(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.cli import main
+
+    for var in [v for v in os.environ if v.startswith("UFB_")]:
+        monkeypatch.delenv(var)
+    assert main(["serve", "--max-batch-tokens", "0"]) == 2
+    assert main(["serve", "--ray", "--ray-replicas", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("ultrafastbert serve: invalid settings: max_batch_tokens: "), lines
+    assert lines[1].startswith("ultrafastbert serve: invalid Ray options: replicas: "), lines
+
+
 def test_cli_serve_ray_with_a_missing_model_fails_in_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UFB_", "RAY_ADDRESS"))}
     out = subprocess.run([sys.executable, "-m", "service", "serve", "--ray", "--model", str(tmp_path / "nope")],
