@@ -170,8 +170,8 @@ def split_by_length(lengths: Sequence[int], max_padding_ratio: float) -> list[li
     Why: a batch is padded to its longest input, and attention and the Q/K/V projections run on every padded
     position (the FFF layers skip padding). With realistic text lengths one padded batch was 3.5-4.5x its real
     tokens, which erased most of the FFF model's advantage under load (loadtest at concurrency 32: 1.43x the
-    dense model's requests/s before, 1.84x with this split, in the runs the README reports); a few forward passes over chunks of similar
-    length cost far less than one over all that padding.
+    dense model's requests/s before, 1.84x with this split, in the runs the README reports); a few forward
+    passes over chunks of similar length cost far less than one over all that padding.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     chunks: list[list[int]] = []

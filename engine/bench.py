@@ -66,13 +66,11 @@ def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) ->
     torch.manual_seed(0)
     width, depth = 768, 11
     fff = FFF(width, width, depth, trees=1).eval()
-    fff_bf16 = FFF(width, width, depth, trees=1, weight_dtype=torch.bfloat16).eval()
-    fff_bf16.load_state_dict(fff.state_dict())
-    fff_fp16 = FFF(width, width, depth, trees=1, weight_dtype=torch.float16).eval()
-    fff_fp16.load_state_dict(fff.state_dict())
-    w_in, b_in, w_out = fff.packed_weights()
-    w_in16, _, w_out16 = fff_bf16.packed_weights()
-    w_in_h, _, w_out_h = fff_fp16.packed_weights()
+    modules = {"fp32": fff}  # the same weights, packed in each kernel weight dtype
+    for tag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        modules[tag] = FFF(width, width, depth, trees=1, weight_dtype=dtype).eval()
+        modules[tag].load_state_dict(fff.state_dict())
+    packed = {tag: m.packed_weights() for tag, m in modules.items()}
     dense_in = torch.nn.Linear(width, C.n_nodes(depth))
     dense_out = torch.nn.Linear(C.n_nodes(depth), width)
     masked = FFF(width, width, depth, trees=1, impl="masked").eval()
@@ -88,16 +86,12 @@ def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) ->
         contenders: dict[str, Callable[[int], Any]] = {
             "dense": lambda i: dense_out(F.gelu(dense_in(pick(i)))),
             "masked": lambda i: masked(pick(i)),
-            "cmm_op_fp32": lambda i: torch.ops.ufb.cmm(pick(i), w_in, b_in, w_out, depth, False),
-            "cmm_op_bf16": lambda i: torch.ops.ufb.cmm(pick(i), w_in16, b_in, w_out16, depth, False),
-            "cmm_op_fp16": lambda i: torch.ops.ufb.cmm(pick(i), w_in_h, b_in, w_out_h, depth, False),
-            "fff_module_fp32": lambda i: fff(pick(i)),
-            "fff_module_bf16": lambda i: fff_bf16(pick(i)),
-            "fff_module_fp16": lambda i: fff_fp16(pick(i)),
         }
-        if not C.KERNEL.compiled:
-            for name in ("cmm_op_fp32", "cmm_op_bf16", "cmm_op_fp16"):
-                contenders.pop(name)
+        if C.KERNEL.compiled:
+            for tag, w in packed.items():
+                contenders[f"cmm_op_{tag}"] = lambda i, w=w: torch.ops.ufb.cmm(pick(i), *w, depth, False)
+        for tag, module in modules.items():
+            contenders[f"fff_module_{tag}"] = lambda i, m=module: m(pick(i))
         with torch.inference_mode():
             secs = measure(contenders, repeats, min_seconds if n <= 1024 else min_seconds * 2)
         row: dict[str, Any] = {"tokens": n}

@@ -30,7 +30,7 @@ from engine import cmm as cmm_ops
 IMPLS = ("kernel", "reference", "masked")
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
     """In-place modification counter; inference tensors (made under inference_mode) cannot change in place."""
     return -1 if t.is_inference() else t._version
 
@@ -119,7 +119,7 @@ class FFF(nn.Module):
         # microseconds, which matters when a whole FFF call on one token takes a few.
         lin_in, lin_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
         w, b, o = lin_in["weight"], lin_in["bias"], lin_out["weight"]
-        return (w.data_ptr(), _version(w), b.data_ptr(), _version(b), o.data_ptr(), _version(o),
+        return (w.data_ptr(), tensor_version(w), b.data_ptr(), tensor_version(b), o.data_ptr(), tensor_version(o),
                 self._weight_dtype)
 
     def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

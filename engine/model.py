@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.fff import FFF, _version
+from engine.fff import FFF, tensor_version
 
 
 # ---------------------------------------------------------------------------------------------------- embeddings
@@ -98,7 +98,7 @@ class SelfAttention(nn.Module):
         FFF model's cost. A copy, rebuilt when a parameter changes (in place or replaced), like the FFF's packed
         kernel weights; training keeps the three parameters (names match BERT checkpoints)."""
         params = [m._parameters[n] for m in (self.query, self.key, self.value) for n in ("weight", "bias")]
-        key = tuple((p.data_ptr(), _version(p)) for p in params)
+        key = tuple((p.data_ptr(), tensor_version(p)) for p in params)
         if self._fused is None or self._fused_key != key:
             with torch.no_grad():
                 self._fused = (torch.cat(params[0::2]), torch.cat(params[1::2]))

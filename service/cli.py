@@ -153,23 +153,15 @@ def _run_serve_ray(settings: Any, ray_overrides: dict[str, Any], ray_requested: 
 
 def _load(settings: Any) -> Any | None:
     """Load the model before binding the port: a broken folder should fail the start, loudly and briefly."""
-    path = Path(settings.model)
-    if not path.is_dir():
-        log.error("model folder %s does not exist (pass --model PATH or set UFB_MODEL)", path)
-        return None
-    import torch
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    from engine.checkpoint import CheckpointError, load_model
-    from service.state import DTYPES
+    from engine.checkpoint import CheckpointError
+    from service.state import load_from_settings
 
     try:
-        return load_model(path, weight_dtype=DTYPES[settings.weight_dtype])
+        return load_from_settings(settings)
     except CheckpointError as exc:
         log.error("cannot load model: %s", exc)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for anything else a folder can do
-        log.error("cannot load model from %s: %s: %s", path, type(exc).__name__, exc)
+        log.error("cannot load model from %s: %s: %s", settings.model, type(exc).__name__, exc)
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,21 @@ from service.settings import Settings
 log = logging.getLogger("service")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_from_settings(settings: Settings, *, hint: str = "pass --model PATH or set UFB_MODEL") -> Any:
+    """The model ``settings`` names, packed in their weight dtype, with torch's threads set first (packing runs
+    on them). Used where a process loads before it serves (the CLI, each Ray replica), so a broken folder fails
+    the start: a missing folder raises :class:`engine.checkpoint.CheckpointError` with ``hint`` on what to set.
+    """
+    from engine.checkpoint import CheckpointError, load_model
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    path = Path(settings.model)
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {path} does not exist ({hint})")
+    return load_model(path, weight_dtype=DTYPES[settings.weight_dtype])
 
 
 class Phase:

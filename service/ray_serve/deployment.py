@@ -34,7 +34,7 @@ from service.app import create_app
 from service.ray_serve import discovery
 from service.ray_serve.options import DEPLOYMENT_NAME, REPLICA_HEADER, TARGETS_PATH, RayOptions, split_args
 from service.settings import Settings
-from service.state import Phase
+from service.state import Phase, load_from_settings
 
 log = logging.getLogger("service.ray")
 
@@ -66,23 +66,6 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
-def load_for_replica(settings: Settings) -> Any:
-    """Load the model in the replica's constructor, so a broken folder fails the replica's start with one line
-    naming the problem (shown by ``serve status``) rather than a replica that never turns ready."""
-    import torch
-
-    from engine.checkpoint import load_model
-    from service.state import DTYPES
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    path = Path(settings.model)
-    if not path.is_dir():
-        raise RuntimeError(f"model folder {path} does not exist on this node (set the 'model' argument or "
-                           "UFB_MODEL to a folder present on every node)")
-    return load_model(path, weight_dtype=DTYPES[settings.weight_dtype])
-
-
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class UltraFastBERTReplica:
@@ -102,7 +85,10 @@ class UltraFastBERTReplica:
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") or 1.0
             resolved = resolved.model_copy(update={"torch_threads": max(1, int(cpus))})
         self.settings = resolved
-        self.loaded = load_for_replica(resolved)
+        # loaded here, not in the app's lifespan: a broken folder fails the replica's start with one line naming
+        # the problem (shown by `serve status`) rather than leaving a replica that never turns ready
+        self.loaded = load_from_settings(resolved, hint="on this node; set the 'model' argument or UFB_MODEL to a "
+                                                        "folder present on every node")
         self._state: Any = None
         self._metrics_server: discovery.MetricsServer | None = None
         self._registration: discovery.Registration | None = None
