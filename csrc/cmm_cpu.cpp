@@ -9,6 +9,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <string>
+
+#include <unistd.h>
 #include <vector>
 
 namespace ufb {
@@ -68,6 +71,13 @@ inline void prefetch_head(const void* p) {
   const char* c = static_cast<const char*>(p);
   _mm_prefetch(c, _MM_HINT_T0);
   _mm_prefetch(c + kLine, _MM_HINT_T0);
+}
+
+// Fetches a whole row into L2: for rows read in an order no hardware prefetcher can guess (the suffix pass
+// gathers the x rows of sorted tokens).
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += kLine) _mm_prefetch(c + o, _MM_HINT_T1);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -133,28 +143,6 @@ inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
-}
-
-template <class W>
-float dot(const float* x, const W* w, int64_t d) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  int64_t j = 0;
-  for (; j + 64 <= d; j += 64) {
-    a0 = _mm256_fmadd_ps(load8(x + j), load8(w + j), a0);
-    a1 = _mm256_fmadd_ps(load8(x + j + 8), load8(w + j + 8), a1);
-    a2 = _mm256_fmadd_ps(load8(x + j + 16), load8(w + j + 16), a2);
-    a3 = _mm256_fmadd_ps(load8(x + j + 24), load8(w + j + 24), a3);
-    a4 = _mm256_fmadd_ps(load8(x + j + 32), load8(w + j + 32), a4);
-    a5 = _mm256_fmadd_ps(load8(x + j + 40), load8(w + j + 40), a5);
-    a6 = _mm256_fmadd_ps(load8(x + j + 48), load8(w + j + 48), a6);
-    a7 = _mm256_fmadd_ps(load8(x + j + 56), load8(w + j + 56), a7);
-  }
-  for (; j + 8 <= d; j += 8) a0 = _mm256_fmadd_ps(load8(x + j), load8(w + j), a0);
-  a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-  a4 = _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7));
-  float s = hsum(_mm256_add_ps(a0, a4));
-  for (; j < d; ++j) s += x[j] * to_float(w[j]);
-  return s;
 }
 
 // M dot products at once, each over its own (x, w) pair: M weight rows stream in parallel.
@@ -239,7 +227,109 @@ void weighted_rows(float* y, const float* c, const W* const* rows, int64_t n_row
 }  // namespace avx2
 #pragma GCC pop_options
 
-std::atomic<bool> g_force_portable{false};
+// ---------------------------------------------------------------------------------------------------
+// AVX-512 path (Intel from Skylake-SP, AMD from Zen 4): the AVX2 path's loops at twice the width. On a CPU with
+// two 512-bit FMA units this halves the instructions per row, which is what the hot-row case is bound by.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+namespace avx512 {
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+inline __m512 load16(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int M, class W>
+void dots_m(const float* const* xs, const W* const* ws, int64_t d, float* out) {
+  __m512 a[M], b[M];
+  for (int u = 0; u < M; ++u) a[u] = b[u] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    for (int u = 0; u < M; ++u) {
+      a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(xs[u] + j), load16(ws[u] + j), a[u]);
+      b[u] = _mm512_fmadd_ps(_mm512_loadu_ps(xs[u] + j + 16), load16(ws[u] + j + 16), b[u]);
+    }
+  }
+  for (; j + 16 <= d; j += 16)
+    for (int u = 0; u < M; ++u) a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(xs[u] + j), load16(ws[u] + j), a[u]);
+  for (int u = 0; u < M; ++u) {
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a[u], b[u]));
+    for (int64_t r = j; r < d; ++r) s += xs[u][r] * to_float(ws[u][r]);
+    out[u] = s;
+  }
+}
+
+template <class W>
+void dots(int64_t m, const float* const* xs, const W* const* ws, int64_t d, float* out) {
+  switch (m) {
+    case 4: dots_m<4>(xs, ws, d, out); break;
+    case 3: dots_m<3>(xs, ws, d, out); break;
+    case 2: dots_m<2>(xs, ws, d, out); break;
+    default: dots_m<1>(xs, ws, d, out); break;
+  }
+}
+
+template <class W>
+void weighted_rows(float* y, const float* c, const W* const* rows, int64_t n_rows, int64_t d) {
+  int64_t j = 0;
+  for (; j + 64 <= d; j += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t l = 0;
+    for (; l + 2 <= n_rows; l += 2) {
+      const W* r = rows[l] + j;
+      const W* s = rows[l + 1] + j;
+      const __m512 cr = _mm512_set1_ps(c[l]);
+      const __m512 cs = _mm512_set1_ps(c[l + 1]);
+      a0 = _mm512_fmadd_ps(cr, load16(r), a0);
+      a1 = _mm512_fmadd_ps(cr, load16(r + 16), a1);
+      a2 = _mm512_fmadd_ps(cr, load16(r + 32), a2);
+      a3 = _mm512_fmadd_ps(cr, load16(r + 48), a3);
+      b0 = _mm512_fmadd_ps(cs, load16(s), b0);
+      b1 = _mm512_fmadd_ps(cs, load16(s + 16), b1);
+      b2 = _mm512_fmadd_ps(cs, load16(s + 32), b2);
+      b3 = _mm512_fmadd_ps(cs, load16(s + 48), b3);
+    }
+    if (l < n_rows) {
+      const W* r = rows[l] + j;
+      const __m512 cr = _mm512_set1_ps(c[l]);
+      a0 = _mm512_fmadd_ps(cr, load16(r), a0);
+      a1 = _mm512_fmadd_ps(cr, load16(r + 16), a1);
+      a2 = _mm512_fmadd_ps(cr, load16(r + 32), a2);
+      a3 = _mm512_fmadd_ps(cr, load16(r + 48), a3);
+    }
+    _mm512_storeu_ps(y + j, _mm512_add_ps(a0, b0));
+    _mm512_storeu_ps(y + j + 16, _mm512_add_ps(a1, b1));
+    _mm512_storeu_ps(y + j + 32, _mm512_add_ps(a2, b2));
+    _mm512_storeu_ps(y + j + 48, _mm512_add_ps(a3, b3));
+  }
+  for (; j + 16 <= d; j += 16) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t l = 0; l < n_rows; ++l) a = _mm512_fmadd_ps(_mm512_set1_ps(c[l]), load16(rows[l] + j), a);
+    _mm512_storeu_ps(y + j, a);
+  }
+  for (; j < d; ++j) {
+    float s = 0.0f;
+    for (int64_t l = 0; l < n_rows; ++l) s += c[l] * to_float(rows[l][j]);
+    y[j] = s;
+  }
+}
+
+#include "cmm_driver.inc"
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+enum class Path { kAuto, kAvx512, kAvx2, kPortable };
+std::atomic<Path> g_forced_path{Path::kAuto};
+
+bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+  return yes;
+}
 
 bool have_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -251,22 +341,88 @@ bool have_f16c() {
   return yes;
 }
 
-}  // namespace
+// The widest path this CPU runs, unless a test or the benchmark pinned a narrower one. float16 weights need F16C
+// on the AVX2 path; no AVX2 CPU without it is known, but then they take the portable path.
+Path path_for(const CmmProblem& p) {
+  const Path forced = g_forced_path.load(std::memory_order_relaxed);
+  if (forced == Path::kPortable) return Path::kPortable;
+  if (forced != Path::kAvx2 && have_avx512()) return Path::kAvx512;
+  if (have_avx2() && (p.wtype != WeightType::kFloat16 || have_f16c())) return Path::kAvx2;
+  return Path::kPortable;
+}
 
-void cmm_range(const CmmProblem& p, int64_t begin, int64_t end) {
-  if (have_avx2() && !g_force_portable.load(std::memory_order_relaxed) &&
-      (p.wtype != WeightType::kFloat16 || have_f16c())) {
-    avx2::run(p, begin, end);
-  } else {
-    portable::run(p, begin, end);
+// pass: 0 whole descent, 1 prefix, 2 suffix (each ISA namespace has its own copy of the Pass enum).
+void run_on_path(const CmmProblem& p, const CmmSplit* s, int pass, int64_t begin, int64_t end) {
+  switch (path_for(p)) {
+    case Path::kAvx512: avx512::run(p, s, static_cast<avx512::Pass>(pass), begin, end); break;
+    case Path::kAvx2: avx2::run(p, s, static_cast<avx2::Pass>(pass), begin, end); break;
+    default: portable::run(p, s, static_cast<portable::Pass>(pass), begin, end); break;
   }
 }
 
-const char* cmm_cpu_path() {
-  if (!have_avx2() || g_force_portable.load()) return "portable";
-  return have_f16c() ? "avx2-fma" : "avx2-fma (float16 weights: portable)";
+std::atomic<int64_t> g_force_split{-1};
+
+}  // namespace
+
+void cmm_range(const CmmProblem& p, int64_t begin, int64_t end) { run_on_path(p, nullptr, 0, begin, end); }
+
+void cmm_prefix(const CmmProblem& p, const CmmSplit& s, int64_t begin, int64_t end) {
+  run_on_path(p, &s, 1, begin, end);
 }
 
-void cmm_force_portable(bool on) { g_force_portable.store(on); }
+void cmm_suffix(const CmmProblem& p, const CmmSplit& s, int64_t begin, int64_t end) {
+  run_on_path(p, &s, 2, begin, end);
+}
+
+void cmm_sort_tokens(const CmmProblem& p, const CmmSplit& s) {
+  const int64_t first = (int64_t(1) << s.split) - 1;  // heap index of the first node at level `split`
+  std::vector<int64_t> start(size_t(first) + 2, 0);
+  for (int64_t t = 0; t < p.n; ++t) ++start[s.node[t * p.trees] - first + 1];
+  for (int64_t b = 1; b <= first + 1; ++b) start[b] += start[b - 1];
+  for (int64_t t = 0; t < p.n; ++t) s.order[start[s.node[t * p.trees] - first]++] = t;
+}
+
+int64_t cmm_split_level(const CmmProblem& p) {
+  const int64_t forced = g_force_split.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced >= 1 && forced <= p.depth ? forced : 0;
+  if (p.trees != 1) return 0;  // tokens are sorted by one tree's route; the shipped K > 1 models fit L2 anyway
+  const int64_t bytes = p.wtype == WeightType::kFloat32 ? 4 : 2;
+  const int64_t row_pair = (p.d_in + p.d_out) * bytes;  // one node's w_in and w_out rows
+  // Half of this core's L2 for the subtree's rows (the x rows and y of the bucket need the rest).
+  static const int64_t l2_budget = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return int64_t(l2 > 0 ? l2 : 512 * 1024) / 2;
+  }();
+  constexpr int64_t kMinTokensPerBucket = 8;
+  // Sorting pays only when the whole tree does not already sit in L2.
+  if (((int64_t(2) << p.depth) - 1) * row_pair <= l2_budget) return 0;
+  // The shallowest split whose subtrees fit the budget ...
+  int64_t split = 1;
+  while (split < p.depth && ((int64_t(2) << (p.depth - split)) - 1) * row_pair > l2_budget) ++split;
+  // ... provided its buckets still hold enough tokens to share their rows.
+  return (p.n >> split) >= kMinTokensPerBucket ? split : 0;
+}
+
+void cmm_force_split(int64_t split) { g_force_split.store(split); }
+
+const char* cmm_cpu_path() {
+  CmmProblem fp16{};
+  fp16.wtype = WeightType::kFloat16;
+  switch (path_for(fp16)) {
+    case Path::kAvx512: return "avx512";
+    case Path::kAvx2: return "avx2-fma";
+    default: break;
+  }
+  CmmProblem fp32{};
+  return path_for(fp32) == Path::kAvx2 ? "avx2-fma (float16 weights: portable)" : "portable";
+}
+
+bool cmm_force_path(const std::string& name) {
+  if (name == "auto") g_forced_path.store(Path::kAuto);
+  else if (name == "avx2") g_forced_path.store(Path::kAvx2);
+  else if (name == "portable") g_forced_path.store(Path::kPortable);
+  else return false;
+  return true;
+}
 
 }  // namespace ufb

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace ufb {
 
@@ -33,11 +34,33 @@ struct CmmProblem {
 // Runs the problem on the calling thread for tokens [begin, end).
 void cmm_range(const CmmProblem& p, int64_t begin, int64_t end);
 
-// Name of the instruction-set path chosen at run time ("avx2-fma" or "portable"). float16 weights need F16C
-// as well; on an AVX2 CPU without it (none known) they take the portable path, and the name says so.
+// The two-pass descent for large batches (why: cmm_driver.inc). The caller owns the scratch and the threads:
+// cmm_prefix over all tokens, then cmm_sort_tokens, then cmm_suffix over all positions of `order`.
+struct CmmSplit {
+  int64_t split;         // levels descended by the prefix pass, in [1, depth]
+  float* pre;            // [n, trees, split]: the prefix's pre-activations
+  int32_t* node;         // [n, trees]: heap index, within its tree, of the node reached at level `split`
+  int64_t* order;        // [n]: tokens sorted by tree 0's node at level `split` (written by cmm_sort_tokens)
+};
+
+// The split level worth taking for this problem (0: one pass is faster). Chosen so that one subtree below the
+// split fits in L2 and holds enough tokens to share its rows (measured, README "Kernel design").
+int64_t cmm_split_level(const CmmProblem& p);
+
+// Tests and the benchmark pin the choice: -1 = automatic (the default), 0 = always one pass, s > 0 = split at s
+// whenever 1 <= s <= depth.
+void cmm_force_split(int64_t split);
+
+void cmm_prefix(const CmmProblem& p, const CmmSplit& s, int64_t begin, int64_t end);
+void cmm_sort_tokens(const CmmProblem& p, const CmmSplit& s);  // stable counting sort, O(n + 2^split)
+void cmm_suffix(const CmmProblem& p, const CmmSplit& s, int64_t begin, int64_t end);
+
+// Name of the instruction-set path chosen at run time ("avx512", "avx2-fma" or "portable"). float16 weights need
+// F16C as well; on an AVX2 CPU without it (none known) they take the portable path, and the name says so.
 const char* cmm_cpu_path();
 
-// Forces the portable path (tests use it to check both paths on machines that have AVX2).
-void cmm_force_portable(bool on);
+// Caps the path at "avx2" or "portable", or restores "auto" (tests check every path this CPU can run; the
+// benchmark compares them). Returns false for an unknown name.
+bool cmm_force_path(const std::string& name);
 
 }  // namespace ufb

@@ -61,7 +61,17 @@ std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Ten
   p.y = y.data_ptr<float>();
   p.leaves = return_leaves ? leaves.data_ptr<int64_t>() : nullptr;
 
-  if (n < 2 * kGrain) {
+  const int64_t split = ufb::cmm_split_level(p);
+  if (split > 0) {
+    // Large batch: descend the top `split` levels, sort tokens by the subtree they entered, finish in that order.
+    at::Tensor pre = at::empty({n * trees * split}, x.options());
+    at::Tensor node = at::empty({n * trees}, x.options().dtype(at::kInt));
+    at::Tensor order = at::empty({n}, x.options().dtype(at::kLong));
+    const ufb::CmmSplit s{split, pre.data_ptr<float>(), node.data_ptr<int32_t>(), order.data_ptr<int64_t>()};
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_prefix(p, s, begin, end); });
+    ufb::cmm_sort_tokens(p, s);
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_suffix(p, s, begin, end); });
+  } else if (n < 2 * kGrain) {
     ufb::cmm_range(p, 0, n);
   } else {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_range(p, begin, end); });
@@ -80,5 +90,16 @@ TORCH_LIBRARY_IMPL(ufb, CPU, m) { m.impl("cmm", &cmm_cpu); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "UltraFastBERT conditional matrix multiplication kernels (registers torch.ops.ufb.*)";
   m.def("cpu_path", &ufb::cmm_cpu_path, "instruction-set path the CPU kernel uses");
-  m.def("force_portable", &ufb::cmm_force_portable, "use the portable path even where AVX2 exists (tests)");
+  // The same function as torch.ops.ufb.cmm, bound without the dispatcher: calling a custom op from Python
+  // costs about 6 µs of schema matching and boxing, more than the kernel itself on one token (README
+  // "Kernel design"). engine.cmm uses this binding in eager mode and the op under torch.compile.
+  m.def("cmm_eager", &cmm_cpu, "ufb::cmm without the dispatcher (eager calls)");
+  m.def(
+      "force_path",
+      [](const std::string& name) {
+        TORCH_CHECK(ufb::cmm_force_path(name), "force_path: expected 'auto', 'avx2' or 'portable', got '", name, "'");
+      },
+      "cap the instruction-set path at 'avx2' or 'portable', or restore 'auto' (tests, benchmark)");
+  m.def("force_split", &ufb::cmm_force_split,
+        "pin the two-pass split level: -1 automatic (default), 0 one pass, s > 0 split at s (tests, benchmark)");
 }

@@ -89,7 +89,7 @@ def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) ->
         }
         if C.KERNEL.compiled:
             for tag, w in packed.items():
-                contenders[f"cmm_op_{tag}"] = lambda i, w=w: torch.ops.ufb.cmm(pick(i), *w, depth, False)
+                contenders[f"cmm_op_{tag}"] = lambda i, w=w: C.cmm(pick(i), *w, depth)
         for tag, module in modules.items():
             contenders[f"fff_module_{tag}"] = lambda i, m=module: m(pick(i))
         with torch.inference_mode():
@@ -133,10 +133,10 @@ def bench_anatomy(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
                 w = fff.packed_weights()
                 random_x = [torch.randn(n, width) for _ in range(2)]
                 cases[f"depth{depth}_random"] = (lambda i, w=w, d=depth, xs=random_x:
-                                                 torch.ops.ufb.cmm(xs[i % 2], *w, d, False))
+                                                 C.cmm(xs[i % 2], *w, d))
                 if depth == 11:
                     same_x = torch.randn(1, width).expand(n, width).contiguous()
-                    cases["depth11_one_path"] = lambda i, w=w, x=same_x: torch.ops.ufb.cmm(x, *w, 11, False)
+                    cases["depth11_one_path"] = lambda i, w=w, x=same_x: C.cmm(x, *w, 11)
             with torch.inference_mode():
                 secs = measure(cases, repeats, min_seconds)
             row = {"weights": str(dtype).replace("torch.", ""), "tokens": n, "threads": 1}
@@ -146,6 +146,54 @@ def bench_anatomy(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
                   flush=True)
     finally:
         torch.set_num_threads(threads)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ kernel variants
+
+
+def _pinned(path: str = "auto", split: int = -1) -> Callable[[Callable[[], Any]], Any]:
+    """Runs a call with the kernel's instruction-set path and split level pinned, then unpins them."""
+    from engine import _cmm
+
+    def run(call: Callable[[], Any]) -> Any:
+        _cmm.force_path(path)
+        _cmm.force_split(split)
+        try:
+            return call()
+        finally:
+            _cmm.force_path("auto")
+            _cmm.force_split(-1)
+
+    return run
+
+
+def bench_variants(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
+    """What each kernel choice buys, side by side on the FF layer's shape: the default (widest instruction set,
+    two-pass descent where chosen, direct binding) against the same call with one choice undone."""
+    torch.manual_seed(0)
+    width, depth = 768, 11
+    rows = []
+    for dtype in (torch.float32, torch.float16):
+        w = FFF(width, width, depth, trees=1, weight_dtype=dtype).eval().packed_weights()
+        for n in (1, 128, 1024, 8192):
+            xs = [torch.randn(n, width) for _ in range(2)]
+            one_pass, avx2 = _pinned(split=0), _pinned(path="avx2")
+            cases: dict[str, Callable[[int], Any]] = {
+                "default": lambda i, x=xs: C.cmm(x[i % 2], *w, depth),
+                "one_pass": lambda i, x=xs: one_pass(lambda: C.cmm(x[i % 2], *w, depth)),
+                "avx2": lambda i, x=xs: avx2(lambda: C.cmm(x[i % 2], *w, depth)),
+                "dispatcher": lambda i, x=xs: torch.ops.ufb.cmm.default(x[i % 2], *w, depth, False),
+            }
+            with torch.inference_mode():
+                secs = measure(cases, repeats, min_seconds)
+            row: dict[str, Any] = {"weights": str(dtype).replace("torch.", ""), "tokens": n}
+            row.update({f"{k}_us_per_token": v / n * 1e6 for k, v in secs.items()})
+            row.update({f"default_vs_{k}": v / secs["default"] for k, v in secs.items() if k != "default"})
+            rows.append(row)
+            print(f"  {row['weights']:>8} tokens={n:>5}  default={row['default_us_per_token']:.3f} us/token;  "
+                  + "  ".join(f"vs {k}: {row['default_vs_' + k]:.2f}x" for k in cases if k != "default"),
+                  flush=True)
     return rows
 
 
@@ -219,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--min-seconds", type=float, default=0.2, help="minimum time of one repeat")
-    parser.add_argument("--only", choices=("ff", "anatomy", "encoder"), default=None)
+    parser.add_argument("--only", choices=("ff", "anatomy", "variants", "encoder"), default=None)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -235,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "anatomy") and C.KERNEL.compiled and not args.quick:
         print("Kernel anatomy: ns per token, one thread, 1024 tokens (one path = rows hot in cache)")
         result["anatomy"] = bench_anatomy(repeats, args.min_seconds)
+    if args.only in (None, "variants") and C.KERNEL.compiled and not args.quick:
+        print(f"Kernel variants: the default ({C.KERNEL.name}) vs one choice undone (ratios > 1: the choice pays)")
+        result["variants"] = bench_variants(repeats, args.min_seconds)
     if args.only in (None, "encoder"):
         print("Whole encoder, UltraFastBERT-1x11 shape (16 layers, hidden 768)")
         result["encoder"] = bench_encoder(shapes, max(3, repeats // 2), args.min_seconds)

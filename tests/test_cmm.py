@@ -65,7 +65,7 @@ def check_against_reference(x, w_in, b_in, w_out, depth, tol=FP32_TOL):
 @pytest.mark.parametrize("n", [0, 1, 7, 128, 1031])
 @pytest.mark.parametrize("depth", [0, 1, 5, 11])
 @pytest.mark.parametrize("trees", [1, 4])
-def test_tokens_depths_trees(n: int, depth: int, trees: int) -> None:
+def test_tokens_depths_trees(n: int, depth: int, trees: int, isa: str) -> None:
     if depth == 11 and trees == 4 and n > 128:
         n = 300  # keeps the reference's gathers small; the kernel path is the same
     check_against_reference(*make_problem(n, 384, 384, depth, trees, seed=n + 17 * depth + trees), depth)
@@ -73,16 +73,16 @@ def test_tokens_depths_trees(n: int, depth: int, trees: int) -> None:
 
 @pytest.mark.parametrize("d_in,d_out", [(64, 64), (768, 768), (65, 33), (1, 7), (97, 768), (768, 100)])
 @pytest.mark.parametrize("n", [1, 7, 200])
-def test_widths(d_in: int, d_out: int, n: int) -> None:
+def test_widths(d_in: int, d_out: int, n: int, isa: str) -> None:
     check_against_reference(*make_problem(n, d_in, d_out, 5, 2, seed=d_in * 31 + d_out + n), 5)
 
 
 @pytest.mark.parametrize("n", [1, 64, 1000])
-def test_random_float_data(n: int) -> None:
+def test_random_float_data(n: int, isa: str) -> None:
     check_against_reference(*make_problem(n, 768, 768, 11, 1, seed=n, exact=False), 11)
 
 
-def test_exact_zero_preactivation_goes_left() -> None:
+def test_exact_zero_preactivation_goes_left(isa: str) -> None:
     depth, d = 3, 16
     nodes = C.n_nodes(depth)
     x = torch.zeros(3, d)
@@ -108,7 +108,7 @@ def test_dyadic_data_really_has_ties() -> None:
     assert (pre == 0).sum().item() > 0
 
 
-def test_non_contiguous_inputs() -> None:
+def test_non_contiguous_inputs(isa: str) -> None:
     x, w_in, b_in, w_out = make_problem(130, 96, 40, 5, 2, seed=3)
     wide = torch.zeros(130, 200)
     wide[:, 7:103] = x
@@ -118,7 +118,7 @@ def test_non_contiguous_inputs() -> None:
 
 
 @pytest.mark.parametrize("n,depth,trees", [(1, 11, 1), (200, 5, 4), (1000, 11, 1), (33, 0, 1)])
-def test_bf16_weights_equal_reference_on_same_weights(n: int, depth: int, trees: int) -> None:
+def test_bf16_weights_equal_reference_on_same_weights(n: int, depth: int, trees: int, isa: str) -> None:
     x, w_in, b_in, w_out = make_problem(n, 768, 768, depth, trees, seed=5)
     # Dyadic w_in (multiples of 1/16) is exact in bf16, so routing is exact; w_out gets rounded.
     check_against_reference(x, w_in.bfloat16(), b_in, w_out.bfloat16(), depth)
@@ -137,18 +137,29 @@ def test_bf16_bound_against_float32_weights() -> None:
 # ---------------------------------------------------------------------------------------------------- float16
 
 
-@pytest.fixture(params=["native", "portable"])
-def isa(request: pytest.FixtureRequest):
-    """Runs a test on the path this CPU picks (AVX2 + F16C here) and again on the portable path."""
+def _available_paths() -> list[str]:
+    """Every instruction-set path this CPU runs: the widest ("native"), AVX2 below it, and portable."""
+    if not C.KERNEL.compiled:
+        return ["native"]
     from engine import _cmm
 
-    _cmm.force_portable(request.param == "portable")
+    native = _cmm.cpu_path()
+    return ["native"] + (["avx2"] if native == "avx512" else []) + (["portable"] if native != "portable" else [])
+
+
+@pytest.fixture(params=_available_paths())
+def isa(request: pytest.FixtureRequest):
+    """Runs a test on the path this CPU picks (AVX-512 or AVX2 here) and again on each narrower path."""
+    from engine import _cmm
+
+    if request.param != "native":
+        _cmm.force_path(request.param)
     try:
-        if request.param == "portable":
-            assert _cmm.cpu_path() == "portable"
+        if request.param != "native":
+            assert _cmm.cpu_path().startswith(request.param)
         yield request.param
     finally:
-        _cmm.force_portable(False)
+        _cmm.force_path("auto")
 
 
 def half(x, w_in, b_in, w_out):
@@ -276,17 +287,18 @@ def test_fff_module_fp16_weights() -> None:
     assert fff.weight_dtype == torch.float32
 
 
-def test_portable_path_equals_reference() -> None:
+def test_every_path_equals_reference(isa: str) -> None:
+    check_against_reference(*make_problem(300, 97, 64, 5, 4, seed=11), 5)
+    x, w_in, b_in, w_out = make_problem(50, 768, 768, 11, 1, seed=12)
+    check_against_reference(x, w_in.bfloat16(), b_in, w_out.bfloat16(), 11)
+    check_against_reference(*make_problem(1031, 768, 384, 11, 1, seed=13), 11)
+
+
+def test_force_path_rejects_unknown_names() -> None:
     from engine import _cmm
 
-    _cmm.force_portable(True)
-    try:
-        assert _cmm.cpu_path() == "portable"
-        check_against_reference(*make_problem(300, 97, 64, 5, 4, seed=11), 5)
-        x, w_in, b_in, w_out = make_problem(50, 768, 768, 11, 1, seed=12)
-        check_against_reference(x, w_in.bfloat16(), b_in, w_out.bfloat16(), 11)
-    finally:
-        _cmm.force_portable(False)
+    with pytest.raises(RuntimeError, match="expected 'auto', 'avx2' or 'portable'"):
+        _cmm.force_path("sse9")
 
 
 def test_leaves_only_on_request_and_threads_agree() -> None:
@@ -308,11 +320,24 @@ def test_inference_mode_and_torch_compile() -> None:
         y_inf, _ = C.cmm(x, w_in, b_in, w_out, 3)
 
     def ffn(t: torch.Tensor) -> torch.Tensor:
-        y, _ = torch.ops.ufb.cmm(t * 1.0, w_in, b_in, w_out, 3, False)
+        y, _ = C.cmm(t * 1.0, w_in, b_in, w_out, 3)  # traced: takes the custom op, not the eager binding
         return y + 1.0
 
     compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x), y_inf + 1.0, atol=FP32_TOL)
+
+
+def test_eager_binding_equals_the_custom_op() -> None:
+    """Eager calls use a direct binding of the op's C++ function; both must give the same bits."""
+    from engine import _cmm
+
+    for n, depth, trees in [(0, 3, 1), (1, 11, 1), (77, 5, 4), (1500, 11, 1)]:
+        x, w_in, b_in, w_out = make_problem(n, 768 if depth == 11 else 96, 64, depth, trees, seed=n)
+        y_op, leaves_op = torch.ops.ufb.cmm(x, w_in, b_in, w_out, depth, True)
+        y_eager, leaves_eager = _cmm.cmm_eager(x, w_in, b_in, w_out, depth, True)
+        assert torch.equal(y_op, y_eager) and torch.equal(leaves_op, leaves_eager)
+    with pytest.raises(RuntimeError, match="width"):
+        _cmm.cmm_eager(x[:, :5], w_in, b_in, w_out, depth, False)
 
 
 @pytest.mark.parametrize(
@@ -350,3 +375,50 @@ def test_pack_fff_weights_layout() -> None:
     assert torch.equal(w_out[1, 4], lin_out_w[:, nodes + 4].half()) and w_out.is_contiguous()
     with pytest.raises(ValueError, match="weight dtype"):
         C.pack_fff_weights(lin_in_w, lin_in_b, lin_out_w, trees, torch.float64)
+
+
+@pytest.fixture
+def pinned_split():
+    """Pins the two-pass descent's split level for one test (-1, automatic, again afterwards)."""
+    from engine import _cmm
+
+    try:
+        yield _cmm.force_split
+    finally:
+        _cmm.force_split(-1)
+
+
+@pytest.mark.parametrize("n,depth,trees", [(1, 1, 1), (7, 5, 4), (128, 5, 1), (1031, 11, 1), (4099, 11, 1),
+                                           (300, 7, 2), (2000, 3, 1)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_pass_descent_is_bit_identical_to_one_pass(n: int, depth: int, trees: int, wdtype: torch.dtype,
+                                                      isa: str, pinned_split) -> None:
+    """Large batches descend in two passes with the tokens re-ordered in between: every split level must give
+    the one-pass result exactly (each token's sums are formed in the same order), routing included."""
+    x, w_in, b_in, w_out = make_problem(n, 96, 40, depth, trees, seed=n + depth)
+    w_in, w_out = w_in.to(wdtype), w_out.to(wdtype)
+    pinned_split(0)
+    y_one, leaves_one = C.cmm(x, w_in, b_in, w_out, depth, return_leaves=True)
+    if wdtype == torch.float32:
+        check_against_reference(x, w_in, b_in, w_out, depth)
+    for split in sorted({1, max(1, depth // 2), depth}):
+        pinned_split(split)
+        y, leaves = C.cmm(x, w_in, b_in, w_out, depth, return_leaves=True)
+        assert torch.equal(leaves, leaves_one), f"split {split}: routing differs"
+        assert torch.equal(y, y_one), f"split {split}: output differs from the one-pass descent"
+
+
+def test_two_pass_descent_on_real_widths_and_strided_input(pinned_split) -> None:
+    x, w_in, b_in, w_out = make_problem(3000, 768, 768, 11, 1, seed=31, exact=False)
+    wide = torch.cat([x, torch.ones(3000, 5)], dim=1)[:, :768]  # rows strided, elements adjacent
+    pinned_split(6)
+    y_split, _ = C.cmm(wide, w_in, b_in, w_out, 11)
+    y_ref, _ = C.cmm_reference(x, w_in, b_in, w_out, 11)
+    assert (y_split - y_ref).abs().max().item() <= FP32_TOL
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y_one_thread, _ = C.cmm(wide, w_in, b_in, w_out, 11)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y_split, y_one_thread)
