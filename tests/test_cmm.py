@@ -422,3 +422,16 @@ def test_two_pass_descent_on_real_widths_and_strided_input(pinned_split) -> None
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(y_split, y_one_thread)
+
+
+def test_gelu_of_every_path_is_accurate(isa: str) -> None:
+    """The vector paths approximate erf (Abramowitz & Stegun 7.1.26, as torch's vectorised CPU GELU does);
+    one node with unit weights exposes GELU(a) itself, checked against float64 on a fine grid and extremes."""
+    a = torch.cat([torch.linspace(-12, 12, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4, 3e38, -3e38])])
+    one = torch.ones(1, 1, 1)
+    y, _ = C.cmm(a.unsqueeze(1), one, torch.zeros(1, 1), one, 0)
+    exact = torch.nn.functional.gelu(a.double())
+    # erf's absolute error <= 1.5e-7 becomes <= 0.75e-7 * |a| in GELU(a) = a / 2 * (1 + erf(a / sqrt 2)); with
+    # float32 evaluation the worst seen is 1.7e-7 * max(1, |a|), about 2 ulp: the bound is 3e-7 * max(1, |a|).
+    err = (y.squeeze(1).double() - exact).abs() / a.double().abs().clamp(min=1.0)
+    assert err.max().item() <= 3e-7, f"worst error {err.max().item():.3g} (scaled) at a = {a[err.argmax()].item()}"
