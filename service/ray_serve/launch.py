@@ -35,6 +35,9 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
 
     # a local cluster started here inherits this, so its proxies answer a dead replica's requests with JSON 502
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+    # Serve gives a new proxy 3 readiness checks of 5 s; on a busy 2-core machine its start-up took longer and
+    # `serve.start` failed (seen in the test suite while a distillation ran). A local cluster inherits this.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if not ray.is_initialized():
         ray.init(address=options.address, namespace="ultrafastbert")
     log.info("Ray cluster at %s", ray.get_runtime_context().gcs_address)
