@@ -26,13 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import cmm as cmm_ops
+from engine.derived import Derived
 
 IMPLS = ("kernel", "reference", "masked")
-
-
-def tensor_version(t: torch.Tensor) -> int:
-    """In-place modification counter; inference tensors (made under inference_mode) cannot change in place."""
-    return -1 if t.is_inference() else t._version
 
 
 class FFF(nn.Module):
@@ -52,6 +48,7 @@ class FFF(nn.Module):
         super().__init__()
         self.d_in, self.d_out, self.depth, self.trees = d_in, d_out, depth, trees
         self.n_nodes = cmm_ops.n_nodes(depth)
+        self._packed: Derived[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = Derived()
         self.linear_in = nn.Linear(d_in, trees * self.n_nodes, bias=True)
         self.linear_out = nn.Linear(trees * self.n_nodes, d_out, bias=bias_out)
         self.reset_parameters()
@@ -59,8 +56,6 @@ class FFF(nn.Module):
         self.weight_dtype = weight_dtype
         self.record_leaves = False
         self.last_leaves: torch.Tensor | None = None
-        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._packed_key: tuple | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -111,29 +106,17 @@ class FFF(nn.Module):
 
     def invalidate(self) -> None:
         """Drop the packed kernel weights; they are rebuilt on the next inference call."""
-        self._packed = None
-        self._packed_key = None
-
-    def _params_key(self) -> tuple:
-        # On the per-call path: reads the parameter dicts directly, since nn.Module attribute lookup costs
-        # microseconds, which matters when a whole FFF call on one token takes a few.
-        lin_in, lin_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
-        w, b, o = lin_in["weight"], lin_in["bias"], lin_out["weight"]
-        return (w.data_ptr(), tensor_version(w), b.data_ptr(), tensor_version(b), o.data_ptr(), tensor_version(o),
-                self._weight_dtype)
+        self._packed.clear()
 
     def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kernel-layout weights, repacked only when a parameter changed (in place or replaced).
-
-        Not locked: two threads may both repack after a change, which wastes work but is harmless (same result).
-        """
-        key = self._params_key()
-        if self._packed is None or self._packed_key != key:
-            self._packed = cmm_ops.pack_fff_weights(
-                self.linear_in.weight, self.linear_in.bias, self.linear_out.weight, self.trees, self.weight_dtype
-            )
-            self._packed_key = key
-        return self._packed
+        """Kernel-layout weights, repacked only when a parameter changed (in place or replaced)."""
+        # The parameter dicts are read directly: nn.Module attribute lookup costs microseconds, which matters
+        # when a whole FFF call on one token takes a few.
+        lin_in, lin_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
+        w, b, o = lin_in["weight"], lin_in["bias"], lin_out["weight"]
+        return self._packed.get(
+            (w, b, o), lambda: cmm_ops.pack_fff_weights(w, b, o, self.trees, self._weight_dtype), self._weight_dtype
+        )
 
     # ------------------------------------------------------------------ forward
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.fff import FFF, tensor_version
+from engine.derived import Derived
+from engine.fff import FFF
 
 
 # ---------------------------------------------------------------------------------------------------- embeddings
@@ -88,22 +89,21 @@ class SelfAttention(nn.Module):
         else:
             self.qkv = nn.Linear(h, 3 * h, bias=False)
         self.out = nn.Linear(h, h, bias=config.layout == "bert")
-        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fused_key: tuple | None = None
+        self._fused: Derived[tuple[torch.Tensor, torch.Tensor]] = Derived()
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT's three projections as one ``[3h, h]`` weight and bias, for inference.
 
         Why: one GEMM instead of three small ones; attention projections are most of what is left of the
-        FFF model's cost. A copy, rebuilt when a parameter changes (in place or replaced), like the FFF's packed
-        kernel weights; training keeps the three parameters (names match BERT checkpoints)."""
+        FFF model's cost. A copy, rebuilt when a parameter changes (in place or replaced; engine.derived), like
+        the FFF's packed kernel weights; training keeps the three parameters (names match BERT checkpoints)."""
         params = [m._parameters[n] for m in (self.query, self.key, self.value) for n in ("weight", "bias")]
-        key = tuple((p.data_ptr(), tensor_version(p)) for p in params)
-        if self._fused is None or self._fused_key != key:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
-                self._fused = (torch.cat(params[0::2]), torch.cat(params[1::2]))
-            self._fused_key = key
-        return self._fused
+                return torch.cat(params[0::2]), torch.cat(params[1::2])
+
+        return self._fused.get(params, build)
 
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape

@@ -296,3 +296,51 @@ def test_fused_qkv_at_inference_matches_the_three_projections_and_follows_change
         fused2 = model.embed(ids, mask)
     assert (separate2 - separate).abs().max() > 1e-3  # the change matters ...
     torch.testing.assert_close(fused2, separate2, rtol=0, atol=1e-5)  # ... and the fused copy followed it
+
+
+def test_derived_copies_follow_their_parameters() -> None:
+    """engine.derived rebuilds on an in-place change, a replaced storage or a new `extra`, and only then;
+    inference tensors (no version counter) work too."""
+    from engine.derived import Derived
+
+    builds = []
+    p = torch.nn.Parameter(torch.ones(3))
+    cache: Derived[torch.Tensor] = Derived()
+
+    def build() -> torch.Tensor:
+        builds.append(1)
+        return p.detach() * 2
+
+    assert torch.equal(cache.get([p], build), torch.full((3,), 2.0)) and len(builds) == 1
+    cache.get([p], build)
+    assert len(builds) == 1  # unchanged: no rebuild
+    with torch.no_grad():
+        p.add_(1.0)
+    assert torch.equal(cache.get([p], build), torch.full((3,), 4.0)) and len(builds) == 2
+    p.data = torch.zeros(3)
+    assert torch.equal(cache.get([p], build), torch.zeros(3)) and len(builds) == 3
+    cache.get([p], build, extra=torch.bfloat16)
+    assert len(builds) == 4
+    with torch.inference_mode():
+        frozen = torch.ones(2)
+    assert torch.equal(cache.get([frozen], lambda: frozen + 1), torch.full((2,), 2.0))
+    cache.clear()
+    cache.get([p], build)
+    assert len(builds) == 5
+
+
+def test_fused_qkv_follows_the_three_projections() -> None:
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    attention = model.layers[0].attention
+    x = torch.randn(1, 5, model.config.hidden_size)
+    mask = torch.zeros(1, 1, 1, 5)
+    with torch.inference_mode():
+        before = attention(x, mask)
+    with torch.no_grad():
+        attention.key.weight.mul_(0.5)
+    with torch.inference_mode():
+        after = attention(x, mask)
+    with torch.no_grad():
+        expected = attention(x, mask)  # grad mode off but not inference: the three separate projections
+    assert not torch.allclose(before, after) and torch.allclose(after, expected, atol=1e-6)
