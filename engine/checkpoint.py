@@ -405,9 +405,18 @@ def save_model(loaded: LoadedModel, path: str | Path, *, dtype: torch.dtype = to
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"save dtype must be one of {SAVE_DTYPES}, got {dtype}")
     folder = Path(path)
+    state = {}
+    for name, value in loaded.model.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        if value.is_floating_point():
+            if not torch.isfinite(value).all():
+                raise CheckpointError(f"refusing to save {folder}: tensor {name} contains NaN or infinite values")
+            narrow = value.to(dtype)
+            # A tensor beyond the 16-bit range (a float16 overflow becomes inf) stays float32: a sentiment head fitted
+            # on unscaled features once had one weight above 65504. Loading upcasts every tensor anyway.
+            value = narrow if torch.isfinite(narrow).all() else value.float()
+        state[name] = value
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
-             for k, v in loaded.model.state_dict().items()}
     # Write to a temporary name first, so an interrupted save never leaves a truncated model.safetensors.
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
         tmp_path = Path(tmp.name)

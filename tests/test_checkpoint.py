@@ -181,6 +181,27 @@ def test_save_load_round_trip_is_exact(request: pytest.FixtureRequest, tmp_path:
     assert second.model.fffs()[0].packed_weights()[0].dtype == dtype
 
 
+def test_save_in_float16_keeps_out_of_range_tensors_in_float32(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A float16 save must never turn a large weight into inf (it did once, in a sentiment head): such a tensor
+    stays float32, the rest is halved, and the model loads back with the exact value."""
+    loaded = load_model(tiny_model_dir)
+    head = loaded.model.head.classifier.weight
+    with torch.no_grad():
+        head[0, 0] = 1.0e5  # beyond float16's 65504
+    save_model(loaded, tmp_path / "half", dtype=torch.float16)
+    stored = load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert stored["head.classifier.weight"].dtype == torch.float32
+    assert all(v.dtype == torch.float16 for k, v in stored.items() if k != "head.classifier.weight"
+               and v.is_floating_point())
+    again = load_model(tmp_path / "half")
+    assert again.model.head.classifier.weight[0, 0].item() == 1.0e5
+    with torch.no_grad():
+        head[0, 1] = float("nan")
+    with pytest.raises(CheckpointError, match="head.classifier.weight contains NaN"):
+        save_model(loaded, tmp_path / "nan", dtype=torch.float16)
+    assert not (tmp_path / "nan").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
