@@ -50,6 +50,16 @@ def make_problem(n: int, d_in: int, d_out: int, depth: int, trees: int, seed: in
     return x, w_in, b_in, w_out
 
 
+def on_one_thread(call):  # type: ignore[no-untyped-def]
+    """``call()`` with torch limited to one thread (the kernel's threads split tokens, never one token's sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return call()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def check_against_reference(x, w_in, b_in, w_out, depth, tol=FP32_TOL):
     y, leaves = C.cmm(x, w_in, b_in, w_out, depth, return_leaves=True)
     y_ref, leaves_ref = C.cmm_reference(x, w_in, b_in, w_out, depth)
@@ -305,12 +315,7 @@ def test_leaves_only_on_request_and_threads_agree() -> None:
     x, w_in, b_in, w_out = make_problem(777, 128, 128, 7, 2, seed=21)
     y_none, leaves_none = C.cmm(x, w_in, b_in, w_out, 7)
     assert leaves_none is None
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y_one, _ = C.cmm(x, w_in, b_in, w_out, 7)
-    finally:
-        torch.set_num_threads(threads)
+    y_one, _ = on_one_thread(lambda: C.cmm(x, w_in, b_in, w_out, 7))
     assert torch.equal(y_none, y_one)  # each token is computed whole by one thread: bit-identical
 
 
@@ -415,12 +420,7 @@ def test_two_pass_descent_on_real_widths_and_strided_input(pinned_split) -> None
     y_split, _ = C.cmm(wide, w_in, b_in, w_out, 11)
     y_ref, _ = C.cmm_reference(x, w_in, b_in, w_out, 11)
     assert (y_split - y_ref).abs().max().item() <= FP32_TOL
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y_one_thread, _ = C.cmm(wide, w_in, b_in, w_out, 11)
-    finally:
-        torch.set_num_threads(threads)
+    y_one_thread, _ = on_one_thread(lambda: C.cmm(wide, w_in, b_in, w_out, 11))
     assert torch.equal(y_split, y_one_thread)
 
 
