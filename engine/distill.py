@@ -76,6 +76,7 @@ class DistillOptions:
     checkpoint_every: int = 100
     head_train_size: int | None = 4000  # RT train snippets for the sentiment head; None = all; 0 = no head
     save_dtype: str = "float16"
+    corpus: str = "standard"  # engine.text_data.CORPORA: "standard" or "extended" (+ speeches, Shakespeare)
     texts: list[str] | None = field(default=None, repr=False)  # override the training text (tests)
     head_data: Any = field(default=None, repr=False)  # override (texts, labels) for the head (tests)
 
@@ -287,7 +288,7 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
     if texts is None:
         from engine.text_data import distillation_texts
 
-        texts = distillation_texts()
+        texts = distillation_texts(opts.corpus)
     chunks = token_chunks(teacher, texts, opts.max_length, opts.seed)
     order = torch.randperm(len(chunks), generator=_gen(opts.seed, 1)).tolist()
     chunks = [chunks[i] for i in order]
@@ -556,7 +557,7 @@ def run_cli(args: Any) -> int:
         steps=args.steps, init_student=args.init_student, hidden_weight=args.hidden_weight,
         embed_weight=args.embed_weight, layer_lr=args.layer_lr, lr=args.lr, layer_batch_tokens=args.layer_batch_tokens,
         batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,
-        head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype)
+        head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype, corpus=args.corpus)
     final = distill(opts, resume=args.resume, progress=not args.no_progress)
     print(f"student saved to {final}")
     return 0

