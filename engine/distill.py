@@ -495,17 +495,25 @@ def pooled_features(loaded: LoadedModel, texts: list[str], *, max_length: int = 
 def fit_linear_head(features: torch.Tensor, labels: list[str], seed: int = 0, c: float = 1.0) \
         -> tuple[list[str], torch.Tensor, torch.Tensor, Callable[[torch.Tensor], list[str]]]:
     """Logistic regression on standardised features, folded back into one linear layer on raw features:
-    ``(classes, weight [C, H], bias [C], predict)``."""
+    ``(classes, weight [C, H], bias [C], predict)``.
+
+    Constant features (spread under 1e-3 of the widest feature's) get weight 0. Why: some hidden dimensions are
+    dead (the student's final LayerNorm zeroes them; spread ~1e-6), and standardising one made its folded weight
+    102,436, which turned to inf in a float16 save and made the logits hang on rounding noise."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
     x = features.double().numpy()
-    mu, sd = x.mean(0), x.std(0) + 1e-6
+    mu, spread = x.mean(0), x.std(0)
+    live = spread > 1e-3 * max(float(spread.max()), 1e-12)
+    sd = np.where(live, spread, 1.0)
     clf = LogisticRegression(C=c, max_iter=3000, random_state=seed)
-    clf.fit((x - mu) / sd, np.array(labels))
+    clf.fit(((x - mu) / sd)[:, live], np.array(labels))
     classes = [str(c_) for c_ in clf.classes_]
-    coef = clf.coef_ / sd  # fold the standardisation in
-    inter = clf.intercept_ - (clf.coef_ * mu / sd).sum(1)
+    fitted = np.zeros((clf.coef_.shape[0], x.shape[1]))
+    fitted[:, live] = clf.coef_
+    coef = fitted / sd  # fold the standardisation in
+    inter = clf.intercept_ - (fitted * mu / sd).sum(1)
     if len(classes) == 2:  # binary: logits (-z/2, z/2) give softmax == sigmoid(z)
         weight = np.stack([-coef[0] / 2, coef[0] / 2])
         bias = np.array([-inter[0] / 2, inter[0] / 2])

@@ -196,3 +196,22 @@ def test_init_student_continues_end_to_end_only(tiny_teacher: Path, distilled: P
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="K=4, D=1"):
         distill(_opts(tiny_teacher, tmp_path / "d", init_student=str(distilled), trees=4, depth=1), progress=False)
+
+
+def test_linear_head_ignores_constant_features() -> None:
+    """A dead hidden dimension (spread ~1e-6) gets weight 0 instead of a huge folded weight; the live ones still
+    separate the classes."""
+    from engine.distill import fit_linear_head
+
+    gen = torch.Generator().manual_seed(0)
+    n = 400
+    labels = ["fresh" if i % 2 else "rotten" for i in range(n)]
+    signal = torch.tensor([1.0 if lab == "fresh" else -1.0 for lab in labels])
+    feats = torch.randn(n, 6, generator=gen) * 0.2
+    feats[:, 0] += 0.3 * signal
+    feats[:, 3] = 0.5 + 1e-6 * torch.randn(n, generator=gen)  # dead: constant plus rounding noise
+    classes, weight, bias, predict = fit_linear_head(feats, labels)
+    assert classes == ["fresh", "rotten"]
+    assert torch.all(weight[:, 3] == 0)
+    assert weight.abs().max() < 100 and torch.isfinite(bias).all()
+    assert sum(p == t for p, t in zip(predict(feats), labels)) / n > 0.9
