@@ -116,7 +116,7 @@ class Backend(Protocol):
 class ModelBackend:
     """Runs padded batches through a loaded model. Only the worker thread calls :meth:`forward`."""
 
-    def __init__(self, loaded: Any, max_padding_ratio: float = 1.25) -> None:
+    def __init__(self, loaded: Any, max_padding_ratio: float = 1.0) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -144,49 +144,12 @@ class ModelBackend:
         if record != self._recording:
             self.model.set_record_leaves(record)
             self._recording = record
-        outs: list[torch.Tensor] = []
-        order: list[int] = []
-        leaves: list[list[torch.Tensor]] = []
-        for chunk in split_by_length([len(x) for x in ids], self.max_padding_ratio):
-            input_ids, mask = self.tokenizer.pad([list(ids[i]) for i in chunk])
-            with torch.inference_mode():
-                if task is Task.EMBED:
-                    outs.append(self.model.embed(input_ids, mask, normalize=False))
-                else:
-                    outs.append(self.model.classify(input_ids, mask))
-            order.extend(chunk)
-            if record:
-                leaves.append(self.model.last_leaves())
-        out = outs[0].new_empty((len(ids), outs[0].shape[1]))
-        out[torch.tensor(order)] = torch.cat(outs)
-        merged = [torch.cat(per_layer) for per_layer in zip(*leaves)] if record else None
-        return out.float(), merged
-
-
-def split_by_length(lengths: Sequence[int], max_padding_ratio: float) -> list[list[int]]:
-    """Indices grouped into length-sorted chunks whose padded size stays within ``max_padding_ratio`` of
-    their real tokens.
-
-    Why: a batch is padded to its longest input, and attention and the Q/K/V projections run on every padded
-    position (the FFF layers skip padding). With realistic text lengths one padded batch was 3.5-4.5x its real
-    tokens, which erased most of the FFF model's advantage under load (loadtest at concurrency 32: 1.43x the
-    dense model's requests/s before, 1.84x with this split, in the runs the README reports); a few forward
-    passes over chunks of similar length cost far less than one over all that padding.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        # lengths ascend, so lengths[i] is the padded length of current + [i]
-        if current and lengths[i] * (len(current) + 1) > max_padding_ratio * (real + lengths[i]):
-            chunks.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    if current:
-        chunks.append(current)
-    return chunks
+        with torch.inference_mode():
+            if task is Task.EMBED:
+                out = self.model.embed_ids(ids, normalize=False, max_padding_ratio=self.max_padding_ratio)
+            else:
+                out = self.model.classify_ids(ids, max_padding_ratio=self.max_padding_ratio)
+        return out.float(), (self.model.last_leaves() if record else None)
 
 
 # ---------------------------------------------------------------------------------------------------- data

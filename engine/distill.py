@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
-from engine.model import ClassificationHead, UltraFastBert, masked_mean
+from engine.model import ClassificationHead, UltraFastBert
 
 log = logging.getLogger("engine.distill")
 
@@ -478,7 +478,7 @@ def _opts_dict(opts: DistillOptions) -> dict[str, Any]:
 def pooled_features(loaded: LoadedModel, texts: list[str], *, max_length: int = 256, batch_size: int = 64,
                     progress: bool = False, desc: str = "embedding") -> torch.Tensor:
     """Un-normalised masked-mean final hidden states ``[N, H]`` (what the classification head reads), computed
-    in length-sorted batches; rows are in input order."""
+    in length-sorted batches through the packed serving path; rows are in input order."""
     from tqdm import tqdm
 
     tok = loaded.tokenizer
@@ -487,8 +487,8 @@ def pooled_features(loaded: LoadedModel, texts: list[str], *, max_length: int = 
     out = torch.empty(len(ids), loaded.config.hidden_size)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         rows = order[start: start + batch_size]
-        input_ids, mask = tok.pad([ids[i] for i in rows])
-        out[rows] = masked_mean(loaded.model(input_ids, mask), mask).float()
+        with torch.inference_mode():
+            out[rows] = loaded.model.pooled_ids([ids[i] for i in rows], cls=False).float()
     return out
 
 

@@ -6,12 +6,18 @@ Design choices that matter for serving:
   sequence (right padding), and the FFN runs on the real tokens only (gathered, then scattered back). A sequence's
   embedding is therefore the same alone and inside a padded batch, and FFF neuron counts are exact.
 * Inference has no Python loop over tokens; attention is ``scaled_dot_product_attention``.
+* Serving uses the **packed** path (:meth:`UltraFastBert.embed_ids`, TEI's "unpadded" layout): a batch is one
+  ``[real tokens, hidden]`` matrix, so projections, LayerNorms and the FFN run once over real tokens only, in one
+  large GEMM per projection. Only the attention core needs a ``[batch, heads, T, T]`` layout; it runs per group of
+  sequences of similar length (:func:`pack`), padded within the group.
 * The classification head reads the masked mean of the final hidden states (see :class:`ClassificationHead`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +71,107 @@ class Embeddings(nn.Module):
             x = x + self.position_scale * self.sinusoids[:seq_len]
         return self.norm(x)
 
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[N]`` token ids with their positions in their own sequence -> ``[N, H]`` (token type 0)."""
+        x = self.word_embeddings(input_ids)
+        if self.layout == "bert":
+            x = x + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.position_scale * self.sinusoids[positions]
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences ``start..end`` (rows of the packed batch) whose attention runs as one padded block ``[n, t]``."""
+
+    start: int
+    end: int
+    n: int
+    t: int
+    gather: torch.Tensor | None  # [n * t] rows (from ``start``) laid out as the padded block; None: no padding
+    scatter: torch.Tensor | None  # [end - start] positions of the real tokens inside the padded block
+    mask: torch.Tensor | None  # additive [n, 1, 1, t]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a list of sequences lies in one ``[N, H]`` matrix: sorted by length, each sequence contiguous."""
+
+    order: torch.Tensor  # [B] input index of each packed sequence
+    lengths: torch.Tensor  # [B] in packed order
+    starts: torch.Tensor  # [B] first row of each packed sequence
+    positions: torch.Tensor  # [N] position of each token in its sequence
+    seq_index: torch.Tensor  # [N] packed sequence of each token
+    groups: tuple[AttentionGroup, ...]
+
+
+def length_groups(lengths: Sequence[int], max_padding_ratio: float) -> list[list[int]]:
+    """Indices grouped into length-sorted groups whose padded size stays within ``max_padding_ratio`` of their
+    real tokens.
+
+    Why: attention runs on every padded position of its block. With realistic text lengths one padded batch was
+    3.5-4.5x its real tokens, which erased most of the FFF model's advantage under load; a few attention calls
+    over groups of similar length cost far less than one over all that padding. With packed inputs the default
+    is no padding at all (1.0: one attention call per distinct length): on the load generator's text mix the
+    FFN-removed MiniLM ran 56-65 ms per batch of 16 at 1.0 against 60-67 at 1.25, 75 at 1.6 and 102 at 2.5, and
+    268 against 339 ms per batch of 64 at 1.25 (``flash`` attention with a mask is slower than without, and
+    small per-call costs are cheaper than padded work).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        # lengths ascend, so lengths[i] is the padded length of current + [i]
+        if current and lengths[i] * (len(current) + 1) > max_padding_ratio * (real + lengths[i]):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def pack(ids: Sequence[Sequence[int]], max_padding_ratio: float = 1.0) -> tuple[torch.Tensor, Packing]:
+    """Token id lists -> ``[N]`` packed ids and their :class:`Packing` (every sequence must be non-empty)."""
+    if not ids or any(len(x) == 0 for x in ids):
+        raise ValueError("pack() needs at least one sequence and no empty ones")
+    groups = length_groups([len(x) for x in ids], max_padding_ratio)
+    order = [i for g in groups for i in g]
+    lengths = [len(ids[i]) for i in order]
+    starts = [0] * len(order)
+    for j in range(1, len(order)):
+        starts[j] = starts[j - 1] + lengths[j - 1]
+    flat = [tok for i in order for tok in ids[i]]
+    attention: list[AttentionGroup] = []
+    seq = 0
+    for g in groups:
+        n, lens = len(g), lengths[seq:seq + len(g)]
+        t, start = max(lens), starts[seq]
+        end = start + sum(lens)
+        if all(x == t for x in lens):
+            attention.append(AttentionGroup(start, end, n, t, None, None, None))
+        else:
+            # padded slots repeat the sequence's first row: masked as keys, dropped as queries
+            rel = [starts[seq + j] - start for j in range(n)]
+            gather = torch.tensor([rel[j] + (p if p < lens[j] else 0) for j in range(n) for p in range(t)])
+            scatter = torch.tensor([j * t + p for j in range(n) for p in range(lens[j])])
+            keep = torch.arange(t)[None, :] < torch.tensor(lens)[:, None]
+            mask = torch.zeros(n, t).masked_fill_(~keep, torch.finfo(torch.float32).min)[:, None, None, :]
+            attention.append(AttentionGroup(start, end, n, t, gather, scatter, mask))
+        seq += n
+    lengths_t = torch.tensor(lengths)
+    packing = Packing(order=torch.tensor(order), lengths=lengths_t, starts=torch.tensor(starts),
+                      positions=torch.cat([torch.arange(x) for x in lengths]),
+                      seq_index=torch.repeat_interleave(torch.arange(len(order)), lengths_t),
+                      groups=tuple(attention))
+    return torch.tensor(flat, dtype=torch.long), packing
+
 
 # ---------------------------------------------------------------------------------------------------- attention
 
@@ -105,20 +212,36 @@ class SelfAttention(nn.Module):
 
         return self._fused.get(params, build)
 
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` -> ``[..., 3, heads, head_dim]`` (q, k, v); one fused GEMM at inference."""
+        if self.layout == "bert":
+            if torch.is_grad_enabled():
+                fused = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+            else:
+                weight, bias = self.fused_qkv()
+                fused = F.linear(x, weight, bias)
+            return fused.unflatten(-1, (3, self.num_heads, self.head_dim))
+        # crammedBERT groups per head: [heads, 3 * head_dim]
+        return self.qkv(x).unflatten(-1, (self.num_heads, 3, self.head_dim)).transpose(-3, -2)
+
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.layout == "bert" and torch.is_grad_enabled():
-            q, k, v = (proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                       for proj in (self.query, self.key, self.value))
-        elif self.layout == "bert":
-            weight, bias = self.fused_qkv()
-            fused = F.linear(x, weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
-            q, k, v = fused.permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            fused = self.qkv(x).view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-            q, k, v = fused.split(self.head_dim, dim=-1)
+        q, k, v = self.qkv_heads(x).permute(2, 0, 3, 1, 4).unbind(0)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask)  # scale 1/sqrt(head_dim)
         return self.out(context.transpose(1, 2).reshape(b, t, -1))
+
+    def forward_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """``[N, H]`` packed tokens: projections over all of them at once, attention per length group."""
+        qkv = self.qkv_heads(x)
+        parts = []
+        for g in packing.groups:
+            rows = qkv[g.start:g.end]
+            block = rows if g.gather is None else rows.index_select(0, g.gather)
+            q, k, v = block.view(g.n, g.t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
+            context = context.transpose(1, 2).reshape(g.n * g.t, -1)
+            parts.append(context if g.scatter is None else context.index_select(0, g.scatter))
+        return self.out(parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 # ---------------------------------------------------------------------------------------------------- feedforward
@@ -181,6 +304,13 @@ class EncoderLayer(nn.Module):
             return x + self._ffn_on_real_tokens(self.ffn_norm(x), real)
         x = self.attn_norm(x + self.attention(x, additive_mask))
         return self.ffn_norm(x + self._ffn_on_real_tokens(x, real))
+
+    def forward_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attention.forward_packed(self.attn_norm(x), packing)
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attention.forward_packed(x, packing))
+        return self.ffn_norm(x + self.ffn(x))
 
 
 class ClassificationHead(nn.Module):
@@ -269,6 +399,45 @@ class UltraFastBert(nn.Module):
         if self.head is None:
             raise ValueError(f"model {self.config.name!r} has no classification head (its config has no labels)")
         return self.head(masked_mean(self(input_ids, attention_mask), attention_mask))
+
+    # ------------------------------------------------------------------ packed inference (the serving path)
+
+    def forward_packed(self, input_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Final hidden states ``[N, H]`` of packed tokens (see :func:`pack`)."""
+        if int(packing.lengths.max()) > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {int(packing.lengths.max())} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        x = self.embeddings.forward_packed(input_ids, packing.positions)
+        for layer in self.layers:
+            x = layer.forward_packed(x, packing)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x
+
+    def pooled_ids(self, ids: Sequence[Sequence[int]], *, cls: bool, max_padding_ratio: float = 1.0) -> torch.Tensor:
+        """CLS or mean-pooled final hidden states ``[B, H]`` of unpadded token id lists, in input order."""
+        input_ids, packing = pack(ids, max_padding_ratio)
+        hidden = self.forward_packed(input_ids, packing)
+        if cls:
+            pooled = hidden.index_select(0, packing.starts)
+        else:
+            sums = hidden.new_zeros(len(ids), hidden.shape[1]).index_add_(0, packing.seq_index, hidden)
+            pooled = sums / packing.lengths.to(hidden.dtype).unsqueeze(1)
+        return pooled.new_empty(pooled.shape).index_copy_(0, packing.order, pooled)
+
+    def embed_ids(self, ids: Sequence[Sequence[int]], normalize: bool | None = None,
+                  max_padding_ratio: float = 1.0) -> torch.Tensor:
+        """:meth:`embed` of unpadded token id lists, ``[B, H]`` in input order; what the service runs."""
+        pooled = self.pooled_ids(ids, cls=self.config.pooling == "cls", max_padding_ratio=max_padding_ratio)
+        if self.config.normalize if normalize is None else normalize:
+            pooled = F.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+    def classify_ids(self, ids: Sequence[Sequence[int]], max_padding_ratio: float = 1.0) -> torch.Tensor:
+        """:meth:`classify` of unpadded token id lists, ``[B, num_labels]`` in input order."""
+        if self.head is None:
+            raise ValueError(f"model {self.config.name!r} has no classification head (its config has no labels)")
+        return self.head(self.pooled_ids(ids, cls=False, max_padding_ratio=max_padding_ratio))
 
     # ------------------------------------------------------------------ FFF controls and metrics
 

@@ -374,20 +374,3 @@ def test_concurrent_request_cap() -> None:
         run(main())
     finally:
         batcher.stop()
-
-
-def test_split_by_length_bounds_padding_and_keeps_every_input() -> None:
-    import random
-
-    from engine.batcher import split_by_length
-
-    rng = random.Random(0)
-    for _ in range(200):
-        lengths = [rng.randint(1, 128) for _ in range(rng.randint(0, 64))]
-        chunks = split_by_length(lengths, 1.25)
-        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
-        for chunk in chunks:
-            padded = max(lengths[i] for i in chunk) * len(chunk)
-            assert len(chunk) == 1 or padded <= 1.25 * sum(lengths[i] for i in chunk)
-    assert split_by_length([5, 5, 5], 1.25) == [[0, 1, 2]]  # equal lengths: one forward pass
-    assert split_by_length([100, 3], 1.25) == [[1], [0]]

@@ -10,7 +10,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.fff import FFF
-from engine.model import UltraFastBert
+from engine.model import UltraFastBert, length_groups
 from engine.tokenizer import InputTooLongError, Tokenizer
 
 torch.set_num_threads(2)
@@ -156,6 +156,80 @@ def test_embedding_is_the_same_alone_and_in_a_padded_batch(layout: str, ffn: str
             alone_logits = model.classify(ids[row: row + 1, :n], mask[row: row + 1, :n])
             torch.testing.assert_close(logits[row: row + 1], alone_logits, atol=1e-5, rtol=1e-5)
     assert logits.shape == (4, 3)
+
+
+def _token_lists(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
+
+
+@pytest.mark.parametrize("layout", ["bert", "crammed"])
+@pytest.mark.parametrize("ffn", ["fff", "dense", "none"])
+@pytest.mark.parametrize("lengths", [[1], [9, 9, 9], [5, 13, 2, 9, 1, 30, 13], [64, 1, 33, 2]])
+def test_packed_path_equals_the_padded_model(layout: str, ffn: str, lengths: list[int]) -> None:
+    """The serving path (unpadded tokens, attention per length group) against the padded forward, per sequence."""
+    model = tiny_model(layout, ffn=ffn, labels=["a", "b", "c"], seed=len(lengths))
+    ids, mask = random_batch(lengths, seed=sum(lengths))
+    lists = _token_lists(ids, mask)
+    with torch.inference_mode():
+        for cls in (False, True):
+            model.config.pooling = "cls" if cls else "mean"
+            for ratio in (1.0, 1.25, 100.0):  # one group per length .. everything in one padded group
+                torch.testing.assert_close(model.embed_ids(lists, max_padding_ratio=ratio), model.embed(ids, mask),
+                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(model.embed_ids(lists, normalize=False, max_padding_ratio=ratio),
+                                           model.embed(ids, mask, normalize=False), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(model.classify_ids(lists, max_padding_ratio=ratio),
+                                           model.classify(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_path_records_every_real_token_leaf_once() -> None:
+    model = tiny_model("bert", trees=3, depth=2)
+    ids, mask = random_batch([4, 11, 1], seed=3)
+    model.set_record_leaves(True)
+    with torch.inference_mode():
+        model.embed(ids, mask)
+        padded = model.last_leaves()
+        model.embed_ids(_token_lists(ids, mask))
+        packed = model.last_leaves()
+    assert all(p.shape == (16, 3) for p in packed)
+    for a, b in zip(padded, packed):  # same multiset of (leaf per tree) rows; packed order is by length
+        assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
+
+
+def test_length_groups_bound_padding_and_keep_every_input() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 128) for _ in range(rng.randint(0, 64))]
+        chunks = length_groups(lengths, 1.25)
+        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+        for chunk in chunks:
+            padded = max(lengths[i] for i in chunk) * len(chunk)
+            assert len(chunk) == 1 or padded <= 1.25 * sum(lengths[i] for i in chunk)
+    assert length_groups([5, 5, 5], 1.25) == [[0, 1, 2]]  # equal lengths: one attention call
+    assert length_groups([100, 3], 1.25) == [[1], [0]]
+
+
+def test_pack_lays_out_groups_and_rejects_empty_input() -> None:
+    from engine.model import pack
+
+    flat, packing = pack([[7, 8, 9], [5], [1, 2, 3, 4]], max_padding_ratio=1.0)
+    assert packing.order.tolist() == [1, 0, 2]  # by length
+    assert flat.tolist() == [5, 7, 8, 9, 1, 2, 3, 4]
+    assert packing.starts.tolist() == [0, 1, 4] and packing.lengths.tolist() == [1, 3, 4]
+    assert packing.positions.tolist() == [0, 0, 1, 2, 0, 1, 2, 3]
+    assert packing.seq_index.tolist() == [0, 1, 1, 1, 2, 2, 2, 2]
+    assert [(g.start, g.end, g.n, g.t) for g in packing.groups] == [(0, 1, 1, 1), (1, 4, 1, 3), (4, 8, 1, 4)]
+    assert all(g.gather is None and g.mask is None for g in packing.groups)  # equal lengths: no padding
+    _, loose = pack([[7, 8, 9], [5], [1, 2, 3, 4]], max_padding_ratio=10.0)
+    (group,) = loose.groups
+    assert (group.n, group.t) == (3, 4)
+    assert group.gather.tolist() == [0, 0, 0, 0, 1, 2, 3, 1, 4, 5, 6, 7]  # padding repeats a sequence's first row
+    assert group.scatter.tolist() == [0, 4, 5, 6, 8, 9, 10, 11]
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError):
+            pack(bad)
 
 
 def test_embed_pooling_and_normalisation_options() -> None:
