@@ -116,7 +116,13 @@ class Backend(Protocol):
 class ModelBackend:
     """Runs padded batches through a loaded model. Only the worker thread calls :meth:`forward`."""
 
-    def __init__(self, loaded: Any, max_padding_ratio: float = 1.0) -> None:
+    COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, loaded: Any, max_padding_ratio: float = 1.0,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        if compute_dtype not in self.COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {self.COMPUTE_DTYPES}, got {compute_dtype}")
+        self.compute_dtype = compute_dtype
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -144,7 +150,10 @@ class ModelBackend:
         if record != self._recording:
             self.model.set_record_leaves(record)
             self._recording = record
-        with torch.inference_mode():
+        # bfloat16: autocast runs linears and attention in bf16 (AMX on recent Xeons: the attention projections
+        # took 2.9x less time than in fp32); LayerNorms, pooling and the FFF kernel's activations stay fp32.
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
+        with torch.inference_mode(), autocast:
             if task is Task.EMBED:
                 out = self.model.embed_ids(ids, normalize=False, max_padding_ratio=self.max_padding_ratio)
             else:

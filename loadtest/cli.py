@@ -246,7 +246,8 @@ def cmd_engine(a: argparse.Namespace) -> int:
     _set_threads(a.torch_threads)
     loaded = load_model(a.model)
     reps = [run_engine(loaded, batch_size=b, duration_s=a.duration, warmup_s=a.warmup, seed=a.seed,
-                       source=a.source, pool=a.pool, max_batch_tokens=a.max_batch_tokens) for b in a.batch_size]
+                       source=a.source, pool=a.pool, max_batch_tokens=a.max_batch_tokens,
+                       compute_dtype=a.compute_dtype) for b in a.batch_size]
     _emit(a, _clean([r.to_dict() for r in reps]), "\n".join(r.text() for r in reps))
     return 0
 
@@ -263,7 +264,8 @@ def cmd_overhead(a: argparse.Namespace) -> int:
         raise SystemExit("loadtest overhead: use --inputs-per-request 1 (batch shapes are matched per input)")
     wl = _workload(a)
     _set_threads(a.torch_threads)
-    server_args = a.server_arg + ([f"--torch-threads={a.torch_threads}"] if a.torch_threads else [])
+    server_args = a.server_arg + ([f"--torch-threads={a.torch_threads}"] if a.torch_threads else []) \
+        + [f"--compute-dtype={a.compute_dtype}"]
     loaded = load_model(a.model)
     svc_runs, eng_runs, shapes = [], [], []
     with LocalServer(a.model, args=server_args, log_path=a.server_log) as srv:
@@ -282,7 +284,8 @@ def cmd_overhead(a: argparse.Namespace) -> int:
                                      max_batch_tokens=budget, max_pool=max(a.concurrency, 1), seed=a.seed,
                                      source=a.source)
             eng = run_engine(loaded, batch_size=size, max_batch_tokens=budget, pool=pool, duration_s=a.duration,
-                             warmup_s=min(a.warmup, 2.0), seed=a.seed, source=a.source)
+                             warmup_s=min(a.warmup, 2.0), seed=a.seed, source=a.source,
+                             compute_dtype=a.compute_dtype)
             svc_runs.append(svc)
             eng_runs.append(eng)
             shapes.append(shape)
@@ -360,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="length-sort pools of --pool inputs and cut batches within this padded-token budget")
     p.add_argument("--pool", type=int, default=None, help="inputs drawn per step (default: the batch size)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="as the service's --compute-dtype")
     _load_options(p)
     p.set_defaults(handler=cmd_engine)
 
@@ -369,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="alternate service and engine runs; report the median")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads for the engine run and the server (passed as --torch-threads)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="for the engine run and the server (passed as --compute-dtype)")
     _load_options(p)
     p.set_defaults(handler=cmd_overhead)
     return parser

@@ -110,8 +110,9 @@ def run_engine(*args: Any, **kwargs: Any) -> EngineReport:
 def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float = 10.0, warmup_s: float = 2.0,
                seed: int = 0, source: str = "auto", record_leaves: bool = True,
                max_batches: int | None = None, pool: int | None = None,
-               max_batch_tokens: int | None = None) -> EngineReport:
-    """``model``: a folder, or an already loaded ``engine.checkpoint.LoadedModel``."""
+               max_batch_tokens: int | None = None, compute_dtype: str = "float32") -> EngineReport:
+    """``model``: a folder, or an already loaded ``engine.checkpoint.LoadedModel``; ``compute_dtype`` as the
+    service's setting of that name."""
     import torch
 
     from engine.batcher import ModelBackend, Task
@@ -119,7 +120,7 @@ def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float =
     from loadtest.runner import percentile
 
     loaded = load_model(model) if isinstance(model, (str, Path)) else model
-    backend = ModelBackend(loaded)
+    backend = ModelBackend(loaded, compute_dtype=getattr(torch, compute_dtype))
     mix = TextMix(seed=seed, source=source)
     max_len = backend.max_input_tokens
 

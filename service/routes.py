@@ -289,6 +289,7 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "fff_depth": c.fff_depth if c.ffn == "fff" else None,
             "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
             "pooling": c.pooling, "normalize": c.normalize, "labels": c.labels, "weight_dtype": s.weight_dtype,
+            "compute_dtype": s.compute_dtype,
         }
     npt = [{"layer": i, "evaluated": e, "dense": d, "fraction": (e / d) if d else None}
            for i, (e, d) in enumerate(state.neurons_per_token)]

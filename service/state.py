@@ -46,6 +46,13 @@ class Phase:
     FAILED = "failed"
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512-BF16); elsewhere torch emulates it."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
 def kernel_info() -> Any:
     """``engine.cmm.KERNEL``; imported lazily so the service module imports even without the extension."""
     from engine.cmm import KERNEL
@@ -125,7 +132,10 @@ class ServiceState:
             log.warning("max_input_tokens %d exceeds the model's %d positions; using %d", wanted, model_max,
                         model_max)
         self.max_input_tokens = min(wanted or model_max, model_max)
-        self.backend = ModelBackend(loaded)
+        self.backend = ModelBackend(loaded, compute_dtype=DTYPES[self.settings.compute_dtype])
+        if self.backend.compute_dtype == torch.bfloat16 and not native_bfloat16():
+            log.warning("compute_dtype bfloat16 on a CPU without AMX or AVX-512-BF16: expect it to be slower "
+                        "than float32")
         self.neurons_per_token = [tuple(x) for x in loaded.model.neurons_per_token()]  # type: ignore[misc]
         self.metrics.set_model(self.neurons_per_token, self.backend.tree_shape,
                                {"name": self.model_name, "path": str(loaded.path),

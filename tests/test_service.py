@@ -497,3 +497,34 @@ def test_kernel_fallback_is_loud(tiny_loaded, monkeypatch, caplog) -> None:
     with caplog.at_level("WARNING", logger="service"):
         run(main())
     assert any("REFERENCE" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_compute_dtype_bfloat16_serves_close_to_float32(tiny_loaded, monkeypatch, caplog) -> None:
+    """The opt-in bf16 path really runs in bf16 (results differ from fp32), stays close, and says so in /info."""
+    texts = ["the quick brown fox", "a b c d e f g h i j k l m n o p", "x"]
+
+    async def embeddings(app):
+        async with running(app) as c:
+            info = (await c.get("/info")).json()
+            r = await c.post("/embed", json={"inputs": texts})
+            assert r.status_code == 200
+            return info["model"]["compute_dtype"], torch.tensor(r.json())
+
+    dtype32, fp32 = run(embeddings(make_app(tiny_loaded)))
+    monkeypatch.setattr("service.state.native_bfloat16", lambda: False)
+    with caplog.at_level("WARNING", logger="service"):
+        dtype16, bf16 = run(embeddings(make_app(tiny_loaded, compute_dtype="bfloat16")))
+    assert (dtype32, dtype16) == ("float32", "bfloat16")
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    cos = torch.nn.functional.cosine_similarity(bf16, fp32, dim=1)
+    assert not torch.equal(bf16, fp32) and float(cos.min()) > 0.99, cos
+    assert any("bfloat16" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    with pytest.raises(ValueError):
+        settings(tiny_loaded.path, compute_dtype="float16")
+
+
+def test_model_backend_refuses_an_unsupported_compute_dtype(tiny_loaded) -> None:
+    from engine.batcher import ModelBackend
+
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ModelBackend(tiny_loaded, compute_dtype=torch.float16)
