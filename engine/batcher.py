@@ -1,4 +1,4 @@
-"""Dynamic batching between the asyncio front end and the one thread that owns the model.
+"""Dynamic batching between the asyncio front end and the inference worker thread(s) that run the model.
 
 Why this shape (TEI's router/queue/backend split, Infinity's length sorting):
 
@@ -114,7 +114,8 @@ class Backend(Protocol):
 
 
 class ModelBackend:
-    """Runs padded batches through a loaded model. Only the worker thread calls :meth:`forward`."""
+    """Runs batches through a loaded model; the batcher's inference workers call :meth:`forward`, possibly at once
+    (the model is only read, and FFF leaves are recorded per thread)."""
 
     COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -131,6 +132,7 @@ class ModelBackend:
         shape = self.model.tree_shape() if hasattr(self.model, "tree_shape") else None
         self.tree_shape: tuple[int, int] | None = tuple(shape) if shape else None  # type: ignore[assignment]
         self._recording: bool | None = None
+        self._recording_lock = threading.Lock()
         self.max_padding_ratio = max_padding_ratio
 
     def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
@@ -148,8 +150,10 @@ class ModelBackend:
         """Rows of the output follow ``ids``; leaves (per layer, [real tokens, K]) come in no set order."""
         record = record_leaves and self.tree_shape is not None
         if record != self._recording:
-            self.model.set_record_leaves(record)
-            self._recording = record
+            with self._recording_lock:  # workers share the model: switch once (switching drops recorded leaves)
+                if record != self._recording:
+                    self.model.set_record_leaves(record)
+                    self._recording = record
         # bfloat16: autocast runs linears and attention in bf16 (AMX on recent Xeons: the attention projections
         # took 2.9x less time than in fp32); LayerNorms, pooling and the FFF kernel's activations stay fp32.
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
@@ -177,6 +181,8 @@ class BatcherLimits:
     max_input_tokens: int = 512
     tokenizer_workers: int = 2
     record_leaves: bool = True
+    inference_workers: int = 1  # threads that each run whole forward passes, on different batches at once
+    threads_per_worker: int | None = None  # torch intra-op threads each worker sets for itself (None: leave as is)
 
 
 @dataclass
@@ -272,18 +278,21 @@ class Batcher:
         self._inflight_ids: set[int] = set()
         self._accepting = False
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._tok_pool = ThreadPoolExecutor(max_workers=max(1, self.limits.tokenizer_workers),
                                             thread_name_prefix="ufb-tokenize")
 
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._accepting = True
-        self._thread = threading.Thread(target=self._worker, name="ufb-inference", daemon=True)
-        self._thread.start()
+        n = max(1, self.limits.inference_workers)
+        self._threads = [threading.Thread(target=self._worker, name="ufb-inference" + (f"-{i}" if n > 1 else ""),
+                                          daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
 
     def stop_accepting(self) -> None:
         """First step of shutdown: new work gets :class:`ShuttingDown`; admitted work continues."""
@@ -319,9 +328,9 @@ class Batcher:
             self._cond.notify_all()
         for item in leftovers:
             self._fail(item.req, ShuttingDown("the service is shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        for t in self._threads:
+            t.join(timeout=30)
+        self._threads = []
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
 
     # -------------------------------------------------------------- introspection (metrics gauges)
@@ -469,6 +478,12 @@ class Batcher:
     # -------------------------------------------------------------- worker
 
     def _worker(self) -> None:
+        """One inference worker. Why several (``inference_workers``): torch's intra-op threads meet at a barrier
+        after every op, so when the event loop or the tokenizers take a core for a moment the whole op waits; two
+        single-threaded workers on two cores, each on its own batch, lose only their own time (measured in the
+        README, "Inference workers")."""
+        if self.limits.threads_per_worker:
+            torch.set_num_threads(self.limits.threads_per_worker)  # per thread for OpenMP's and MKL's pools
         idle = True
         while True:
             with self._cond:

@@ -20,6 +20,7 @@ FFN's output bias, which the reference FFF lacks. The kernel does not know about
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,9 @@ class FFF(nn.Module):
         self.impl = impl
         self.weight_dtype = weight_dtype
         self.record_leaves = False
-        self.last_leaves: torch.Tensor | None = None
+        # per calling thread: several inference workers may run one model at once (a dict, unlike threading.local,
+        # survives copy.deepcopy)
+        self._leaves: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -118,6 +121,16 @@ class FFF(nn.Module):
             (w, b, o), lambda: cmm_ops.pack_fff_weights(w, b, o, self.trees, self._weight_dtype), self._weight_dtype
         )
 
+    # ------------------------------------------------------------------ recorded leaves
+
+    @property
+    def last_leaves(self) -> torch.Tensor | None:
+        """``[N, K]`` leaves of this thread's latest forward while ``record_leaves`` was on."""
+        return self._leaves.get(threading.get_ident())
+
+    def clear_leaves(self) -> None:
+        self._leaves.clear()
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +151,8 @@ class FFF(nn.Module):
             bias = self._modules["linear_out"]._parameters["bias"]
             if bias is not None:
                 y = y + bias
-        if self.record_leaves or self.last_leaves is not None:  # nn.Module.__setattr__ is slow: skip it
-            self.last_leaves = leaves if self.record_leaves else None
+        if self.record_leaves:
+            self._leaves[threading.get_ident()] = leaves
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*shape[:-1], self.d_out) if len(shape) != 2 else y

@@ -466,14 +466,14 @@ class UltraFastBert(nn.Module):
             fff.weight_dtype = dtype
 
     def set_record_leaves(self, on: bool) -> None:
-        """Keep each FFF's leaves of the latest forward. This is per-module state: with several threads running
-        forwards on one model, read leaves only from a single inference thread."""
+        """Keep each FFF's leaves of the latest forward, per calling thread (several inference workers may share
+        one model). Switch it before serving, not while forwards run: switching drops every thread's leaves."""
         for fff in self.fffs():
             fff.record_leaves = on
-            fff.last_leaves = None
+            fff.clear_leaves()
 
     def last_leaves(self) -> list[torch.Tensor] | None:
-        """Per layer ``[n_real_tokens, K]`` leaves of the most recent forward; None unless recording FFF leaves."""
+        """Per layer ``[n_real_tokens, K]`` leaves of this thread's most recent forward; None unless recording."""
         fffs = self.fffs()
         if not fffs or any(f.last_leaves is None for f in fffs):
             return None

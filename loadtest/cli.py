@@ -247,7 +247,8 @@ def cmd_engine(a: argparse.Namespace) -> int:
     loaded = load_model(a.model)
     reps = [run_engine(loaded, batch_size=b, duration_s=a.duration, warmup_s=a.warmup, seed=a.seed,
                        source=a.source, pool=a.pool, max_batch_tokens=a.max_batch_tokens,
-                       compute_dtype=a.compute_dtype) for b in a.batch_size]
+                       compute_dtype=a.compute_dtype, workers=a.workers, threads_per_worker=a.torch_threads)
+            for b in a.batch_size]
     _emit(a, _clean([r.to_dict() for r in reps]), "\n".join(r.text() for r in reps))
     return 0
 
@@ -265,7 +266,7 @@ def cmd_overhead(a: argparse.Namespace) -> int:
     wl = _workload(a)
     _set_threads(a.torch_threads)
     server_args = a.server_arg + ([f"--torch-threads={a.torch_threads}"] if a.torch_threads else []) \
-        + [f"--compute-dtype={a.compute_dtype}"]
+        + [f"--compute-dtype={a.compute_dtype}", f"--inference-workers={a.workers}"]
     loaded = load_model(a.model)
     svc_runs, eng_runs, shapes = [], [], []
     with LocalServer(a.model, args=server_args, log_path=a.server_log) as srv:
@@ -285,7 +286,7 @@ def cmd_overhead(a: argparse.Namespace) -> int:
                                      source=a.source)
             eng = run_engine(loaded, batch_size=size, max_batch_tokens=budget, pool=pool, duration_s=a.duration,
                              warmup_s=min(a.warmup, 2.0), seed=a.seed, source=a.source,
-                             compute_dtype=a.compute_dtype)
+                             compute_dtype=a.compute_dtype, workers=a.workers, threads_per_worker=a.torch_threads)
             svc_runs.append(svc)
             eng_runs.append(eng)
             shapes.append(shape)
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=None, help="inputs drawn per step (default: the batch size)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="as the service's --compute-dtype")
+    p.add_argument("--workers", type=int, default=1,
+                   help="threads running batches side by side, as the service's --inference-workers; "
+                        "--torch-threads is then per worker")
     _load_options(p)
     p.set_defaults(handler=cmd_engine)
 
@@ -376,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads for the engine run and the server (passed as --torch-threads)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="for the engine run and the server (passed as --compute-dtype)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="inference workers of the server (--inference-workers) and of the engine run")
     _load_options(p)
     p.set_defaults(handler=cmd_overhead)
     return parser

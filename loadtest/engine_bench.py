@@ -37,6 +37,7 @@ class EngineReport:
     mean_batch_size: float = math.nan
     pool: int | None = None
     max_batch_tokens: int | None = None
+    workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +46,8 @@ class EngineReport:
         m = self.ms_per_batch
         how = (f"batches of <= {self.batch_size} inputs and <= {self.max_batch_tokens} padded tokens from "
                f"length-sorted pools of {self.pool}" if self.max_batch_tokens else f"batch {self.batch_size}")
-        return (f"engine direct, {how} on {self.model} ({self.torch_threads} torch threads), "
+        who = f"{self.workers} workers x {self.torch_threads}" if self.workers > 1 else f"{self.torch_threads}"
+        return (f"engine direct, {how} on {self.model} ({who} torch threads), "
                 f"{self.duration_s:.1f}s, {self.batches} batches (mean size {self.mean_batch_size:.1f})\n"
                 f"  {self.inputs_per_s:.2f} inputs/s incl. tokenization ({self.forward_only_inputs_per_s:.2f} "
                 f"forward only), {self.tokens_per_s:.0f} tokens/s\n"
@@ -87,24 +89,62 @@ def calibrate_pool(loaded: Any, *, target_mean_size: float, batch_size: int, max
     return best
 
 
-def run_engine(*args: Any, **kwargs: Any) -> EngineReport:
-    """Runs :func:`_run_engine` on a fresh worker thread, as the service's batcher runs its forward passes: on this
-    machine the same forward pass took about twice as long on the main thread as on a worker thread (torch's
-    OpenMP pool under CPU contention), so the main thread would not be a fair yardstick."""
-    box: dict[str, Any] = {}
+def run_engine(*args: Any, workers: int = 1, threads_per_worker: int | None = None, **kwargs: Any) -> EngineReport:
+    """Runs :func:`_run_engine` on ``workers`` fresh threads at once (each with its own texts, as the service's
+    ``inference_workers`` run their own batches), and merges their reports. Fresh threads, even for one worker, as
+    the service's batcher runs its forward passes: on this machine the same forward pass took about twice as long
+    on the main thread as on a worker thread (torch's OpenMP pool under CPU contention), so the main thread would
+    not be a fair yardstick. ``threads_per_worker``: torch threads each worker sets (default: torch's share)."""
+    import torch
 
-    def target() -> None:
+    n = max(1, workers)
+    threads = threads_per_worker or (max(1, torch.get_num_threads() // n) if n > 1 else None)
+    boxes: list[dict[str, Any]] = [{} for _ in range(n)]
+
+    def target(i: int) -> None:
         try:
-            box["report"] = _run_engine(*args, **kwargs)
+            if threads:
+                torch.set_num_threads(threads)
+            kw = dict(kwargs, seed=kwargs.get("seed", 0) + i)
+            boxes[i]["report"] = _run_engine(*args, **kw)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = exc
+            boxes[i]["error"] = exc
 
-    t = threading.Thread(target=target, name="ufb-engine-bench")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["report"]  # type: ignore[no-any-return]
+    ts = [threading.Thread(target=target, args=(i,), name=f"ufb-engine-bench-{i}") for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for box in boxes:
+        if "error" in box:
+            raise box["error"]
+    reports: list[EngineReport] = [box["report"] for box in boxes]
+    return reports[0] if n == 1 else _merge(reports)
+
+
+def _merge(reports: list[EngineReport]) -> EngineReport:
+    """Workers that ran side by side for the same duration: rates add up, per-batch figures are batch-weighted
+    means (p50/p99: the worst worker's)."""
+    batches = sum(r.batches for r in reports)
+
+    def weighted(get: Any) -> float:
+        return sum(get(r) * r.batches for r in reports) / batches if batches else math.nan
+
+    first = reports[0]
+    return EngineReport(
+        model=first.model, batch_size=first.batch_size, duration_s=max(r.duration_s for r in reports),
+        batches=batches, inputs_per_s=sum(r.inputs_per_s for r in reports),
+        tokens_per_s=sum(r.tokens_per_s for r in reports),
+        mean_padded_tokens=weighted(lambda r: r.mean_padded_tokens),
+        mean_real_tokens=weighted(lambda r: r.mean_real_tokens),
+        ms_per_batch={"mean": weighted(lambda r: r.ms_per_batch["mean"]),
+                      "p50": max(r.ms_per_batch["p50"] for r in reports),
+                      "p99": max(r.ms_per_batch["p99"] for r in reports)},
+        tokenize_ms_per_batch=weighted(lambda r: r.tokenize_ms_per_batch),
+        forward_only_inputs_per_s=sum(r.forward_only_inputs_per_s for r in reports),
+        torch_threads=first.torch_threads, mean_batch_size=weighted(lambda r: r.mean_batch_size),
+        pool=first.pool, max_batch_tokens=first.max_batch_tokens, workers=len(reports),
+    )
 
 
 def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float = 10.0, warmup_s: float = 2.0,

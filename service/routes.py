@@ -313,6 +313,10 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "payload_limit_bytes": s.payload_limit, "request_timeout_s": s.request_timeout_s,
             "shutdown_grace_s": s.shutdown_grace_s, "shutdown_delay_s": s.shutdown_delay_s,
         },
+        "inference": {"workers": s.inference_workers,
+                      "torch_threads_per_worker": (state.batcher.limits.threads_per_worker
+                                                   if state.batcher is not None else None)
+                      or torch.get_num_threads()},
         "auth": {"api_key_required": s.api_key is not None,
                  "metrics_require_key": s.api_key is not None and s.metrics_require_key},
     }

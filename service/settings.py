@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of the encoder's matrix products and attention (torch.autocast). bfloat16 "
         "runs on AMX / AVX-512-BF16 where the CPU has them: faster, embeddings move by ~1e-3 in cosine.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of each inference worker "
+                                      "(default: torch's choice divided among the workers).")
+    inference_workers: int = Field(1, ge=1, le=64, description="Threads that run forward passes, each on its own "
+                                   "batch; with several, each gets an equal share of the torch threads.")
 
     # --- batching and queueing
     max_batch_tokens: int = Field(16384, ge=1, description="Padded tokens (longest * count) per forward pass.")

@@ -150,7 +150,9 @@ class ServiceState:
             max_wait_s=s.max_batch_wait_ms / 1000.0, max_queued_inputs=s.max_queued_inputs,
             max_queued_tokens=s.max_queued_tokens, max_concurrent_requests=s.max_concurrent_requests,
             max_input_tokens=self.max_input_tokens, tokenizer_workers=s.tokenizer_workers,
-            record_leaves=s.record_leaves,
+            record_leaves=s.record_leaves, inference_workers=s.inference_workers,
+            threads_per_worker=s.torch_threads or (max(1, torch.get_num_threads() // s.inference_workers)
+                                                   if s.inference_workers > 1 else None),
         )
         if limits.max_batch_tokens < self.max_input_tokens:
             log.warning("max_batch_tokens (%d) is below max_input_tokens (%d): a long input still runs, alone",

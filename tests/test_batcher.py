@@ -374,3 +374,48 @@ def test_concurrent_request_cap() -> None:
         run(main())
     finally:
         batcher.stop()
+
+
+def test_several_inference_workers_run_batches_side_by_side() -> None:
+    """Two workers: two forward passes are in flight at once (a barrier only both can pass), each worker runs with
+    its own torch thread count, every request still gets exactly its own result, and stop() joins them all."""
+
+    class BarrierBackend(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.barrier = threading.Barrier(2, timeout=5)  # broken (and the batch failed) if never 2 in flight
+            self.lock = threading.Lock()
+            self.calls = 0
+            self.threads: set[tuple[str, int]] = set()
+
+        def forward(self, task, ids, record_leaves):
+            with self.lock:
+                self.calls += 1
+                first_two = self.calls <= 2
+                self.threads.add((threading.current_thread().name, torch.get_num_threads()))
+            if first_two:
+                self.barrier.wait()
+            return super().forward(task, ids, record_leaves)
+
+    backend, rec = BarrierBackend(), Recorder()
+    threads_before = torch.get_num_threads()
+    batcher = Batcher(backend, BatcherLimits(max_input_tokens=64, max_batch_requests=2, inference_workers=2,
+                                             threads_per_worker=1), observer=rec)
+    batcher.start()
+
+    async def main():
+        texts = [f"request number {i}" for i in range(24)]
+        results = await asyncio.gather(*(batcher.submit(Task.EMBED, texts=[t]) for t in texts))
+        for t, r in zip(texts, results):
+            torch.testing.assert_close(r.outputs, expected(backend.tokenize([t], max_length=64, truncate=False,
+                                                                            direction="right")))
+
+    try:
+        run(main())
+        names = {name for name, _ in backend.threads}
+        assert names == {"ufb-inference-0", "ufb-inference-1"}
+        assert {n for _, n in backend.threads} == {1}
+    finally:
+        batcher.stop()
+        torch.set_num_threads(threads_before)
+    assert not any(t.name.startswith("ufb-inference") and t.is_alive() for t in threading.enumerate())

@@ -418,3 +418,37 @@ def test_fused_qkv_follows_the_three_projections() -> None:
     with torch.no_grad():
         expected = attention(x, mask)  # grad mode off but not inference: the three separate projections
     assert not torch.allclose(before, after) and torch.allclose(after, expected, atol=1e-6)
+
+
+def test_leaves_are_recorded_per_thread_when_workers_share_a_model() -> None:
+    """Two inference workers on one model: each reads the leaves of its own forward, never the other's."""
+    import threading
+
+    model = tiny_model("bert", trees=2, depth=4)
+    model.set_record_leaves(True)
+    inputs = {0: [[5, 6, 7, 8, 9, 10, 11]] * 3, 1: [[40, 41], [42, 43, 44]]}
+    with torch.inference_mode():
+        want = {}
+        for k, ids in inputs.items():
+            model.embed_ids(ids)
+            want[k] = model.last_leaves()
+    errors: list[str] = []
+    start = threading.Barrier(2)
+
+    def worker(k: int) -> None:
+        start.wait()
+        with torch.inference_mode():
+            for _ in range(50):
+                model.embed_ids(inputs[k])
+                got = model.last_leaves()
+                if got is None or any(not torch.equal(a, b) for a, b in zip(got, want[k])):
+                    errors.append(f"worker {k} read leaves of shape "
+                                  f"{None if got is None else [tuple(g.shape) for g in got]}")
+                    return
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

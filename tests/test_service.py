@@ -528,3 +528,24 @@ def test_model_backend_refuses_an_unsupported_compute_dtype(tiny_loaded) -> None
 
     with pytest.raises(ValueError, match="compute_dtype"):
         ModelBackend(tiny_loaded, compute_dtype=torch.float16)
+
+
+def test_two_inference_workers_serve_correct_results_and_show_in_info(tiny_loaded) -> None:
+    app = make_app(tiny_loaded, inference_workers=2, torch_threads=1)
+    texts = [f"sentence number {i} " * (1 + i % 5) for i in range(20)]
+    threads_before = torch.get_num_threads()
+
+    async def main():
+        async with running(app) as c:
+            info = (await c.get("/info")).json()
+            assert info["inference"] == {"workers": 2, "torch_threads_per_worker": 1}
+            rs = await asyncio.gather(*(c.post("/embed", json={"inputs": t}) for t in texts))
+            for t, r in zip(texts, rs):
+                assert r.status_code == 200
+                torch.testing.assert_close(torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, t),
+                                           atol=1e-5, rtol=1e-5)
+
+    try:
+        run(main())
+    finally:
+        torch.set_num_threads(threads_before)
