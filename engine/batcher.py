@@ -182,7 +182,8 @@ class BatcherLimits:
     tokenizer_workers: int = 2
     record_leaves: bool = True
     inference_workers: int = 1  # threads that each run whole forward passes, on different batches at once
-    threads_per_worker: int | None = None  # torch intra-op threads each worker sets for itself (None: leave as is)
+    # torch intra-op threads of each worker while all are busy; one running alone uses all workers' threads
+    threads_per_worker: int | None = None
 
 
 @dataclass
@@ -481,9 +482,8 @@ class Batcher:
         """One inference worker. Why several (``inference_workers``): torch's intra-op threads meet at a barrier
         after every op, so when the event loop or the tokenizers take a core for a moment the whole op waits; two
         single-threaded workers on two cores, each on its own batch, lose only their own time (measured in the
-        README, "Inference workers")."""
-        if self.limits.threads_per_worker:
-            torch.set_num_threads(self.limits.threads_per_worker)  # per thread for OpenMP's and MKL's pools
+        README, "Inference workers"). Threads are set per batch, per worker thread (OpenMP's and MKL's counts are
+        per calling thread): all workers' threads when this one runs alone, an equal share when others run too."""
         idle = True
         while True:
             with self._cond:
@@ -499,8 +499,13 @@ class Batcher:
                 if batch:
                     self._inflight_batches += 1
                     self._inflight_ids.add(id(batch))
+                    busy = self._inflight_batches
                 idle = False
             if batch:
+                if self.limits.threads_per_worker and len(self._threads) > 1:
+                    # a worker that runs alone takes every worker's threads (low load keeps one-worker latency)
+                    total = self.limits.threads_per_worker * len(self._threads)
+                    torch.set_num_threads(max(1, total // busy))
                 try:
                     self._run(batch)
                 except Exception as exc:  # noqa: BLE001 -- post-processing bug: fail the batch, keep serving

@@ -34,9 +34,10 @@ class Settings(BaseSettings):
         "float32", description="Dtype of the encoder's matrix products and attention (torch.autocast). bfloat16 "
         "runs on AMX / AVX-512-BF16 where the CPU has them: faster, embeddings move by ~1e-3 in cosine.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of each inference worker "
-                                      "(default: torch's choice divided among the workers).")
+                                      "while all are busy (default: torch's choice divided among the workers).")
     inference_workers: int = Field(1, ge=1, le=64, description="Threads that run forward passes, each on its own "
-                                   "batch; with several, each gets an equal share of the torch threads.")
+                                   "batch; with several, a worker running alone uses all the torch threads and "
+                                   "busy workers share them equally.")
 
     # --- batching and queueing
     max_batch_tokens: int = Field(16384, ge=1, description="Padded tokens (longest * count) per forward pass.")
