@@ -482,7 +482,7 @@ class Batcher:
         """One inference worker. Why several (``inference_workers``): torch's intra-op threads meet at a barrier
         after every op, so when the event loop or the tokenizers take a core for a moment the whole op waits; two
         single-threaded workers on two cores, each on its own batch, lose only their own time (measured in the
-        README, "Inference workers"). Threads are set per batch, per worker thread (OpenMP's and MKL's counts are
+        README, "Throughput options"). Threads are set per batch, per worker thread (OpenMP's and MKL's counts are
         per calling thread): all workers' threads when this one runs alone, an equal share when others run too."""
         idle = True
         while True:
