@@ -257,7 +257,7 @@ def _resolve(fut: asyncio.Future[Any], value: Any = None, exc: BaseException | N
 
 
 class Batcher:
-    """Queue + worker thread. Create it, ``start()`` it, ``await submit(...)`` from the event loop."""
+    """Queue + inference worker thread(s). Create it, ``start()`` it, ``await submit(...)`` from the event loop."""
 
     def __init__(self, backend: Backend, limits: BatcherLimits | None = None,
                  observer: BatchObserver | None = None,
@@ -611,20 +611,24 @@ class Batcher:
         end = self._clock()
         self._notify(stats)  # before answering: a client that reads /metrics next sees its own batch
         out = out.detach().cpu()
-        for row, it in zip(out, batch):
-            req = it.req
-            if req.finished:
-                continue
-            req.rows[it.index] = row.clone()
-            req.remaining -= 1
-            req.last_end = end
-            if req.remaining == 0:
-                req.finished = True
-                result = Result(outputs=torch.stack(req.rows),  # type: ignore[arg-type]
-                                token_counts=req.token_counts, tokenization_s=req.tokenization_s,
-                                queue_s=(req.first_start or end) - req.enqueued,
-                                inference_s=end - (req.first_start or end))
-                req.loop.call_soon_threadsafe(_resolve, req.future, result)
+        done: list[_Request] = []
+        with self._cond:  # a request's inputs may sit in batches that other workers finish at the same moment
+            for row, it in zip(out, batch):
+                req = it.req
+                if req.finished:
+                    continue
+                req.rows[it.index] = row.clone()
+                req.remaining -= 1
+                req.last_end = end
+                if req.remaining == 0:
+                    req.finished = True
+                    done.append(req)
+        for req in done:
+            result = Result(outputs=torch.stack(req.rows),  # type: ignore[arg-type]
+                            token_counts=req.token_counts, tokenization_s=req.tokenization_s,
+                            queue_s=(req.first_start or end) - req.enqueued,
+                            inference_s=end - (req.first_start or end))
+            req.loop.call_soon_threadsafe(_resolve, req.future, result)
 
     def _end_inflight(self, batch: list[_Item]) -> None:
         """Idempotent per batch: the forward's end and the worker's safety net both call it."""

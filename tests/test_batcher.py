@@ -421,3 +421,25 @@ def test_several_inference_workers_run_batches_side_by_side() -> None:
         batcher.stop()
         torch.set_num_threads(threads_before)
     assert not any(t.name.startswith("ufb-inference") and t.is_alive() for t in threading.enumerate())
+
+
+def test_requests_split_across_workers_get_every_row_once() -> None:
+    """Multi-input requests whose inputs land in batches of different workers still resolve once, with every row
+    in its place (the per-request bookkeeping is shared between workers)."""
+    batcher = Batcher(FakeBackend(), BatcherLimits(max_input_tokens=64, max_batch_requests=3, inference_workers=2,
+                                                   threads_per_worker=1))
+    batcher.start()
+    threads_before = torch.get_num_threads()
+
+    async def main():
+        reqs = [[f"r{r} input {i} " + "x" * ((r * 7 + i * 3) % 20) for i in range(1 + r % 7)] for r in range(60)]
+        results = await asyncio.gather(*(batcher.submit(Task.EMBED, texts=t) for t in reqs))
+        for texts, res in zip(reqs, results):
+            ids = FakeBackend().tokenize(texts, max_length=64, truncate=False, direction="right")
+            torch.testing.assert_close(res.outputs, expected(ids))
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+        torch.set_num_threads(threads_before)
