@@ -154,6 +154,16 @@ def test_engine_mode(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -
     (r,) = json.loads(capsys.readouterr().out)
     assert r["pool"] == 16 and r["max_batch_tokens"] == 256 and r["mean_padded_tokens"] <= 256
     assert 1 <= r["mean_batch_size"] <= 8
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:  # two workers side by side: one merged report, rates and batch counts added up
+        assert cli.main(["engine", "--model", str(tiny_model_dir), "-b", "4", "--workers", "2", "--duration", "0.5",
+                         "--warmup", "0.1", "--compute-dtype", "bfloat16", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads_before)
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["workers"] == 2 and r["batches"] > 1 and r["inputs_per_s"] > 0 and r["mean_batch_size"] == 4
 
 
 def test_split_batches_follows_the_batcher_budgets() -> None:
