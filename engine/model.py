@@ -59,23 +59,21 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
+        """``[B, T]`` right-padded ids -> ``[B, T, H]``; positions restart at 0 in every row."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.forward_packed(input_ids, positions, token_type_ids)
+
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids with the position of each in its own sequence (``[N]`` packed, or ``[T]`` broadcast over a padded
+        batch) -> embeddings; token type 0 unless given."""
         x = self.word_embeddings(input_ids)
         if self.layout == "bert":
-            x = x + self.position_embeddings.weight[:seq_len]
+            x = x + self.position_embeddings(positions)
             if token_type_ids is None:
                 x = x + self.token_type_embeddings.weight[0]
             else:
                 x = x + self.token_type_embeddings(token_type_ids)
-        else:
-            x = x + self.position_scale * self.sinusoids[:seq_len]
-        return self.norm(x)
-
-    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``[N]`` token ids with their positions in their own sequence -> ``[N, H]`` (token type 0)."""
-        x = self.word_embeddings(input_ids)
-        if self.layout == "bert":
-            x = x + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         else:
             x = x + self.position_scale * self.sinusoids[positions]
         return self.norm(x)
@@ -117,8 +115,8 @@ def length_groups(lengths: Sequence[int], max_padding_ratio: float) -> list[list
     3.5-4.5x its real tokens, which erased most of the FFF model's advantage under load; a few attention calls
     over groups of similar length cost far less than one over all that padding. With packed inputs the default
     is no padding at all (1.0: one attention call per distinct length): on the load generator's text mix the
-    FFN-removed MiniLM ran 56-65 ms per batch of 16 at 1.0 against 60-67 at 1.25, 75 at 1.6 and 102 at 2.5, and
-    268 against 339 ms per batch of 64 at 1.25 (``flash`` attention with a mask is slower than without, and
+    FFN-removed MiniLM ran 56 ms per batch of 16 at 1.0 against 60-67 at 1.25, 76 at 1.6 and 102 at 2.5, and
+    268 against 339 ms per batch of 64 at 1.0 and 1.25 (``flash`` attention with a mask is slower than without, and
     small per-call costs are cheaper than padded work).
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -365,9 +363,7 @@ class UltraFastBert(nn.Module):
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} "
                              f"and {tuple(attention_mask.shape)}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+        self._check_length(input_ids.shape[1])
         keep = attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids)
         # Additive mask [B, 1, 1, T]: a large negative (not -inf) so a fully padded row cannot produce NaNs.
@@ -379,6 +375,16 @@ class UltraFastBert(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
+
+    def _check_length(self, longest: int) -> None:
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+
+    def _classification_head(self) -> ClassificationHead:
+        if self.head is None:
+            raise ValueError(f"model {self.config.name!r} has no classification head (its config has no labels)")
+        return self.head
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.config.pooling == "cls":
@@ -396,17 +402,14 @@ class UltraFastBert(nn.Module):
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_labels]`` from the masked mean of the final hidden states (never normalised)."""
-        if self.head is None:
-            raise ValueError(f"model {self.config.name!r} has no classification head (its config has no labels)")
-        return self.head(masked_mean(self(input_ids, attention_mask), attention_mask))
+        head = self._classification_head()
+        return head(masked_mean(self(input_ids, attention_mask), attention_mask))
 
     # ------------------------------------------------------------------ packed inference (the serving path)
 
     def forward_packed(self, input_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Final hidden states ``[N, H]`` of packed tokens (see :func:`pack`)."""
-        if int(packing.lengths.max()) > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {int(packing.lengths.max())} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+        self._check_length(int(packing.lengths.max()))
         x = self.embeddings.forward_packed(input_ids, packing.positions)
         for layer in self.layers:
             x = layer.forward_packed(x, packing)
@@ -435,9 +438,8 @@ class UltraFastBert(nn.Module):
 
     def classify_ids(self, ids: Sequence[Sequence[int]], max_padding_ratio: float = 1.0) -> torch.Tensor:
         """:meth:`classify` of unpadded token id lists, ``[B, num_labels]`` in input order."""
-        if self.head is None:
-            raise ValueError(f"model {self.config.name!r} has no classification head (its config has no labels)")
-        return self.head(self.pooled_ids(ids, cls=False, max_padding_ratio=max_padding_ratio))
+        head = self._classification_head()
+        return head(self.pooled_ids(ids, cls=False, max_padding_ratio=max_padding_ratio))
 
     # ------------------------------------------------------------------ FFF controls and metrics
 
