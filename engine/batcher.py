@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
+from engine.model import DEFAULT_MAX_PADDING_RATIO
+
 log = logging.getLogger(__name__)
 
 
@@ -119,7 +121,7 @@ class ModelBackend:
 
     COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
-    def __init__(self, loaded: Any, max_padding_ratio: float = 1.0,
+    def __init__(self, loaded: Any, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO,
                  compute_dtype: torch.dtype = torch.float32) -> None:
         if compute_dtype not in self.COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {self.COMPUTE_DTYPES}, got {compute_dtype}")
@@ -184,6 +186,14 @@ class BatcherLimits:
     inference_workers: int = 1  # threads that each run whole forward passes, on different batches at once
     # torch intra-op threads of each worker while all are busy; one running alone uses all workers' threads
     threads_per_worker: int | None = None
+
+
+def worker_threads(workers: int, torch_threads: int | None = None) -> int | None:
+    """Torch threads each of ``workers`` inference workers gets: ``torch_threads`` if given, else an equal share
+    of torch's default; None (leave torch's setting alone) for a single worker."""
+    if torch_threads:
+        return torch_threads
+    return max(1, torch.get_num_threads() // workers) if workers > 1 else None
 
 
 @dataclass

@@ -97,8 +97,10 @@ def run_engine(*args: Any, workers: int = 1, threads_per_worker: int | None = No
     not be a fair yardstick. ``threads_per_worker``: torch threads each worker sets (default: torch's share)."""
     import torch
 
+    from engine.batcher import worker_threads
+
     n = max(1, workers)
-    threads = threads_per_worker or (max(1, torch.get_num_threads() // n) if n > 1 else None)
+    threads = worker_threads(n, threads_per_worker)
     boxes: list[dict[str, Any]] = [{} for _ in range(n)]
 
     def target(i: int) -> None:

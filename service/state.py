@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.batcher import Batcher, BatcherLimits, ModelBackend, Task
+from engine.batcher import Batcher, BatcherLimits, ModelBackend, Task, worker_threads
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -151,8 +151,7 @@ class ServiceState:
             max_queued_tokens=s.max_queued_tokens, max_concurrent_requests=s.max_concurrent_requests,
             max_input_tokens=self.max_input_tokens, tokenizer_workers=s.tokenizer_workers,
             record_leaves=s.record_leaves, inference_workers=s.inference_workers,
-            threads_per_worker=s.torch_threads or (max(1, torch.get_num_threads() // s.inference_workers)
-                                                   if s.inference_workers > 1 else None),
+            threads_per_worker=worker_threads(s.inference_workers, s.torch_threads),
         )
         if limits.max_batch_tokens < self.max_input_tokens:
             log.warning("max_batch_tokens (%d) is below max_input_tokens (%d): a long input still runs, alone",
