@@ -1,14 +1,16 @@
 """Dynamic batching between the asyncio front end and the inference worker thread(s) that run the model.
 
-Why this shape (TEI's router/queue/backend split, Infinity's length sorting):
+Why this shape (TEI's router/queue/backend split and its token budget):
 
 * Tokenization runs in a small thread pool, never on the event loop: a 100k-character input must not stall
   every other connection.
 * Inputs, not requests, are the unit of batching. A request's inputs may land in different batches; each
   carries its request and position so results are routed back exactly.
-* A batch is bounded by a **token budget** counted in *padded* tokens (``max_len * n``), because that is what
-  the forward pass pays for, and by a cap on the number of sequences. Candidates are chosen by length around
-  the oldest waiting input so that padding stays small and nothing starves.
+* A batch is bounded by a **token budget** counted in real tokens, and by a cap on the number of sequences.
+  The model computes packed batches (no padding, :func:`engine.model.pack`), so a mix of lengths costs no more
+  than sorted lengths would: inputs are taken oldest first (:func:`first_fit`), which is the fair order and the
+  one that keeps tail latency down. (Before packing, batches were cut around the oldest input from its length
+  neighbours, under a budget of padded tokens.)
 * The worker waits a little (``max_wait_s``) for a batch to grow only when it is busy; an input that arrives
   at an idle worker is dispatched at once, so a lone request pays no batching latency.
 * The queue is bounded in inputs and in tokens; beyond that :class:`Overloaded` is raised immediately
@@ -174,7 +176,7 @@ class ModelBackend:
 class BatcherLimits:
     """Every bound the batcher enforces; the service fills it from settings and shows it in /info."""
 
-    max_batch_tokens: int = 16384  # padded tokens (max_len * n) per forward pass
+    max_batch_tokens: int = 16384  # tokens (summed over the inputs) per forward pass
     max_batch_requests: int = 64  # sequences per forward pass
     max_wait_s: float = 0.002  # how long a busy worker lets a batch grow
     max_queued_inputs: int = 1024
@@ -196,14 +198,29 @@ def worker_threads(workers: int, torch_threads: int | None = None) -> int | None
     return max(1, torch.get_num_threads() // workers) if workers > 1 else None
 
 
+def first_fit(lengths: Sequence[int], max_inputs: int, max_tokens: int) -> list[int]:
+    """Indices, ascending, of the queued inputs (``lengths`` in arrival order) that one batch takes: the oldest
+    always (even alone over the token budget: it must run some time), then each later input that still fits both
+    budgets. An input skipped for its length is the oldest soon enough, so nothing starves."""
+    if not lengths:
+        return []
+    chosen, tokens = [0], lengths[0]
+    for i in range(1, len(lengths)):
+        if len(chosen) >= max_inputs:
+            break
+        if tokens + lengths[i] <= max_tokens:
+            chosen.append(i)
+            tokens += lengths[i]
+    return chosen
+
+
 @dataclass
 class BatchStats:
     """Handed to the observer after every forward pass (from the worker thread)."""
 
     task: Task
     size: int
-    padded_tokens: int
-    real_tokens: int
+    tokens: int  # summed over the inputs: what the packed forward computes
     inference_s: float
     lengths: list[int]
     leaf_counts: list[torch.Tensor] | None = None  # per layer: [trees, leaves] visit counts of this batch
@@ -549,45 +566,22 @@ class Batcher:
                 self._fail(req, DeadlineExceeded("the request's deadline passed while it was queued"))
 
     def _take_batch_locked(self) -> list[_Item]:
-        """The oldest input plus its nearest neighbours by length, within the token and size budgets."""
+        """The oldest input's task, oldest first, within the token and size budgets (:func:`first_fit`)."""
         if not self._pending:
             return []
-        oldest = next(iter(self._pending.values()))
-        cands = sorted((it for it in self._pending.values() if it.req.task is oldest.req.task),
-                       key=lambda it: (len(it.ids), it.seq))
-        pos = cands.index(oldest)
-        lo, hi = pos - 1, pos + 1
-        chosen = [oldest]
-        max_len = len(oldest.ids)
-        budget, cap = self.limits.max_batch_tokens, self.limits.max_batch_requests
-        while len(chosen) < cap:
-            n = len(chosen) + 1
-            # waste if we add the shorter neighbour: it is padded up to max_len
-            lo_ok = lo >= 0 and max_len * n <= budget
-            hi_len = len(cands[hi].ids) if hi < len(cands) else 0
-            hi_ok = hi < len(cands) and hi_len * n <= budget
-            if not (lo_ok or hi_ok):
-                break
-            lo_waste = max_len - len(cands[lo].ids) if lo_ok else None
-            hi_waste = (hi_len - max_len) * (n - 1) if hi_ok else None
-            if hi_waste is None or (lo_waste is not None and lo_waste <= hi_waste):
-                chosen.append(cands[lo])
-                lo -= 1
-            else:
-                chosen.append(cands[hi])
-                max_len = max(max_len, hi_len)
-                hi += 1
+        task = next(iter(self._pending.values())).req.task
+        cands = [it for it in self._pending.values() if it.req.task is task]  # arrival order
+        chosen = [cands[i] for i in first_fit([len(it.ids) for it in cands], self.limits.max_batch_requests,
+                                              self.limits.max_batch_tokens)]
         for it in chosen:
             del self._pending[it.seq]
             self._queued_tokens -= len(it.ids)
-        chosen.sort(key=lambda it: len(it.ids))
         return chosen
 
     def _run(self, batch: list[_Item]) -> None:
         task = batch[0].req.task
         lengths = [len(it.ids) for it in batch]
-        stats = BatchStats(task=task, size=len(batch), padded_tokens=max(lengths) * len(batch),
-                           real_tokens=sum(lengths), inference_s=0.0, lengths=lengths)
+        stats = BatchStats(task=task, size=len(batch), tokens=sum(lengths), inference_s=0.0, lengths=lengths)
         start = self._clock()
         t0 = time.perf_counter()
         for it in batch:

@@ -302,8 +302,8 @@ def cmd_overhead(a: argparse.Namespace) -> int:
     for s, sh, e, o in zip(svc_runs, shapes, eng_runs, overheads):
         lines += [
             s.text(),
-            f"  service batches: {sh['batches']:.0f}, mean size {sh['mean_size']:.2f}, padded tokens "
-            f"{sh['mean_padded_tokens']:.0f}, real tokens {sh['mean_real_tokens']:.0f}, forward "
+            f"  service batches: {sh['batches']:.0f}, mean size {sh['mean_size']:.2f}, tokens "
+            f"{sh['mean_tokens']:.0f}, forward "
             f"{sh['inference_s_per_batch'] * 1e3:.1f} ms/batch, server CPU {sh['process_cpu_s'] / s.duration_s:.2f} cores",
             e.text(),
             f"  -> overhead {o * 100:.1f} % (service {s.inputs_per_s:.2f} vs engine {e.inputs_per_s:.2f} inputs/s, "
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="length-sort pools of --pool inputs and cut batches within this padded-token budget")
+                   help="cut pools of --pool inputs into batches within this token budget, as the batcher does")
     p.add_argument("--pool", type=int, default=None, help="inputs drawn per step (default: the batch size)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="as the service's --compute-dtype")

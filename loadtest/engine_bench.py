@@ -1,10 +1,10 @@
 """The engine driven directly, without HTTP or the batcher: the yardstick for the service's overhead.
 
 Each step takes ``pool`` texts (default ``batch_size``) from the same :class:`~loadtest.corpus.TextMix` the HTTP
-load uses and tokenizes them (the service tokenizes too). With ``max_batch_tokens`` unset they form one batch;
-otherwise they are sorted by length and cut into consecutive batches of at most ``batch_size`` inputs and
-``max_batch_tokens`` padded tokens -- what the service's batcher does with a queue of ``pool`` inputs (it takes
-length neighbours within the same two budgets). Each batch is one forward pass through
+load uses and tokenizes them (the service tokenizes too). With ``max_batch_tokens`` unset they form batches of
+``batch_size`` in order; otherwise batches of at most ``batch_size`` inputs and ``max_batch_tokens`` tokens are
+taken oldest first, exactly as the service's batcher takes them from a queue of ``pool`` inputs
+(:func:`engine.batcher.first_fit`). Each batch is one forward pass through
 :class:`engine.batcher.ModelBackend`, the exact call the batcher's worker makes, leaf recording included.
 """
 
@@ -28,8 +28,7 @@ class EngineReport:
     batches: int
     inputs_per_s: float
     tokens_per_s: float
-    mean_padded_tokens: float
-    mean_real_tokens: float
+    mean_tokens: float
     ms_per_batch: dict[str, float]  # forward only: mean, p50, p99 (p50/p99 over pools, per batch)
     tokenize_ms_per_batch: float
     forward_only_inputs_per_s: float
@@ -44,30 +43,31 @@ class EngineReport:
 
     def text(self) -> str:
         m = self.ms_per_batch
-        how = (f"batches of <= {self.batch_size} inputs and <= {self.max_batch_tokens} padded tokens from "
-               f"length-sorted pools of {self.pool}" if self.max_batch_tokens else f"batch {self.batch_size}")
+        how = (f"batches of <= {self.batch_size} inputs and <= {self.max_batch_tokens} tokens from "
+               f"pools of {self.pool}" if self.max_batch_tokens else f"batch {self.batch_size}")
         who = f"{self.workers} workers x {self.torch_threads}" if self.workers > 1 else f"{self.torch_threads}"
         return (f"engine direct, {how} on {self.model} ({who} torch threads), "
                 f"{self.duration_s:.1f}s, {self.batches} batches (mean size {self.mean_batch_size:.1f})\n"
                 f"  {self.inputs_per_s:.2f} inputs/s incl. tokenization ({self.forward_only_inputs_per_s:.2f} "
                 f"forward only), {self.tokens_per_s:.0f} tokens/s\n"
                 f"  per batch: forward ms mean {m['mean']:.1f} p50 {m['p50']:.1f} p99 {m['p99']:.1f}, tokenize "
-                f"{self.tokenize_ms_per_batch:.1f} ms, padded tokens {self.mean_padded_tokens:.0f}, real "
-                f"{self.mean_real_tokens:.0f}")
+                f"{self.tokenize_ms_per_batch:.1f} ms, tokens {self.mean_tokens:.0f}")
 
 
 def split_batches(ids: list[list[int]], batch_size: int, max_batch_tokens: int | None) -> list[list[list[int]]]:
     """One pool of tokenized inputs -> batches (see the module docstring)."""
     if max_batch_tokens is None:
         return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    from engine.batcher import first_fit
+
     out: list[list[list[int]]] = []
-    cur: list[list[int]] = []
-    for x in sorted(ids, key=len):
-        if cur and (len(cur) + 1 > batch_size or len(x) * (len(cur) + 1) > max_batch_tokens):
-            out.append(cur)
-            cur = []
-        cur.append(x)
-    return out + [cur]
+    queue = list(ids)
+    while queue:
+        taken = first_fit([len(x) for x in queue], batch_size, max_batch_tokens)
+        out.append([queue[i] for i in taken])
+        keep = set(taken)
+        queue = [x for i, x in enumerate(queue) if i not in keep]
+    return out
 
 
 def calibrate_pool(loaded: Any, *, target_mean_size: float, batch_size: int, max_batch_tokens: int | None,
@@ -137,8 +137,7 @@ def _merge(reports: list[EngineReport]) -> EngineReport:
         model=first.model, batch_size=first.batch_size, duration_s=max(r.duration_s for r in reports),
         batches=batches, inputs_per_s=sum(r.inputs_per_s for r in reports),
         tokens_per_s=sum(r.tokens_per_s for r in reports),
-        mean_padded_tokens=weighted(lambda r: r.mean_padded_tokens),
-        mean_real_tokens=weighted(lambda r: r.mean_real_tokens),
+        mean_tokens=weighted(lambda r: r.mean_tokens),
         ms_per_batch={"mean": weighted(lambda r: r.ms_per_batch["mean"]),
                       "p50": max(r.ms_per_batch["p50"] for r in reports),
                       "p99": max(r.ms_per_batch["p99"] for r in reports)},
@@ -177,7 +176,7 @@ def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float =
         for b in split_batches(ids, batch_size, max_batch_tokens):
             out, _ = backend.forward(Task.EMBED, b, record_leaves)
             assert out.shape[0] == len(b)
-            shapes.append((len(b), max(map(len, b)) * len(b), sum(map(len, b))))
+            shapes.append((len(b), sum(map(len, b))))
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, shapes
 
@@ -198,9 +197,8 @@ def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float =
     per_batch_ms = [x * 1e3 * len(fwd_s) / n for x in fwd_s] if n else []
     return EngineReport(
         model=str(getattr(loaded, "path", model)), batch_size=batch_size, duration_s=elapsed, batches=n,
-        inputs_per_s=inputs / elapsed, tokens_per_s=sum(s[2] for s in shapes) / elapsed,
-        mean_padded_tokens=sum(s[1] for s in shapes) / n if n else math.nan,
-        mean_real_tokens=sum(s[2] for s in shapes) / n if n else math.nan,
+        inputs_per_s=inputs / elapsed, tokens_per_s=sum(s[1] for s in shapes) / elapsed,
+        mean_tokens=sum(s[1] for s in shapes) / n if n else math.nan,
         ms_per_batch={"mean": sum(fwd_s) * 1e3 / n if n else math.nan, "p50": percentile(per_batch_ms, 50),
                       "p99": percentile(per_batch_ms, 99)},
         tokenize_ms_per_batch=sum(tok_s) * 1e3 / n if n else math.nan,

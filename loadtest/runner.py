@@ -310,7 +310,7 @@ async def scrape(url: str, timeout_s: float = 10.0) -> dict[str, float]:
 
 
 def batch_shape(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Mean batch size and padded/real tokens per batch between two scrapes (all tasks)."""
+    """Mean batch size and tokens per batch between two scrapes (all tasks)."""
 
     def delta(prefix: str) -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix + "{"))
@@ -318,10 +318,9 @@ def batch_shape(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     batches = delta("ufb_batch_size_count")
     cpu = delta("process_cpu_seconds_total")
     if batches <= 0:
-        return {"batches": 0.0, "mean_size": math.nan, "mean_padded_tokens": math.nan,
-                "mean_real_tokens": math.nan, "inference_s_per_batch": math.nan, "process_cpu_s": cpu}
+        return {"batches": 0.0, "mean_size": math.nan, "mean_tokens": math.nan, "inference_s_per_batch": math.nan,
+                "process_cpu_s": cpu}
     return {"batches": batches, "mean_size": delta("ufb_batch_size_sum") / batches,
-            "mean_padded_tokens": delta("ufb_batch_tokens_sum") / batches,
-            "mean_real_tokens": delta("ufb_batch_real_tokens_sum") / batches,
+            "mean_tokens": delta("ufb_batch_tokens_sum") / batches,
             "inference_s_per_batch": delta("ufb_batch_inference_duration_seconds_sum") / batches,
             "process_cpu_s": cpu}

@@ -51,10 +51,8 @@ class ServiceMetrics:
                                         ["task"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("ufb_batch_size", "Inputs per batch", ["task"], buckets=SIZE_BUCKETS,
                                     registry=r)
-        self.batch_tokens = Histogram("ufb_batch_tokens", "Padded tokens (longest * size) per batch", ["task"],
+        self.batch_tokens = Histogram("ufb_batch_tokens", "Tokens per batch (packed: no padding)", ["task"],
                                       buckets=TOKEN_BUCKETS, registry=r)
-        self.batch_real_tokens = Histogram("ufb_batch_real_tokens", "Real (unpadded) tokens per batch", ["task"],
-                                           buckets=TOKEN_BUCKETS, registry=r)
         self.input_length = Histogram("ufb_input_length_tokens", "Tokens per input", ["task"],
                                       buckets=LENGTH_BUCKETS, registry=r)
         self.inputs = Counter("ufb_inputs", "Inputs answered", ["task"], registry=r)
@@ -133,13 +131,12 @@ class ServiceMetrics:
             self.batch_failures.labels(task).inc()
             return
         self.batch_size.labels(task).observe(stats.size)
-        self.batch_tokens.labels(task).observe(stats.padded_tokens)
-        self.batch_real_tokens.labels(task).observe(stats.real_tokens)
+        self.batch_tokens.labels(task).observe(stats.tokens)
         for layer, (evaluated, dense) in enumerate(self._npt):
-            self.neurons_evaluated.labels(str(layer)).inc(evaluated * stats.real_tokens)
-            self.neurons_dense.labels(str(layer)).inc(dense * stats.real_tokens)
+            self.neurons_evaluated.labels(str(layer)).inc(evaluated * stats.tokens)
+            self.neurons_dense.labels(str(layer)).inc(dense * stats.tokens)
         if stats.leaf_counts:
-            self._update_leaves(stats.leaf_counts, stats.real_tokens)
+            self._update_leaves(stats.leaf_counts, stats.tokens)
 
     def _update_leaves(self, counts: Sequence[torch.Tensor], n_tokens: int) -> None:
         new = torch.stack([c.double() for c in counts])  # [layers, trees, leaves]

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
                                    "busy workers share them equally.")
 
     # --- batching and queueing
-    max_batch_tokens: int = Field(16384, ge=1, description="Padded tokens (longest * count) per forward pass.")
+    max_batch_tokens: int = Field(16384, ge=1, description="Tokens (summed over the inputs) per forward pass.")
     max_batch_requests: int = Field(64, ge=1, description="Sequences per forward pass.")
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000,
                                      description="How long a busy worker lets a batch grow; no wait when idle.")

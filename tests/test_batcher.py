@@ -26,6 +26,7 @@ from engine.batcher import (
     Overloaded,
     ShuttingDown,
     Task,
+    first_fit,
 )
 
 
@@ -109,8 +110,8 @@ def test_concurrent_requests_get_their_own_results_and_batches_form() -> None:
     assert max(b.size for b in rec.batches) > 1
     for b in rec.batches:
         assert b.size <= 16
-        assert b.padded_tokens <= 256 or b.size == 1
-        assert b.padded_tokens == max(b.lengths) * b.size
+        assert b.tokens <= 256 or b.size == 1
+        assert b.tokens == sum(b.lengths)
 
 
 def test_long_requests_are_split_across_batches_in_order() -> None:
@@ -335,17 +336,21 @@ def test_stop_fails_queued_requests() -> None:
     run(main())
 
 
-def test_batch_selection_groups_similar_lengths() -> None:
-    """With a tight budget, the oldest input is batched with its nearest neighbours by length."""
-    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=40, max_batch_requests=8, max_input_tokens=64))
+def test_batches_take_inputs_oldest_first_within_the_token_budget() -> None:
+    """Packed batches cost their real tokens whatever the mix of lengths: inputs go in arrival order, and a later
+    short input may fill the room a long one left (first fit); the skipped long input leads the next batch."""
+    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=40, max_batch_requests=8, max_input_tokens=64,
+                                               max_wait_s=0.0))
 
     async def main() -> None:
         backend.gate.clear()
         first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5]]))
         assert await asyncio.to_thread(backend.entered.wait, 10)
-        lengths = [10, 2, 10, 2, 10, 2, 10, 2]
-        futs = [asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5] * n])) for n in lengths]
-        await asyncio.sleep(0.02)
+        lengths = [10, 2, 30, 10, 2, 10, 2, 10]
+        futs = []
+        for n in lengths:  # one at a time, so that arrival order is submission order
+            futs.append(asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5] * n])))
+            await asyncio.sleep(0.005)
         backend.gate.set()
         await asyncio.gather(first, *futs)
 
@@ -353,8 +358,20 @@ def test_batch_selection_groups_similar_lengths() -> None:
         run(main())
     finally:
         batcher.stop()
-    later = rec.batches[1:]
-    assert all(len(set(b.lengths)) == 1 for b in later), [b.lengths for b in later]
+    assert [b.lengths for b in rec.batches[1:]] == [[10, 2, 10, 2, 10, 2], [30, 10]]
+    assert all(b.tokens == sum(b.lengths) <= 40 for b in rec.batches)
+
+
+@pytest.mark.parametrize(("lengths", "size", "tokens", "expected"), [
+    ([], 8, 100, []),
+    ([500], 8, 100, [0]),  # the oldest runs even alone over the budget
+    ([500, 1], 8, 100, [0]),  # ... and alone: nothing fits beside it
+    ([10, 95, 20, 70, 5], 8, 100, [0, 2, 3]),  # first fit in arrival order, not best fit
+    ([1] * 10, 4, 100, [0, 1, 2, 3]),
+    ([50, 50, 1], 8, 100, [0, 1]),
+])
+def test_first_fit(lengths: list[int], size: int, tokens: int, expected: list[int]) -> None:
+    assert first_fit(lengths, size, tokens) == expected
 
 
 def test_concurrent_request_cap() -> None:

@@ -148,11 +148,11 @@ def test_engine_mode(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert [r["batch_size"] for r in reps] == [1, 4]
     for r in reps:
         assert r["batches"] > 0 and r["inputs_per_s"] > 0
-        assert r["mean_padded_tokens"] >= r["mean_real_tokens"] > 0
+        assert r["mean_tokens"] > 0
     assert cli.main(["engine", "--model", str(tiny_model_dir), "-b", "8", "--pool", "16", "--max-batch-tokens", "256",
                      "--duration", "0.5", "--warmup", "0.1", "--json"]) == 0
     (r,) = json.loads(capsys.readouterr().out)
-    assert r["pool"] == 16 and r["max_batch_tokens"] == 256 and r["mean_padded_tokens"] <= 256
+    assert r["pool"] == 16 and r["max_batch_tokens"] == 256 and r["mean_tokens"] <= 256
     assert 1 <= r["mean_batch_size"] <= 8
     import torch
 
@@ -170,10 +170,9 @@ def test_split_batches_follows_the_batcher_budgets() -> None:
     from loadtest.engine_bench import split_batches
 
     ids = [[1] * n for n in (5, 50, 7, 60, 6, 8)]
-    batches = split_batches(ids, 3, 100)
-    assert sorted(len(x) for b in batches for x in b) == [5, 6, 7, 8, 50, 60]
-    for b in batches:
-        assert len(b) <= 3 and max(map(len, b)) * len(b) <= 100
+    # oldest first; 60 does not fit beside 5 + 50 + 7, so 6 takes its place and 60 leads the next batch
+    assert [[len(x) for x in b] for b in split_batches(ids, 4, 100)] == [[5, 50, 7, 6], [60, 8]]
+    assert [[len(x) for x in b] for b in split_batches(ids, 3, 1000)] == [[5, 50, 7], [60, 6, 8]]
     assert split_batches(ids, 4, None) == [ids[:4], ids[4:]]
 
 
