@@ -231,6 +231,27 @@ async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
     return JSONResponse(tokens)
 
 
+@router.post("/decode", response_model=list[str], responses=_ERRORS, tags=["TEI"],
+             summary="Token ids back to text")
+async def decode(body: S.DecodeRequest, request: Request) -> Response:
+    state = _ready_state(request)
+    _, seqs = _split_inputs(body.ids)
+    seqs = seqs or []
+    if not seqs or not any(seqs):
+        raise E.empty("no token ids to decode")
+    if len(seqs) > state.settings.max_inputs_per_request:
+        raise E.too_many_inputs(len(seqs), state.settings.max_inputs_per_request)
+    assert state.batcher is not None and state.backend is not None
+    vocab = state.backend.vocab_size
+    for i, seq in enumerate(seqs):
+        bad = next((t for t in seq if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise E.validation(f"sequence {i} has token id {bad}, outside the vocabulary (0..{vocab - 1})")
+    texts = await state.batcher.run_in_tokenizer_pool(
+        lambda: [state.loaded.tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs])
+    return JSONResponse(texts)
+
+
 def _tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list[dict[str, Any]]]:
     """TEI's SimpleToken list; offsets come from the Rust tokenizer when the wrapper exposes it."""
     raw = getattr(tokenizer, "_tok", None)
@@ -248,6 +269,30 @@ def _tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], special: bool) 
         out.append([{"id": i, "text": t, "special": t.startswith("[") and t.endswith("]"), "start": None,
                      "stop": None} for i, t in zip(ids, toks)])
     return out
+
+
+def _model_card(state: ServiceState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": int(state.ready_since or 0),
+            "owned_by": "ultrafastbert-serve"}
+
+
+@router.get("/v1/models", response_model=S.OpenAIModelList, responses=_ERRORS, tags=["OpenAI"],
+            summary="OpenAI-compatible model list: the one model this server serves")
+@router.get("/models", response_model=S.OpenAIModelList, responses=_ERRORS, tags=["OpenAI"],
+            include_in_schema=False)
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(_ready_state(request))]})
+
+
+@router.get("/v1/models/{model_id:path}", response_model=S.OpenAIModel,
+            responses={**_ERRORS, 404: {"model": S.ErrorResponse, "description": "No such model"}},
+            tags=["OpenAI"], summary="OpenAI-compatible model lookup")
+async def get_model(model_id: str, request: Request) -> Response:
+    state = _ready_state(request)
+    if model_id != state.model_name:
+        raise E.ServiceError(404, f"model {model_id!r} is not served here (this server serves "
+                                  f"{state.model_name!r})", "not_found")
+    return JSONResponse(_model_card(state))
 
 
 @router.get("/health", tags=["Probes"], summary="Liveness: 200 while the process runs")

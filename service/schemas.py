@@ -107,6 +107,23 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool = True
 
 
+class DecodeRequest(_Body):
+    ids: Union[TokenIds, list[TokenIds]] = Field(..., description="One token id list, or a list of them.")
+    skip_special_tokens: bool = True
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(..., description="Unix time at which this server loaded the model.")
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
 class Prediction(BaseModel):
     label: str
     score: float

@@ -74,6 +74,7 @@ class ServiceState:
         self.max_input_tokens = settings.max_input_tokens or 0
         self.neurons_per_token: list[tuple[int, int]] = []
         self.shutdown_started: float | None = None  # time.monotonic() of begin_shutdown
+        self.ready_since: float | None = None  # time.time() when the model became ready (OpenAI's "created")
 
     # ------------------------------------------------------------------ derived facts
 
@@ -117,6 +118,7 @@ class ServiceState:
                 await self._warmup()
             if self.phase == Phase.WARMING:  # a shutdown may have begun meanwhile
                 self.phase = Phase.READY
+                self.ready_since = time.time()
                 self.metrics.ready.set(1)
                 log.info("ready: serving %s", self.model_name, extra={"model_path": str(self.loaded.path)})
         except Exception as exc:  # noqa: BLE001 - reported by /ready and /info, and logged

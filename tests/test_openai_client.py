@@ -81,6 +81,17 @@ def test_openai_client_single_string_and_dimensions(server: str, tiny_loaded) ->
     assert vec.shape == (16,) and abs(float(np.linalg.norm(vec)) - 1) < 1e-5
 
 
+def test_openai_client_lists_and_retrieves_the_model(server: str) -> None:
+    client = _client(server)
+    (model,) = client.models.list().data  # what tools call first to discover the server's model
+    assert model.object == "model" and model.owned_by == "ultrafastbert-serve" and model.created > 0
+    assert client.models.retrieve(model.id).id == model.id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("text-embedding-3-small")
+    with pytest.raises(openai.AuthenticationError):
+        _client(server, key="wrong").models.list()
+
+
 def test_openai_client_errors_are_status_errors(server: str) -> None:
     with pytest.raises(openai.AuthenticationError):
         _client(server, key="wrong").embeddings.create(model="m", input="hello")

@@ -516,23 +516,24 @@ def test_api_key_guards_every_inference_route_and_info(tiny_loaded, monkeypatch)
 
     posts = sorted({r.path for r in router.routes if "POST" in (getattr(r, "methods", None) or ())})
     assert {"/v1/embeddings", "/embeddings", "/embed", "/classify", "/predict", "/tokenize"} <= set(posts)
-    bodies = {"/v1/embeddings": {"input": "a"}, "/embeddings": {"input": "a"}}
+    bodies = {"/v1/embeddings": {"input": "a"}, "/embeddings": {"input": "a"}, "/decode": {"ids": [1, 2]}}
+    gets = ["/info", "/v1/models", "/models"]
     good = {"Authorization": "Bearer k3y-0f-the-test"}
 
     async def main():
         async with running(app) as c:
-            for path in posts + ["/info"]:
+            for path in posts + gets:
                 body = bodies.get(path, {"inputs": "a"})
                 for headers in ({}, {"Authorization": "Bearer k3y-0f-the-tesT"}, {"Authorization": "k3y"}):
-                    r = await (c.get(path, headers=headers) if path == "/info"
+                    r = await (c.get(path, headers=headers) if path in gets
                                else c.post(path, json=body, headers=headers))
                     assert r.status_code == 401, (path, headers, r.status_code)
                     assert r.json()["error_type"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
-                r = await (c.get(path, headers=good) if path == "/info" else c.post(path, json=body, headers=good))
+                r = await (c.get(path, headers=good) if path in gets else c.post(path, json=body, headers=good))
                 assert r.status_code == 200, (path, r.text)
             for path in ("/health", "/ready", "/metrics"):
                 assert (await c.get(path)).status_code == 200, path
-            return metric_samples((await c.get("/metrics")).text), len(posts) + 1
+            return metric_samples((await c.get("/metrics")).text), len(posts) + len(gets)
 
     samples, n_routes = run(main())
     assert metric(samples, "ufb_auth_failures_total", reason="missing") == n_routes

@@ -549,3 +549,34 @@ def test_two_inference_workers_serve_correct_results_and_show_in_info(tiny_loade
         run(main())
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_decode_and_models(tiny_loaded) -> None:
+    """TEI's /decode inverts /tokenize's ids; OpenAI's /v1/models lists the one model, /v1/models/{id} finds it."""
+    app = make_app(tiny_loaded, served_model_name="my-ufb")
+
+    async def main():
+        async with running(app) as c:
+            toks = (await c.post("/tokenize", json={"inputs": ["hello world", "a b"]})).json()
+            ids = [[t["id"] for t in row] for row in toks]
+            decoded = (await c.post("/decode", json={"ids": ids})).json()
+            assert decoded == [tiny_loaded.tokenizer.decode(x) for x in ids] == ["hello world", "a b"]
+            one = (await c.post("/decode", json={"ids": ids[0], "skip_special_tokens": False})).json()
+            assert one == ["[CLS] hello world [SEP]"]
+            for body, status, kind in [({"ids": []}, 400, "empty"), ({"ids": [[]]}, 400, "empty"),
+                                       ({"ids": [[1, 10**9]]}, 422, "validation"),
+                                       ({"ids": [-1]}, 422, "validation"), ({"ids": ["a"]}, 422, "validation"),
+                                       ({"ids": [[1]] * 33}, 413, "too_many_inputs")]:
+                r = await c.post("/decode", json=body)
+                assert r.status_code == status and r.json()["error_type"] == kind, (body, r.text)
+
+            models = (await c.get("/v1/models")).json()
+            assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["my-ufb"]
+            card = models["data"][0]
+            assert card["object"] == "model" and card["created"] > 1_600_000_000
+            assert (await c.get("/models")).json() == models
+            assert (await c.get("/v1/models/my-ufb")).json() == card
+            missing = await c.get("/v1/models/gpt-4")
+            assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
+
+    run(main())
