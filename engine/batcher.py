@@ -198,6 +198,13 @@ def worker_threads(workers: int, torch_threads: int | None = None) -> int | None
     return max(1, torch.get_num_threads() // workers) if workers > 1 else None
 
 
+def check_vocabulary(seq: Sequence[int], index: int, vocab_size: int) -> None:
+    """:class:`InvalidInput` naming the first id of input ``index`` outside ``0 .. vocab_size - 1``."""
+    bad = next((t for t in seq if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidInput(f"input {index} has token id {bad}, outside the vocabulary (0..{vocab_size - 1})", index)
+
+
 def first_fit(lengths: Sequence[int], max_inputs: int, max_tokens: int) -> list[int]:
     """Indices, ascending, of the queued inputs (``lengths`` in arrival order) that one batch takes: the oldest
     always (even alone over the token budget: it must run some time), then each later input that still fits both
@@ -483,9 +490,7 @@ class Batcher:
         for i, seq in enumerate(token_ids):
             if len(seq) == 0:
                 raise EmptyInput(f"input {i} is an empty list of token ids")
-            bad = next((t for t in seq if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidInput(f"input {i} has token id {bad}, outside the vocabulary (0..{vocab - 1})", i)
+            check_vocabulary(seq, i, vocab)
             if len(seq) > max_len:
                 if not truncate:
                     raise InputTooLong(i, len(seq), max_len)

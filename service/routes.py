@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.batcher import Result, Task
+from engine.batcher import Result, Task, check_vocabulary
 from service import __version__
 from service import errors as E
 from service import schemas as S
@@ -242,11 +242,8 @@ async def decode(body: S.DecodeRequest, request: Request) -> Response:
     if len(seqs) > state.settings.max_inputs_per_request:
         raise E.too_many_inputs(len(seqs), state.settings.max_inputs_per_request)
     assert state.batcher is not None and state.backend is not None
-    vocab = state.backend.vocab_size
     for i, seq in enumerate(seqs):
-        bad = next((t for t in seq if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise E.validation(f"sequence {i} has token id {bad}, outside the vocabulary (0..{vocab - 1})")
+        check_vocabulary(seq, i, state.backend.vocab_size)  # InvalidInput: 422 through the batcher-error handler
     texts = await state.batcher.run_in_tokenizer_pool(
         lambda: [state.loaded.tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs])
     return JSONResponse(texts)
