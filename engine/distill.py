@@ -8,6 +8,8 @@ Pipeline (``ultrafastbert distill``):
 2. **Layer-wise**: the teacher runs over the training text once; each layer's FFN inputs (real hidden states)
    and outputs are cached (float16). Each FFF is then trained alone to reproduce its own FFN's outputs (MSE).
    Steps are shared out in proportion to each layer's initial relative error (hard layers get more work).
+   ``layer_init="fit"`` first re-derives every node's split from the cached tokens and solves the output rows in
+   closed form (:mod:`engine.fff_fit`); ``refit_out`` solves the output rows again after each layer's steps.
 3. **End-to-end**: the whole student (all but the embedding tables) is trained against the teacher's
    per-layer hidden states (MSE) and its sentence embeddings (1 - cosine).
    ``init_student`` starts this phase from an existing student (same teacher, K and D) and skips the
@@ -36,12 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
+from engine.fff_fit import fit_output_rows, split_routing
 from engine.model import ClassificationHead, UltraFastBert
 
 log = logging.getLogger("engine.distill")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "distill_log.jsonl"
+LAYER_INITS = ("teacher", "fit")
 
 
 def default_teacher() -> Path:
@@ -66,6 +70,8 @@ class DistillOptions:
     steps: int = 2000  # end-to-end steps
     init_student: str | None = None  # a student folder (same teacher, K, D) to continue end-to-end from
     layer_lr: float = 1e-3
+    layer_init: str = "teacher"  # LAYER_INITS: "teacher" (strongest teacher neurons) or "fit" (engine.fff_fit)
+    refit_out: bool = False  # least-squares output rows after each layer's layer-wise steps
     lr: float = 1e-4
     layer_batch_tokens: int = 2048
     batch_size: int = 16
@@ -252,6 +258,8 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
     """
     from tqdm import tqdm
 
+    if opts.layer_init not in LAYER_INITS:
+        raise ValueError(f"layer_init must be one of {LAYER_INITS}, got {opts.layer_init!r}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = Path(opts.teacher) if opts.teacher else default_teacher()
@@ -302,6 +310,14 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         n_tok = xs[0].shape[0]
         probe = torch.randperm(n_tok, generator=_gen(opts.seed, 2))[: min(4096, n_tok)]
         if state["alloc"] is None:
+            if opts.layer_init == "fit":
+                t_fit = time.monotonic()
+                for i in range(n_layers):
+                    fff = model.layers[i].ffn
+                    x, y = xs[i].float(), ys[i].float()
+                    split_routing(fff, x, y)
+                    fit_output_rows(fff, x, y)
+                log.info("layer-wise: splits and output rows fitted in closed form (%.0f s)", time.monotonic() - t_fit)
             errs = [relative_error(model.layers[i].ffn, xs[i][probe], ys[i][probe]) for i in range(n_layers)]
             weights = [max(e, 0.25 * max(errs)) for e in errs]  # every layer gets at least a quarter share
             total = opts.layer_steps * n_layers
@@ -358,6 +374,8 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
                 state["layer_elapsed_s"] = time.monotonic() - layer_start
                 _save_checkpoint(out, student, state, optim)
                 return out
+            if opts.refit_out:
+                fit_output_rows(fff, xs[i].float(), ys[i].float())
             err = relative_error(fff, xs[i][probe], ys[i][probe])
             state["layer_errors_final"][str(i)] = err
             log.info("layer %d: relative error %.3f -> %.3f (%d steps)", i, state["layer_errors_init"][i], err,
@@ -565,7 +583,8 @@ def run_cli(args: Any) -> int:
         steps=args.steps, init_student=args.init_student, hidden_weight=args.hidden_weight,
         embed_weight=args.embed_weight, layer_lr=args.layer_lr, lr=args.lr, layer_batch_tokens=args.layer_batch_tokens,
         batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,
-        head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype, corpus=args.corpus)
+        head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype, corpus=args.corpus,
+        layer_init=args.layer_init, refit_out=args.refit_out)
     final = distill(opts, resume=args.resume, progress=not args.no_progress)
     print(f"student saved to {final}")
     return 0

@@ -159,6 +159,14 @@ class FFF(nn.Module):
 
     def _forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense pre-activations, hard routing mask; differentiable w.r.t. the visited neurons."""
+        hidden, leaves = self.path_activations(x)
+        return F.linear(hidden, self.linear_out.weight, self.linear_out.bias), leaves
+
+    def path_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, K * n_nodes]`` GELU activations of the visited nodes (zero elsewhere), and the ``[N, K]`` leaves.
+
+        The layer's output is ``linear_out`` of these, which is what lets ``engine.fff_fit`` solve for the output
+        rows in closed form."""
         n = x.shape[0]
         logits = self.linear_in(x).view(n, self.trees, self.n_nodes)
         with torch.no_grad():
@@ -171,5 +179,4 @@ class FFF(nn.Module):
                 node = 2 * node + 1 + go_right
                 mask.scatter_(2, node.unsqueeze(2), 1.0)
             leaves = node - (self.n_nodes - 2 ** self.depth)
-        hidden = F.gelu(logits) * mask
-        return F.linear(hidden.flatten(1), self.linear_out.weight, self.linear_out.bias), leaves
+        return (F.gelu(logits) * mask).flatten(1), leaves

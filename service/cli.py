@@ -240,6 +240,11 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of (1 - cosine) to the teacher's sentence embeddings")
     p.add_argument("--lr", type=float, default=0.0001, help="end-to-end learning rate (default 1e-4)")
     p.add_argument("--layer-lr", type=float, default=0.001)
+    p.add_argument("--layer-init", choices=("teacher", "fit"), default="teacher",
+                   help="before the layer-wise steps: keep the teacher-neuron initialisation, or fit every node's "
+                   "split and the output rows to the cached FFN pairs in closed form")
+    p.add_argument("--refit-out", action="store_true",
+                   help="solve each FFF's output rows by least squares after its layer-wise steps")
     p.add_argument("--batch-size", type=int, default=16, help="end-to-end sequences per step")
     p.add_argument("--layer-batch-tokens", type=int, default=2048)
     p.add_argument("--max-length", type=int, default=128, help="tokens per training sequence")

@@ -215,3 +215,16 @@ def test_linear_head_ignores_constant_features() -> None:
     assert torch.all(weight[:, 3] == 0)
     assert weight.abs().max() < 100 and torch.isfinite(bias).all()
     assert sum(p == t for p, t in zip(predict(feats), labels)) / n > 0.9
+
+
+def test_closed_form_layer_fit(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    final = distill(_opts(tiny_teacher, tmp_path / "fit", layer_init="fit", refit_out=True, steps=2),
+                    progress=False)
+    extra = load_model(final).config.extra
+    assert extra["distill"]["layer_init"] == "fit" and extra["distill"]["refit_out"] is True
+    teacher_init = load_model(distilled).config.extra["layer_errors_init"]
+    # before any step, the fitted layers are already closer to their FFNs than the teacher-neuron initialisation
+    assert all(f < t for f, t in zip(extra["layer_errors_init"], teacher_init)), (extra["layer_errors_init"],
+                                                                                  teacher_init)
+    with pytest.raises(ValueError, match="layer_init"):
+        distill(_opts(tiny_teacher, tmp_path / "bad", layer_init="pca"), progress=False)
