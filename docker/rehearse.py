@@ -344,7 +344,7 @@ class Rehearsal:
 
     def _copy(self, ins: Instruction, stage: Stage) -> None:
         words = shlex.split(expand(ins.args, self._vars(stage)))
-        flags = {w.split("=", 1)[0]: w.split("=", 1)[1] for w in words if w.startswith("--")}
+        flags = {w.partition("=")[0]: w.partition("=")[2] for w in words if w.startswith("--")}
         paths = [w for w in words if not w.startswith("--")]
         sources, dest = paths[:-1], paths[-1]
         owner = self.ids(flags["--chown"]) if "--chown" in flags else None
