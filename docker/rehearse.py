@@ -45,6 +45,7 @@ SYSTEM_DIRS = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "etc", "var", "tmp
                "root", "boot"}
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SKIPPED_COMMANDS = ("apt-get", "apt", "groupadd", "useradd")
+HANDLED = ("RUN", "ENV", "WORKDIR", "USER", "COPY", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "CMD")  # + ARG, FROM, LABEL
 
 
 class RehearsalError(Exception):
@@ -205,10 +206,11 @@ class Rehearsal:
                 continue
             if stage is None:
                 raise RehearsalError(f"line {ins.line}: {ins.name} before FROM")
-            handler = getattr(self, "_" + ins.name.lower(), None)
-            if handler is None:
+            if ins.name == "LABEL":  # metadata only
+                continue
+            if ins.name not in HANDLED:
                 raise RehearsalError(f"line {ins.line}: {ins.name} is not supported by the rehearsal")
-            handler(ins, stage)
+            getattr(self, "_" + ins.name.lower())(ins, stage)
         if stage is None:
             raise RehearsalError("no FROM in the Dockerfile")
         self.report["final_stage"] = stage.name

@@ -31,6 +31,11 @@ def _rehearse_module():  # docker/ is not a package
 rehearse = _rehearse_module()
 
 
+def _need_standin_python() -> None:
+    if not any(Path(d, "python3.11").is_file() for d in ("/usr/local/bin", "/usr/bin")):
+        pytest.skip("no system python3.11 to stand in for the image's base")
+
+
 def test_parse_joins_continuations_and_drops_comments() -> None:
     text = "# syntax=docker/dockerfile:1.7\nARG A=1\nFROM img:${A} AS build\nRUN one \\\n # inside\n && two\n\nUSER u:g\n"
     got = [(i.name, i.args) for i in rehearse.parse_dockerfile(text)]
@@ -71,8 +76,7 @@ def test_paths_of_the_image_map_into_the_scratch_root(tmp_path: Path) -> None:
 @pytest.mark.timeout(1500)
 def test_rehearsal_of_the_real_dockerfile_builds_and_serves(tmp_path: Path) -> None:
     """The whole image, minus Docker (about 2.5 minutes here: torch install, kernel compile, start-up)."""
-    if not any(Path(d, "python3.11").is_file() for d in ("/usr/local/bin", "/usr/bin")):
-        pytest.skip("no system python3.11 to stand in for the image's base")
+    _need_standin_python()
     report_path = tmp_path / "rehearsal.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--json", str(report_path)], capture_output=True,
                           text=True, timeout=1400)
@@ -90,3 +94,11 @@ def test_rehearsal_of_the_real_dockerfile_builds_and_serves(tmp_path: Path) -> N
     # everything not rehearsed is named: system packages, user creation, the network index
     assert all(any(word in s for word in ("apt-get", "groupadd", "useradd", "--index-url"))
                for s in report["skipped"]), report["skipped"]
+
+
+def test_unsupported_instructions_are_refused(tmp_path: Path) -> None:
+    _need_standin_python()
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("FROM python:3.11-slim\nLABEL a=b\nVOLUME /data\n")
+    with pytest.raises(rehearse.RehearsalError, match="line 3: VOLUME is not supported"):
+        rehearse.Rehearsal(dockerfile, tmp_path, tmp_path / "s", {}, 10.0).run()
