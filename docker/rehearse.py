@@ -274,7 +274,7 @@ class Rehearsal:
                 continue
             if words[:3] == ["rm", "-rf", "/var/lib/apt/lists/*"]:
                 continue
-            if "pip" in words[:3] or words[:3] == ["python", "-m", "pip"]:
+            if "pip" in words[:3]:  # pip ... or python -m pip ...
                 part = self._offline_pip(words, ins)
             kept.append(self.rewrite(part))
         if not kept:

@@ -69,8 +69,8 @@ def split_routing(fff: FFF, x: torch.Tensor, y: torch.Tensor, *, scale: float = 
             for v in range(first, 2 * first + 1):
                 sel = (node == v).nonzero().squeeze(1)
                 row = k * fff.n_nodes + v
+                xs = x[sel]
                 if sel.numel() >= min_tokens:
-                    xs = x[sel]
                     cross = (xs - xs.mean(0)).T @ (y[sel] - y[sel].mean(0))
                     directions = torch.linalg.svd(cross, full_matrices=False)[0]
                     u = directions[:, k % directions.shape[1] if level == 0 else 0]
@@ -79,7 +79,7 @@ def split_routing(fff: FFF, x: torch.Tensor, y: torch.Tensor, *, scale: float = 
                     weight[row] = u * s
                     bias[row] = -float(proj.median()) * s
                 if sel.numel():
-                    pre = x[sel] @ weight[row] + bias[row]
+                    pre = xs @ weight[row] + bias[row]
                     nxt[sel] = 2 * v + 1 + (pre > 0).long()  # ties go left, as in every implementation
             node = nxt
     fff.invalidate()
