@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
+from docker_support import rehearse
 from service.settings import Settings
 from prometheus_support import (DASHBOARD, dashboard, dashboard_exprs, dashboard_failures, drive_dashboard_traffic,
                                 free_port, needs_prometheus, running_prometheus)
@@ -92,25 +94,39 @@ def test_compose_services_images_and_ports() -> None:
 
 def test_dockerfile_is_multistage_non_root_with_healthcheck_and_default_model() -> None:
     text = dockerfile()
-    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\w+))?", text, re.M)
-    assert len(froms) >= 2 and {"build", "runtime"} <= {alias for _, alias in froms}
-    assert "COPY --from=build" in text
-    assert "--no-build-isolation" in text and "TORCH_VERSION=2.13.0" in text
-    user = re.findall(r"^USER\s+(\S+)", text, re.M)
-    assert user and user[-1].split(":")[0] not in ("root", "0")
-    health = re.search(r"^HEALTHCHECK .*?CMD (.*)$", text, re.M | re.S)
-    assert health and "/health" in health.group(1)
-    envs = dict(re.findall(r"\b(UFB_[A-Z_]+)=(\S+)", text))
-    assert envs["UFB_HOST"] == "0.0.0.0"
-    for var in envs:
+    instructions = rehearse.parse_dockerfile(text)
+
+    def args(name: str) -> list[str]:
+        return [i.args for i in instructions if i.name == name]
+
+    build_args = dict(a.partition("=")[::2] for a in args("ARG") if "=" in a)  # defaults
+    froms = [a.split() for a in args("FROM")]
+    assert len(froms) >= 2 and {"build", "runtime"} <= {f[2] for f in froms if len(f) == 3}
+    assert any(a.startswith("--from=build ") for a in args("COPY"))
+    assert any("--no-build-isolation" in a for a in args("RUN")) and build_args["TORCH_VERSION"] == "2.13.0"
+    assert args("USER") and args("USER")[-1].split(":")[0] not in ("root", "0")
+    assert args("HEALTHCHECK") and "/health" in args("HEALTHCHECK")[-1].partition("CMD")[2]
+    envs = dict(w.partition("=")[::2] for a in args("ENV") for w in shlex.split(a))
+    ufb = {k: v for k, v in envs.items() if k.startswith("UFB_")}
+    assert ufb["UFB_HOST"] == "0.0.0.0"
+    for var in ufb:
         assert var[4:].lower() in Settings.model_fields, var
     default_model = Settings.model_fields["model"].default
-    assert f"models/{default_model.name}" in text and envs["UFB_MODEL"].endswith(default_model.name)
-    assert re.search(r"^EXPOSE\s+" + envs["UFB_PORT"], text, re.M)
-    ignore = (DOCKER / "Dockerfile.dockerignore").read_text()
-    for src in re.findall(r"^COPY (?!--from)(?:--\S+ )*(\S+?)/? ", text, re.M):
-        if "$" not in src:
-            assert f"!{src}" in ignore or f"!{src.rstrip('/')}/**" in ignore, f"{src} is excluded from the context"
+    assert build_args["MODEL_DIR"] == f"models/{default_model.name}" and ufb["UFB_MODEL"].endswith(default_model.name)
+    assert ufb["UFB_PORT"] in " ".join(args("EXPOSE")).split()
+    # every file the COPY lines name gets through the dockerignore (Docker's rules, as the rehearsal applies them)
+    patterns = rehearse.ignore_patterns(DOCKER / "Dockerfile")
+    for a in args("COPY"):
+        words = shlex.split(rehearse.expand(a, build_args))
+        if any(w.startswith("--from") for w in words):
+            continue
+        for src in (w.rstrip("/") for w in words[:-1] if not w.startswith("--")):
+            path = ROOT / src
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
+                                                    and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc")]
+            assert files, f"COPY source {src} is missing"
+            blocked = [str(f.relative_to(ROOT)) for f in files if rehearse.excluded(str(f.relative_to(ROOT)), patterns)]
+            assert not blocked, f"excluded from the build context: {blocked[:5]}"
 
 
 def test_prometheus_scrapes_the_compose_service() -> None:

@@ -5,7 +5,6 @@ the service started by the image's entrypoint as the image's user, its HEALTHCHE
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,21 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from docker_support import REHEARSE_SCRIPT, rehearse
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "docker" / "rehearse.py"
-
-
-def _rehearse_module():  # docker/ is not a package
-    spec = importlib.util.spec_from_file_location("docker_rehearse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-rehearse = _rehearse_module()
+SCRIPT = REHEARSE_SCRIPT
 
 
 def _need_standin_python() -> None:
