@@ -62,7 +62,6 @@ class Instruction:
 @dataclass
 class Stage:
     name: str
-    image: str
     env: dict[str, str] = field(default_factory=dict)
     args: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
@@ -104,9 +103,9 @@ def expand(text: str, variables: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------------------ .dockerignore
 
 
-def ignore_patterns(dockerfile: Path) -> list[tuple[bool, re.Pattern[str]]]:
+def ignore_patterns(dockerfile: Path, context: Path) -> list[tuple[bool, re.Pattern[str]]]:
     """``<Dockerfile>.dockerignore`` (BuildKit's per-Dockerfile file) or the context's ``.dockerignore``."""
-    for path in (dockerfile.with_name(dockerfile.name + ".dockerignore"), REPO / ".dockerignore"):
+    for path in (dockerfile.with_name(dockerfile.name + ".dockerignore"), context / ".dockerignore"):
         if path.is_file():
             break
     else:
@@ -157,7 +156,7 @@ class Rehearsal:
         self.instructions = parse_dockerfile(dockerfile.read_text())
         self.build_args = build_args
         self.timeout_s = timeout_s
-        self.ignore = ignore_patterns(dockerfile)
+        self.ignore = ignore_patterns(dockerfile, context)
         self.image_dirs = self._image_dirs()
         self.users: dict[str, tuple[int, int]] = {}
         self.groups: dict[str, int] = {}
@@ -232,7 +231,7 @@ class Rehearsal:
         self.root.chmod(0o755)
         self._standin_python(image)
         self.log(f"FROM {image} AS {name} (line {ins.line}): empty root {self.root}")
-        return Stage(name=name, image=image, env={"PATH": BASE_PATH})  # the python images' PATH
+        return Stage(name=name, env={"PATH": BASE_PATH})  # the python images' PATH
 
     def _standin_python(self, image: str) -> None:
         """The base image's ``python``: a system interpreter of the same minor version, readable by any user."""

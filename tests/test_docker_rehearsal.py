@@ -39,7 +39,7 @@ def test_expand_variables() -> None:
 
 
 def test_the_real_dockerignore_lets_sources_and_the_model_through_and_nothing_built() -> None:
-    patterns = rehearse.ignore_patterns(ROOT / "docker" / "Dockerfile")
+    patterns = rehearse.ignore_patterns(ROOT / "docker" / "Dockerfile", ROOT)
     assert patterns
     passes = ["pyproject.toml", "setup.py", "README.md", "csrc/cmm_cpu.cpp", "engine/cmm.py", "service/app.py",
               "loadtest/cli.py", "models/ultrafastbert-minilm-l6/model.safetensors"]
