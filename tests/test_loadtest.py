@@ -90,6 +90,29 @@ def test_errors_are_reported_by_status(server: Any) -> None:
     assert rep.ok == 0 and set(rep.errors) == {"ConnectError"}
 
 
+def test_a_server_that_never_answers_counts_as_timeouts() -> None:
+    """The client's timeout ends each request (labelled "timeout"), so a hung server cannot hang the load test."""
+
+    async def scenario() -> Any:
+        held: list[asyncio.StreamWriter] = []
+
+        async def accept_and_say_nothing(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+
+        srv = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            return await closed_loop(f"http://127.0.0.1:{port}", Workload(), concurrency=2, duration_s=0.5,
+                                     warmup_s=0.0, timeout_s=0.3)
+        finally:
+            for w in held:
+                w.close()
+            srv.close()
+
+    rep = asyncio.run(scenario())
+    assert rep.ok == 0 and set(rep.errors) == {"timeout"} and rep.requests >= 2
+
+
 def test_cli_run_json_closed_and_open(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([server.url, "-c", "2", *SHORT, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
