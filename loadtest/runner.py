@@ -158,7 +158,7 @@ def _float(headers: Mapping[str, str], name: str) -> float:
 def _transport_error(exc: BaseException) -> str:
     """A failed request's label: "timeout", "ConnectError" (nothing listening, refused, unresolvable) or the
     client's exception name."""
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's own timeout errors derive from it
         return "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "ConnectError"
@@ -204,7 +204,7 @@ class Client:
 
 def make_client(url: str, timeout_s: float) -> Client:
     """Must be called inside the running event loop (aiohttp binds the session to it)."""
-    connector = aiohttp.TCPConnector(limit=1, ssl=_tls_context() if url.startswith("https:") else False)
+    connector = aiohttp.TCPConnector(limit=1, ssl=_tls_context())
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))
     return Client(url.rstrip("/"), session)
 
