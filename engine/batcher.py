@@ -620,11 +620,18 @@ class Batcher:
         end = self._clock()
         self._notify(stats)  # before answering: a client that reads /metrics next sees its own batch
         out = out.detach().cpu()
+        finite = torch.isfinite(out).all(dim=1).tolist()
         done: list[_Request] = []
+        broken: list[tuple[_Request, int]] = []
         with self._cond:  # a request's inputs may sit in batches that other workers finish at the same moment
-            for row, it in zip(out, batch):
+            for row, ok, it in zip(out, finite, batch):
                 req = it.req
                 if req.finished:
+                    continue
+                if not ok:  # no answer (and JSON has no NaN): only this input's request fails, not its batch's
+                    req.finished = True
+                    self._drop_items_locked(req)
+                    broken.append((req, it.index))
                     continue
                 req.rows[it.index] = row.clone()
                 req.remaining -= 1
@@ -632,6 +639,10 @@ class Batcher:
                 if req.remaining == 0:
                     req.finished = True
                     done.append(req)
+        for req, index in broken:
+            log.error("the model produced non-finite values for input %d of a request", index)
+            self._fail(req, InferenceFailed(f"the model produced non-finite values (NaN or infinity) for input "
+                                            f"{index}"))
         for req in done:
             result = Result(outputs=torch.stack(req.rows),  # type: ignore[arg-type]
                             token_counts=req.token_counts, tokenization_s=req.tokenization_s,

@@ -11,10 +11,10 @@ import logging
 import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import batcher as b
+from service.responses import JSON
 
 log = logging.getLogger("service.errors")
 
@@ -76,13 +76,13 @@ def error_body(message: str, error_type: str) -> dict[str, str]:
 
 
 def error_response(request: Request | None, status: int, message: str, error_type: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None) -> JSON:
     """Build the JSON error and count it under ``ufb_failures_total{cause}``."""
     if request is not None:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.failure(error_type)
-    return JSONResponse(error_body(message, error_type), status_code=status, headers=headers)
+    return JSON(error_body(message, error_type), status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -108,20 +108,20 @@ def install(app: FastAPI) -> None:
     """Register handlers so that no request can produce a non-JSON or a 500 error by itself."""
 
     @app.exception_handler(ServiceError)
-    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+    async def _service(request: Request, exc: ServiceError) -> JSON:
         return error_response(request, exc.status, exc.message, exc.error_type, exc.headers)
 
     @app.exception_handler(b.BatcherError)
-    async def _batcher(request: Request, exc: b.BatcherError) -> JSONResponse:
+    async def _batcher(request: Request, exc: b.BatcherError) -> JSON:
         err = from_batcher(exc)
         return error_response(request, err.status, err.message, err.error_type, err.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSON:
         return error_response(request, 422, _describe_validation(exc), "validation")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSON:
         status, detail = exc.status_code, str(exc.detail)
         if status == 400 and isinstance(exc.__cause__, (UnicodeDecodeError, ValueError)):
             # FastAPI reports bodies json.loads cannot even decode (bad UTF-8) as a bare 400.
@@ -130,7 +130,7 @@ def install(app: FastAPI) -> None:
         return error_response(request, status, detail, kind, dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - last resort
+    async def _internal(request: Request, exc: Exception) -> JSON:  # pragma: no cover - last resort
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(request, 500, f"internal error: {type(exc).__name__}", "internal")
 

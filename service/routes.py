@@ -16,13 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine.batcher import Result, Task, check_vocabulary
 from service import __version__
 from service import errors as E
 from service import schemas as S
 from service.metrics import CONTENT_TYPE_LATEST
+from service.responses import JSON
 from service.state import ServiceState, kernel_info
 
 router = APIRouter()
@@ -179,7 +180,7 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
     enc = _b64 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "embedding": enc(v), "index": i} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens}
-    return JSONResponse({"object": "list", "data": data, "model": state.model_name, "usage": usage},
+    return JSON({"object": "list", "data": data, "model": state.model_name, "usage": usage},
                         headers=headers)
 
 
@@ -191,7 +192,7 @@ async def embed(body: S.EmbedRequest, request: Request) -> Response:
         raise E.validation(f"dimensions {body.dimensions} is larger than the model's {hidden}")
     result, headers, _ = await _infer(request, Task.EMBED, body.inputs, body.truncate, body.truncation_direction)
     vectors = _shape_embeddings(result.outputs, body.normalize, body.dimensions)
-    return JSONResponse(vectors.tolist(), headers=headers)
+    return JSON(vectors.tolist(), headers=headers)
 
 
 @router.post("/classify", response_model=list[list[S.Prediction]], responses=_ERRORS, tags=["Classification"],
@@ -200,7 +201,7 @@ async def classify(body: S.ClassifyRequest, request: Request) -> Response:
     _check_classifier(request)
     result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate,
                                           body.truncation_direction)
-    return JSONResponse(_predictions(state, result.outputs, body.raw_scores, body.top_k), headers=headers)
+    return JSON(_predictions(state, result.outputs, body.raw_scores, body.top_k), headers=headers)
 
 
 @router.post("/predict", response_model=list[S.Prediction] | list[list[S.Prediction]], responses=_ERRORS,
@@ -213,7 +214,7 @@ async def predict(body: S.PredictRequest, request: Request) -> Response:
     result, headers, state = await _infer(request, Task.CLASSIFY, inputs, body.truncate,
                                           body.truncation_direction)
     preds = _predictions(state, result.outputs, body.raw_scores, None)
-    return JSONResponse(preds[0] if isinstance(inputs, str) else preds, headers=headers)
+    return JSON(preds[0] if isinstance(inputs, str) else preds, headers=headers)
 
 
 @router.post("/tokenize", response_model=list[list[S.SimpleToken]], responses=_ERRORS, tags=["TEI"],
@@ -228,7 +229,7 @@ async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
     assert state.batcher is not None
     tokens = await state.batcher.run_in_tokenizer_pool(
         _tokenize_with_offsets, state.loaded.tokenizer, texts, body.add_special_tokens)
-    return JSONResponse(tokens)
+    return JSON(tokens)
 
 
 @router.post("/decode", response_model=list[str], responses=_ERRORS, tags=["TEI"],
@@ -246,7 +247,7 @@ async def decode(body: S.DecodeRequest, request: Request) -> Response:
         check_vocabulary(seq, i, state.backend.vocab_size)  # InvalidInput: 422 through the batcher-error handler
     texts = await state.batcher.run_in_tokenizer_pool(
         lambda: [state.loaded.tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs])
-    return JSONResponse(texts)
+    return JSON(texts)
 
 
 def _tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list[dict[str, Any]]]:
@@ -278,7 +279,7 @@ def _model_card(state: ServiceState) -> dict[str, Any]:
 @router.get("/models", response_model=S.OpenAIModelList, responses=_ERRORS, tags=["OpenAI"],
             include_in_schema=False)
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [_model_card(_ready_state(request))]})
+    return JSON({"object": "list", "data": [_model_card(_ready_state(request))]})
 
 
 @router.get("/v1/models/{model_id:path}", response_model=S.OpenAIModel,
@@ -289,7 +290,7 @@ async def get_model(model_id: str, request: Request) -> Response:
     if model_id != state.model_name:
         raise E.ServiceError(404, f"model {model_id!r} is not served here (this server serves "
                                   f"{state.model_name!r})", "not_found")
-    return JSONResponse(_model_card(state))
+    return JSON(_model_card(state))
 
 
 @router.get("/health", tags=["Probes"], summary="Liveness: 200 while the process runs")
@@ -302,9 +303,9 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> Response:
     state = _state(request)
     if state.ready:
-        return JSONResponse({"status": "ready"})
+        return JSON({"status": "ready"})
     msg = f"not ready: {state.phase}" + (f" ({state.error})" if state.error else "")
-    return JSONResponse(E.error_body(msg, "unhealthy"), status_code=503)
+    return JSON(E.error_body(msg, "unhealthy"), status_code=503)
 
 
 @router.get("/metrics", tags=["Probes"], summary="Prometheus metrics", response_class=Response)

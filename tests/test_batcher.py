@@ -241,6 +241,45 @@ def test_deadline_in_queue_gives_timeout_and_no_compute() -> None:
     assert not any(888 in seq or 889 in seq for batch in backend.seen for seq in batch)
 
 
+def test_a_non_finite_output_row_fails_only_its_request() -> None:
+    """A row with NaN or infinity is no answer (and JSON cannot carry it): its request gets InferenceFailed, the
+    other request in the same batch its rows."""
+
+    class NaNBackend(FakeBackend):
+        def forward(self, task: Task, ids: Sequence[Sequence[int]], record_leaves: bool):
+            out, leaves = super().forward(task, ids, record_leaves)
+            for i, seq in enumerate(ids):
+                if 777 in seq:
+                    out[i, 1] = float("nan") if 778 in seq else float("inf")
+            return out, leaves
+
+    backend = NaNBackend()
+    batcher = Batcher(backend, BatcherLimits(max_batch_requests=8, max_input_tokens=64), observer=Recorder())
+    batcher.start()
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[4]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        good = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[5], [6]]))
+        nan = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[9], [777, 778]]))
+        inf = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[777]]))
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        r0, r1, r2, r3 = await asyncio.gather(first, good, nan, inf, return_exceptions=True)
+        assert len(backend.seen) == 2 and len(backend.seen[1]) == 5  # the three requests shared one batch
+        assert torch.equal(r0.outputs, expected([[4]])) and torch.equal(r1.outputs, expected([[5], [6]]))
+        assert isinstance(r2, InferenceFailed) and "non-finite" in str(r2) and "input 1" in str(r2)
+        assert isinstance(r3, InferenceFailed) and "input 0" in str(r3)
+        assert torch.equal((await batcher.submit(Task.EMBED, token_ids=[[8]])).outputs, expected([[8]]))
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+    assert batcher.queue_depth == 0
+
+
 def test_failing_batch_fails_only_its_requests_and_worker_survives() -> None:
     batcher, backend, rec = make(BatcherLimits(max_batch_requests=1, max_input_tokens=64))
     backend.fail_token = 666

@@ -580,3 +580,31 @@ def test_decode_and_models(tiny_loaded) -> None:
             assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
 
     run(main())
+
+
+def test_json_responses_carry_exactly_the_values_starlette_would() -> None:
+    """service.responses.JSON swaps the renderer (pydantic's for the json module, ~7x faster on float vectors)
+    without changing a value: every float parses back to the same double, strings and nesting are untouched. Only
+    the spelling of some numbers differs (0.000015 where json writes 1.5e-05)."""
+    import math
+
+    from fastapi.responses import JSONResponse
+
+    from service.responses import JSON
+
+    vectors = torch.randn(3, 384, generator=torch.Generator().manual_seed(0)) * torch.logspace(-8, 8, 384)
+    contents = [
+        {"object": "list", "data": [{"object": "embedding", "embedding": v, "index": i}
+                                    for i, v in enumerate(vectors.tolist())],
+         "model": "ufb-tiny", "usage": {"prompt_tokens": 7, "total_tokens": 7}},
+        [[{"label": "fresh ✓", "score": 0.9}, {"label": "rotten", "score": 0.1}]],
+        ["[CLS]", "é", "日本", "\u2028", "\"quoted\"", "\\"], [0.0, -0.0, 1e-45, 1.5e-5, 3.4e38, 1, True, None],
+        {"error": "tab\there", "error_type": "validation"},
+    ]
+    for content in contents:
+        ours, theirs = json.loads(JSON(content).body), json.loads(JSONResponse(content).body)
+        assert ours == theirs == json.loads(json.dumps(content))
+    signs = [math.copysign(1, x) for x in json.loads(JSON([0.0, -0.0]).body)]
+    assert signs == [1, -1]
+    assert JSON(contents[2]).body == JSONResponse(contents[2]).body  # no number spelled differently: same bytes
+    assert JSON([float("nan"), float("inf")]).body == b"[null,null]"  # never invalid JSON
