@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 
 from service.app import create_app
 from service.ray_serve import discovery
 from service.ray_serve.options import DEPLOYMENT_NAME, REPLICA_HEADER, TARGETS_PATH, RayOptions, split_args
+from service.responses import JSON
 from service.settings import Settings
 from service.state import Phase, load_from_settings
 
@@ -125,9 +125,9 @@ class UltraFastBERTReplica:
             log.error(message)
             raise RuntimeError(message)
 
-    def _targets(self) -> JSONResponse:
+    def _targets(self) -> JSON:
         """Prometheus ``http_sd_configs``: every live replica's own ``/metrics`` address and labels."""
-        return JSONResponse(discovery.live_targets(self.app_name))
+        return JSON(discovery.live_targets(self.app_name))
 
     # -------------------------------------------------------------- metrics endpoint and discovery
 
