@@ -47,6 +47,7 @@ class Task(str, Enum):
 
     EMBED = "embed"
     CLASSIFY = "classify"
+    EMBED_ALL = "embed_all"  # every token's final hidden state (TEI's /embed_all): one [len, H] tensor per input
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -104,6 +105,10 @@ class InferenceFailed(BatcherError):
 # ---------------------------------------------------------------------------------------------------- backend
 
 
+# A batch's outputs: one row per input ([B, dim]), or for Task.EMBED_ALL one [len_i, dim] tensor per input.
+Outputs = torch.Tensor | list[torch.Tensor]
+
+
 class Backend(Protocol):
     """What the batcher needs from a model; :class:`ModelBackend` adapts ``engine.checkpoint.LoadedModel``."""
 
@@ -114,7 +119,7 @@ class Backend(Protocol):
                  direction: str) -> list[list[int]]: ...
 
     def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]: ...
+                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]: ...
 
 
 class ModelBackend:
@@ -150,7 +155,7 @@ class ModelBackend:
             raise InputTooLong(exc.index, exc.n_tokens, exc.max_length) from None
 
     def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]:
         """Rows of the output follow ``ids``; leaves (per layer, [real tokens, K]) come in no set order."""
         record = record_leaves and self.tree_shape is not None
         if record != self._recording:
@@ -164,6 +169,9 @@ class ModelBackend:
         with torch.inference_mode(), autocast:
             if task is Task.EMBED:
                 out = self.model.embed_ids(ids, normalize=False, max_padding_ratio=self.max_padding_ratio)
+            elif task is Task.EMBED_ALL:
+                states = self.model.token_states_ids(ids, max_padding_ratio=self.max_padding_ratio)
+                return [t.float() for t in states], (self.model.last_leaves() if record else None)
             else:
                 out = self.model.classify_ids(ids, max_padding_ratio=self.max_padding_ratio)
         return out.float(), (self.model.last_leaves() if record else None)
@@ -242,7 +250,7 @@ class BatchObserver(Protocol):
 class Result:
     """One request's outputs, in input order, and where its time went."""
 
-    outputs: torch.Tensor  # [n_inputs, dim] float32
+    outputs: Outputs  # [n_inputs, dim] float32; Task.EMBED_ALL: a [len_i, dim] tensor per input
     token_counts: list[int]
     tokenization_s: float
     queue_s: float
@@ -597,8 +605,8 @@ class Batcher:
                 out, leaves = self.backend.forward(task, [it.ids for it in batch], self.limits.record_leaves)
             finally:
                 self._end_inflight(batch)  # before answering, so the gauge is right when a client looks
-            if out.shape[0] != len(batch):
-                raise RuntimeError(f"backend returned {out.shape[0]} rows for a batch of {len(batch)}")
+            if len(out) != len(batch):
+                raise RuntimeError(f"backend returned {len(out)} rows for a batch of {len(batch)}")
         except Exception as exc:  # noqa: BLE001 -- a bad batch must not kill the worker
             stats.inference_s = time.perf_counter() - t0
             stats.error = type(exc).__name__
@@ -619,8 +627,12 @@ class Batcher:
             log.exception("could not count FFF leaves")
         end = self._clock()
         self._notify(stats)  # before answering: a client that reads /metrics next sees its own batch
-        out = out.detach().cpu()
-        finite = torch.isfinite(out).all(dim=1).tolist()
+        if isinstance(out, torch.Tensor):
+            out = out.detach().cpu()
+            finite = torch.isfinite(out).all(dim=1).tolist()
+        else:
+            out = [o.detach().cpu() for o in out]
+            finite = [bool(torch.isfinite(o).all()) for o in out]
         done: list[_Request] = []
         broken: list[tuple[_Request, int]] = []
         with self._cond:  # a request's inputs may sit in batches that other workers finish at the same moment
@@ -644,7 +656,8 @@ class Batcher:
             self._fail(req, InferenceFailed(f"the model produced non-finite values (NaN or infinity) for input "
                                             f"{index}"))
         for req in done:
-            result = Result(outputs=torch.stack(req.rows),  # type: ignore[arg-type]
+            rows: list[torch.Tensor] = req.rows  # type: ignore[assignment]  # every slot is filled by now
+            result = Result(outputs=rows if req.task is Task.EMBED_ALL else torch.stack(rows),
                             token_counts=req.token_counts, tokenization_s=req.tokenization_s,
                             queue_s=(req.first_start or end) - req.enqueued,
                             inference_s=end - (req.first_start or end))

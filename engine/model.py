@@ -442,6 +442,17 @@ class UltraFastBert(nn.Module):
             pooled = F.normalize(pooled, p=2, dim=-1)
         return pooled
 
+    def token_states_ids(self, ids: Sequence[Sequence[int]],
+                         max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> list[torch.Tensor]:
+        """Final hidden states of every token, one ``[len_i, H]`` tensor per input in input order (TEI's
+        ``/embed_all``: no pooling, no normalisation, special tokens included)."""
+        input_ids, packing = pack(ids, max_padding_ratio)
+        parts = self.forward_packed(input_ids, packing).split(packing.lengths.tolist())
+        out: list[torch.Tensor] = [parts[0]] * len(parts)
+        for j, i in enumerate(packing.order.tolist()):
+            out[i] = parts[j]
+        return out
+
     def classify_ids(self, ids: Sequence[Sequence[int]],
                      max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> torch.Tensor:
         """:meth:`classify` of unpadded token id lists, ``[B, num_labels]`` in input order."""

@@ -28,7 +28,7 @@ log = logging.getLogger("service")
 
 DESCRIPTION = """Embeddings and classification with UltraFastBERT (fast-feedforward BERT).
 
-OpenAI-compatible `/v1/embeddings`, TEI-compatible `/embed`, `/predict`, `/tokenize`, plus `/classify`.
+OpenAI-compatible `/v1/embeddings`, TEI-compatible `/embed`, `/embed_all`, `/predict`, `/tokenize`, plus `/classify`.
 Errors are `{"error": message, "error_type": type}`. Inference responses carry `x-queue-time`,
 `x-tokenization-time`, `x-inference-time`, `x-total-time` (ms) and `x-neurons-evaluated` / `x-neurons-dense`.
 """

@@ -19,6 +19,11 @@ from pydantic import ConfigDict, TypeAdapter
 _ANY = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="null"))
 
 
+def render_json(content: Any) -> bytes:
+    """The bytes :class:`JSON` sends; routes with very large bodies call it off the event loop."""
+    return _ANY.dump_json(content)
+
+
 class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return _ANY.dump_json(content)
+        return render_json(content)

@@ -23,7 +23,7 @@ from service import __version__
 from service import errors as E
 from service import schemas as S
 from service.metrics import CONTENT_TYPE_LATEST
-from service.responses import JSON
+from service.responses import JSON, render_json
 from service.state import ServiceState, kernel_info
 
 router = APIRouter()
@@ -193,6 +193,20 @@ async def embed(body: S.EmbedRequest, request: Request) -> Response:
     result, headers, _ = await _infer(request, Task.EMBED, body.inputs, body.truncate, body.truncation_direction)
     vectors = _shape_embeddings(result.outputs, body.normalize, body.dimensions)
     return JSON(vectors.tolist(), headers=headers)
+
+
+@router.post("/embed_all", response_model=list[list[list[float]]], responses=_ERRORS, tags=["TEI"],
+             summary="TEI-compatible token embeddings: every token's final hidden state")
+async def embed_all(body: S.EmbedAllRequest, request: Request) -> Response:
+    """One ``[tokens][hidden]`` list per input, special tokens included, in the order ``/tokenize`` lists them.
+
+    The body is rendered on a worker thread: 32 inputs of 512 tokens are 6.3 M floats (tens of MB of JSON), which
+    would hold the event loop, and so every other request, for a noticeable fraction of a second."""
+    result, headers, _ = await _infer(request, Task.EMBED_ALL, body.inputs, body.truncate,
+                                      body.truncation_direction)
+    states: list[torch.Tensor] = result.outputs  # type: ignore[assignment]
+    content = await asyncio.to_thread(lambda: render_json([t.tolist() for t in states]))
+    return Response(content, media_type="application/json", headers=headers)
 
 
 @router.post("/classify", response_model=list[list[S.Prediction]], responses=_ERRORS, tags=["Classification"],

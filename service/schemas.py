@@ -89,6 +89,12 @@ class EmbedRequest(_Truncation):
     dimensions: Annotated[int, Field(ge=1)] | None = None
 
 
+class EmbedAllRequest(_Truncation):
+    """TEI's ``/embed_all``: every token's final hidden state, unpooled and unnormalised."""
+
+    inputs: Inputs
+
+
 class ClassifyRequest(_Truncation):
     inputs: TextInputs
     raw_scores: bool = Field(False, description="Return logits instead of softmax probabilities.")

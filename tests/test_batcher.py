@@ -59,7 +59,14 @@ class FakeBackend:
         self.seen.append([list(x) for x in ids])
         if self.fail_token is not None and any(self.fail_token in x for x in ids):
             raise RuntimeError("boom")
+        if task is Task.EMBED_ALL:
+            return expected_all(ids), None
         return expected(ids, task), None
+
+
+def expected_all(ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Task.EMBED_ALL: per input, one row per token (its id and its position)."""
+    return [torch.tensor([[float(t), float(p)] for p, t in enumerate(x)]) for x in ids]
 
 
 def expected(ids: Sequence[Sequence[int]], task: Task = Task.EMBED) -> torch.Tensor:
@@ -272,6 +279,52 @@ def test_a_non_finite_output_row_fails_only_its_request() -> None:
         assert isinstance(r2, InferenceFailed) and "non-finite" in str(r2) and "input 1" in str(r2)
         assert isinstance(r3, InferenceFailed) and "input 0" in str(r3)
         assert torch.equal((await batcher.submit(Task.EMBED, token_ids=[[8]])).outputs, expected([[8]]))
+
+    try:
+        run(main())
+    finally:
+        batcher.stop()
+    assert batcher.queue_depth == 0
+
+
+def test_token_level_outputs_route_per_input_and_fail_alone() -> None:
+    """Task.EMBED_ALL answers one [len, dim] tensor per input: rows of different lengths reach their request in
+    input order even when its inputs are split over batches, never share a forward pass with pooled tasks, and a
+    non-finite value in one input's rows fails only that input's request."""
+
+    class TokenBackend(FakeBackend):
+        def forward(self, task: Task, ids: Sequence[Sequence[int]], record_leaves: bool):
+            out, leaves = super().forward(task, ids, record_leaves)
+            if task is Task.EMBED_ALL:
+                for i, seq in enumerate(ids):
+                    if 777 in seq:
+                        out[i][-1, 0] = float("inf")
+            return out, leaves
+
+    backend = TokenBackend()
+    batcher = Batcher(backend, BatcherLimits(max_batch_requests=3, max_input_tokens=64), observer=Recorder())
+    batcher.start()
+    inputs = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+
+    async def main() -> None:
+        backend.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[4]]))
+        assert await asyncio.to_thread(backend.entered.wait, 10)
+        many = asyncio.ensure_future(batcher.submit(Task.EMBED_ALL, token_ids=inputs))
+        pooled = asyncio.ensure_future(batcher.submit(Task.EMBED, token_ids=[[20, 21]]))
+        broken = asyncio.ensure_future(batcher.submit(Task.EMBED_ALL, token_ids=[[30], [31, 777]]))
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        r0, r1, r2, r3 = await asyncio.gather(first, many, pooled, broken, return_exceptions=True)
+        assert torch.equal(r0.outputs, expected([[4]])) and torch.equal(r2.outputs, expected([[20, 21]]))
+        assert isinstance(r1.outputs, list) and len(r1.outputs) == len(inputs)
+        for got, want in zip(r1.outputs, expected_all(inputs)):
+            assert torch.equal(got, want)
+        assert r1.token_counts == [3, 1, 5, 2]
+        assert isinstance(r3, InferenceFailed) and "input 1" in str(r3)
+        token_batches = [b for b in backend.seen[1:] if any(x in b for x in inputs)]
+        assert len(token_batches) >= 2  # max_batch_requests=3 split the four inputs
+        assert all([20, 21] not in b for b in token_batches)
 
     try:
         run(main())

@@ -25,7 +25,7 @@ from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     tiny_loaded,
 )
 
-POST_ROUTES = ["/v1/embeddings", "/embeddings", "/embed", "/classify", "/predict", "/tokenize"]
+POST_ROUTES = ["/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/classify", "/predict", "/tokenize"]
 FIELD = {"/v1/embeddings": "input", "/embeddings": "input"}
 OPTIONS = ["truncate", "truncation_direction", "normalize", "dimensions", "top_k", "raw_scores", "model",
            "encoding_format", "add_special_tokens", "user"]

@@ -515,7 +515,7 @@ def test_api_key_guards_every_inference_route_and_info(tiny_loaded, monkeypatch)
     from service.routes import router
 
     posts = sorted({r.path for r in router.routes if "POST" in (getattr(r, "methods", None) or ())})
-    assert {"/v1/embeddings", "/embeddings", "/embed", "/classify", "/predict", "/tokenize"} <= set(posts)
+    assert {"/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/classify", "/predict", "/tokenize"} <= set(posts)
     bodies = {"/v1/embeddings": {"input": "a"}, "/embeddings": {"input": "a"}, "/decode": {"ids": [1, 2]}}
     gets = ["/info", "/v1/models", "/models"]
     good = {"Authorization": "Bearer k3y-0f-the-test"}

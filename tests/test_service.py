@@ -153,6 +153,45 @@ def test_routes_shapes_headers_and_neurons(tiny_loaded) -> None:
     run(main())
 
 
+def test_embed_all_gives_every_tokens_final_hidden_state(tiny_loaded) -> None:
+    """TEI's /embed_all: per input, one vector per token (special tokens included, in /tokenize's order), equal to
+    the model's final hidden states computed alone; their mean is /embed's unnormalised mean-pooled vector."""
+    app = make_app(tiny_loaded, max_batch_wait_ms=5)
+    tok = tiny_loaded.tokenizer
+    texts = [text_of(3), "hello", text_of(40)]
+    ids = tok.encode(["token ids"], max_length=100, truncate=False)[0]
+
+    def reference(seq: list[int]) -> torch.Tensor:
+        input_ids, mask = tok.pad([seq])
+        with torch.inference_mode():
+            return tiny_loaded.model(input_ids, mask)[0]
+
+    async def main():
+        async with running(app) as c:
+            jobs = [c.post("/embed_all", json={"inputs": texts}), c.post("/embed_all", json={"inputs": ids}),
+                    c.post("/embed", json={"inputs": texts, "normalize": False}),
+                    c.post("/tokenize", json={"inputs": texts}),
+                    c.post("/embed_all", json={"inputs": "x " * 300, "truncate": True,
+                                               "truncation_direction": "Left"})]
+            return await asyncio.gather(*jobs), (await c.get("/metrics")).text
+
+    (states, by_ids, pooled, tokens, left), metrics_text = run(main())
+    assert states.status_code == 200 and states.headers["content-type"] == "application/json"
+    body = states.json()
+    assert len(body) == len(texts)
+    for text, rows, pooled_vec, toks in zip(texts, body, pooled.json(), tokens.json()):
+        seq = tok.encode([text], max_length=10**6, truncate=False)[0]
+        assert len(rows) == len(toks) == len(seq) and all(len(r) == tiny_loaded.config.hidden_size for r in rows)
+        got = torch.tensor(rows)
+        assert torch.allclose(got, reference(seq), atol=1e-5, rtol=0), text
+        assert torch.allclose(got.mean(0), torch.tensor(pooled_vec), atol=1e-5, rtol=0)
+    assert int(states.headers["x-compute-tokens"]) == sum(len(r) for r in body)
+    assert torch.allclose(torch.tensor(by_ids.json()[0]), reference(ids), atol=1e-5, rtol=0)
+    assert left.status_code == 200 and len(left.json()[0]) == 128
+    samples = metric_samples(metrics_text)
+    assert metric(samples, "ufb_inputs_total", task="embed_all") == len(texts) + 2
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -199,6 +238,10 @@ BAD_REQUESTS = [
     ("/classify", {"json": {"inputs": [[1, 2]]}}, 422, "validation"),
     ("/predict", {"json": {"inputs": [["a", "b"]]}}, 422, "validation"),
     ("/tokenize", {"json": {"inputs": []}}, 400, "empty"),
+    ("/embed_all", {"json": {"inputs": []}}, 400, "empty"),
+    ("/embed_all", {"json": {"inputs": ["a"] * 33}}, 413, "too_many_inputs"),
+    ("/embed_all", {"json": {"inputs": "word " * 200}}, 422, "validation"),
+    ("/embed_all", {"json": {"inputs": [[1, 10**9]]}}, 422, "validation"),
 ]
 
 
