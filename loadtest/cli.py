@@ -2,7 +2,7 @@
 
     python -m loadtest [run] URL --concurrency 32 --duration 30        # closed loop
     python -m loadtest [run] URL --rate 50 --duration 30 [--poisson]   # open loop
-    python -m loadtest compare A B --concurrency 1 8 32 128            # A, B: URLs or model folders
+    python -m loadtest compare A B [C ...] --concurrency 1 8 32 128    # URLs or model folders; ratios vs the last
     python -m loadtest soak URL_OR_MODEL --minutes 30 [--pid PID]      # RSS and p99 over time
     python -m loadtest engine --model PATH --batch-size 1 8 32         # the engine without HTTP
     python -m loadtest overhead --model PATH --concurrency 32          # service vs engine, same batch shapes
@@ -19,8 +19,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -131,15 +131,27 @@ def _side(reps: list[Report]) -> dict[str, Any]:
             "rps_runs": [r.rps for r in reps], "p99_runs": [r.latency_ms["p99"] for r in reps]}
 
 
+def _names(targets: Sequence[str], given: Sequence[str] | None) -> list[str]:
+    """Display names, one per target: ``--names`` if given, else the targets; made unique if they repeat."""
+    if given and len(given) != len(targets):
+        raise SystemExit(f"loadtest compare: {len(given)} --names for {len(targets)} targets")
+    names = list(given or targets)
+    if len(set(names)) < len(names):
+        names = [f"{chr(ord('A') + i)} {n}" for i, n in enumerate(names)]
+    return names
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
-    """--repeat 1: A's loads, then B's, one server at a time. --repeat N: both servers up (the idle one costs no
-    CPU), and for every load A and B alternate N times; medians are reported, which tames a noisy machine."""
+    """--repeat 1: each target's loads in turn, one server at a time. --repeat N: every server up (an idle one
+    costs no CPU), and for every load the targets take turns N times; medians are reported, which tames a noisy
+    machine. Ratios are against the last target (the baseline), from the medians of the same run."""
+    if len(a.targets) < 2:
+        raise SystemExit("loadtest compare: give at least two targets (URLs or model folders)")
     loads: list[tuple[str, float]] = [("c", c) for c in (a.concurrency or [])] + [("r", r) for r in (a.rate or [])]
     if not loads:
         loads = [("c", c) for c in (1, 8, 32, 128)]
-    names = [a.name_a or a.a, a.name_b or a.b]
-    if names[0] == names[1]:
-        names = [f"A {names[0]}", f"B {names[1]}"]
+    names = _names(a.targets, a.names)
+    base = names[-1]
     results: dict[str, list[list[Report]]] = {n: [[] for _ in loads] for n in names}
 
     def one(name: str, url: str, i: int) -> None:
@@ -152,34 +164,44 @@ def cmd_compare(a: argparse.Namespace) -> int:
         results[name][i].append(rep)
 
     if a.repeat <= 1:
-        for name, target in zip(names, (a.a, a.b)):
+        for name, target in zip(names, a.targets):
             with _target(target, a) as (url, _):
                 for i in range(len(loads)):
                     one(name, url, i)
     else:
-        with _target(a.a, a) as (url_a, _), _target(a.b, a) as (url_b, _):
+        with ExitStack() as stack:
+            urls = [stack.enter_context(_target(t, a))[0] for t in a.targets]
             for i in range(len(loads)):
                 for _r in range(a.repeat):
-                    one(names[0], url_a, i)
-                    one(names[1], url_b, i)
+                    for name, url in zip(names, urls):
+                        one(name, url, i)
     rows = []
     for i, (kind, value) in enumerate(loads):
-        sa, sb = _side(results[names[0]][i]), _side(results[names[1]][i])
+        sides = {n: _side(results[n][i]) for n in names}
+        b = sides[base]
         rows.append({
-            "load": f"concurrency {int(value)}" if kind == "c" else f"rate {value:g}/s", "a": sa, "b": sb,
-            "rps_ratio_a_over_b": sa["rps"] / sb["rps"] if sb["rps"] else math.nan,
-            "p99_ratio_a_over_b": sa["p99_ms"] / sb["p99_ms"] if sb["p99_ms"] else math.nan,
+            "load": f"concurrency {int(value)}" if kind == "c" else f"rate {value:g}/s", "sides": sides,
+            "rps_ratio": {n: s["rps"] / b["rps"] if b["rps"] else math.nan for n, s in sides.items() if n != base},
+            "p99_ratio": {n: s["p99_ms"] / b["p99_ms"] if b["p99_ms"] else math.nan
+                          for n, s in sides.items() if n != base},
         })
     stat = "median of %d alternating runs" % a.repeat if a.repeat > 1 else "one run each"
-    head = (f"A = {names[0]}, B = {names[1]}; {a.route}, {a.inputs_per_request} input(s)/request, "
-            f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}\n"
-            f"{'load':<16} {'A req/s':>9} {'A p99 ms':>9} {'B req/s':>9} {'B p99 ms':>9} {'req/s A/B':>10} "
-            f"{'p99 A/B':>8} {'errors A/B':>11}")
-    lines = [head] + [
-        f"{r['load']:<16} {r['a']['rps']:>9.2f} {r['a']['p99_ms']:>9.1f} {r['b']['rps']:>9.2f} "
-        f"{r['b']['p99_ms']:>9.1f} {r['rps_ratio_a_over_b']:>10.2f} {r['p99_ratio_a_over_b']:>8.2f} "
-        f"{r['a']['errors']:>5}/{r['b']['errors']:<5}" for r in rows]
-    data = {"a": names[0], "b": names[1], "repeat": a.repeat, "rows": rows,
+    # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> value, format)
+    columns: list[tuple[str, Callable[[dict[str, Any]], float], str]] = []
+    for n in names:
+        columns += [(f"{n} req/s", lambda r, n=n: r["sides"][n]["rps"], ".2f"),
+                    (f"{n} p99 ms", lambda r, n=n: r["sides"][n]["p99_ms"], ".1f")]
+    for n in names[:-1]:
+        columns += [(f"req/s {n}/{base}", lambda r, n=n: r["rps_ratio"][n], ".2f"),
+                    (f"p99 {n}/{base}", lambda r, n=n: r["p99_ratio"][n], ".2f")]
+    widths = [max(9, len(title)) for title, _, _ in columns]
+    lines = [f"{' vs '.join(names)} (ratios against {base}); {a.route}, {a.inputs_per_request} input(s)/request, "
+             f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}",
+             " ".join(["load".ljust(16)] + [f"{t:>{w}}" for (t, _, _), w in zip(columns, widths)] + ["errors"])]
+    for r in rows:
+        cells = [r["load"].ljust(16)] + [f"{get(r):>{w}{fmt}}" for (_, get, fmt), w in zip(columns, widths)]
+        lines.append(" ".join(cells + ["/".join(str(r["sides"][n]["errors"]) for n in names)]))
+    data = {"names": names, "baseline": base, "repeat": a.repeat, "rows": rows,
             "reports": {n: [[r.to_dict() for r in runs] for runs in per] for n, per in results.items()}}
     _emit(a, _clean(data), "\n".join(lines))
     return 0
@@ -335,16 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     _load_options(p)
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("compare", help="the same load against two servers in turn, with ratios")
-    p.add_argument("a", help="URL or model folder")
-    p.add_argument("b", help="URL or model folder")
-    p.add_argument("--name-a", default=None)
-    p.add_argument("--name-b", default=None)
+    p = sub.add_parser("compare", help="the same load against two or more servers in turn, with ratios against "
+                                       "the last one")
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="URLs or model folders, at least two; the last is the baseline of the ratios")
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="display names, one per target")
     p.add_argument("--concurrency", "-c", type=int, nargs="+", default=None, help="default: 1 8 32 128")
     p.add_argument("--rate", "-r", type=float, nargs="+", default=None, help="open-loop rates, after those")
     p.add_argument("--poisson", action="store_true")
     p.add_argument("--repeat", type=int, default=1,
-                   help="alternate A and B this many times per load and report medians (default 1)")
+                   help="let the targets take turns this many times per load and report medians (default 1)")
     _load_options(p)
     p.set_defaults(handler=cmd_compare)
 

@@ -126,30 +126,56 @@ def test_cli_run_json_closed_and_open(server: Any, capsys: pytest.CaptureFixture
 
 def test_compare_two_model_folders_one_at_a_time(tiny_model_dir: Path, tiny_dense_dir: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["compare", str(tiny_model_dir), str(tiny_dense_dir), "--name-a", "fff", "--name-b", "dense",
+    code = cli.main(["compare", str(tiny_model_dir), str(tiny_dense_dir), "--names", "fff", "dense",
                      "-c", "2", "--rate", "10", "--duration", "1", "--warmup", "0.2", "--json", *TRUNC])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["a"] == "fff" and data["b"] == "dense"
+    assert data["names"] == ["fff", "dense"] and data["baseline"] == "dense"
     assert [r["load"] for r in data["rows"]] == ["concurrency 2", "rate 10/s"]
     for row in data["rows"]:
-        assert row["a"]["rps"] > 0 and row["b"]["rps"] > 0
-        assert row["rps_ratio_a_over_b"] == pytest.approx(row["a"]["rps"] / row["b"]["rps"])
-        assert row["p99_ratio_a_over_b"] == pytest.approx(row["a"]["p99_ms"] / row["b"]["p99_ms"])
+        fff, dense = row["sides"]["fff"], row["sides"]["dense"]
+        assert fff["rps"] > 0 and dense["rps"] > 0
+        assert row["rps_ratio"] == {"fff": pytest.approx(fff["rps"] / dense["rps"])}
+        assert row["p99_ratio"] == {"fff": pytest.approx(fff["p99_ms"] / dense["p99_ms"])}
     # two different servers were started (different ports)
     assert data["reports"]["fff"][0][0]["url"] != data["reports"]["dense"][0][0]["url"]
 
 
 def test_compare_text_table_with_repeats(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["compare", server.url, server.url, "-c", "2", "--repeat", "2", "--duration", "0.6",
-                     "--warmup", "0.1"]) == 0
+    assert cli.main(["compare", server.url, server.url, "--names", "x", "y", "-c", "2", "--repeat", "2",
+                     "--duration", "0.6", "--warmup", "0.1"]) == 0
     out = capsys.readouterr().out
-    assert "req/s A/B" in out and "concurrency 2" in out and "median of 2 alternating runs" in out
+    assert "req/s x/y" in out and "concurrency 2" in out and "median of 2 alternating runs" in out
     assert cli.main(["compare", server.url, server.url, "-c", "2", "--repeat", "3", "--duration", "0.4",
                      "--warmup", "0.1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     row = data["rows"][0]
-    assert len(row["a"]["rps_runs"]) == 3 and row["a"]["rps"] == sorted(row["a"]["rps_runs"])[1]
+    first = data["names"][0]
+    assert data["names"] == [f"A {server.url}", f"B {server.url}"]  # the same target twice gets told apart
+    assert len(row["sides"][first]["rps_runs"]) == 3
+    assert row["sides"][first]["rps"] == sorted(row["sides"][first]["rps_runs"])[1]
+
+
+def test_compare_three_targets_take_turns_with_ratios_against_the_last(
+        server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The Amdahl-bound measurement (FFF model, FFN removed, dense) runs as one interleaved comparison."""
+    args = ["compare", server.url, server.url, server.url, "--names", "fff", "none", "dense", "-c", "2",
+            "--repeat", "2", "--duration", "0.4", "--warmup", "0.1"]
+    assert cli.main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    row = data["rows"][0]
+    assert data["baseline"] == "dense" and set(row["rps_ratio"]) == {"fff", "none"}
+    for n in ("fff", "none"):
+        assert row["rps_ratio"][n] == pytest.approx(row["sides"][n]["rps"] / row["sides"]["dense"]["rps"])
+    sent = [rep["url"] for runs in data["reports"].values() for rep in runs[0]]
+    assert len(sent) == 6  # three targets x two turns
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "req/s fff/dense" in out and "req/s none/dense" in out and "p99 none/dense" in out
+    with pytest.raises(SystemExit, match="2 --names for 3 targets"):
+        cli.main([*args[:4], "--names", "a", "b", "-c", "2"])
+    with pytest.raises(SystemExit, match="at least two"):
+        cli.main(["compare", server.url, "-c", "2"])
 
 
 def test_soak_reports_rss_and_p99_over_time(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
