@@ -79,6 +79,7 @@ class DistillOptions:
     cache_tokens: int = 120_000  # tokens of teacher FFN inputs/outputs cached for the layer-wise phase
     hidden_weight: float = 1.0
     embed_weight: float = 1.0
+    relation_weight: float = 0.0  # MSE between the in-batch cosine-similarity matrices of student and teacher
     checkpoint_every: int = 100
     head_train_size: int | None = 4000  # RT train snippets for the sentiment head; None = all; 0 = no head
     save_dtype: str = "float16"
@@ -143,6 +144,19 @@ def layer_outputs(model: UltraFastBert, input_ids: torch.Tensor, mask: torch.Ten
 
 def sentence_embedding(model: UltraFastBert, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.pool(hidden, mask), dim=-1)
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the pairwise cosine similarities within the batch (normalised embeddings).
+
+    Why: the per-sentence cosine loss pulls each embedding towards its teacher's, but what nearest-neighbour search
+    and similarity scores use is how sentences sit relative to each other; this loss targets that directly (as in
+    relational knowledge distillation). The diagonal (always 1) is left out."""
+    n = student.shape[0]
+    if n < 2:
+        return student.new_zeros(())
+    off = ~torch.eye(n, dtype=torch.bool)
+    return F.mse_loss((student @ student.T)[off], (teacher @ teacher.T)[off])
 
 
 @torch.no_grad()
@@ -421,7 +435,8 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
             m = mask.bool()
             hid = sum(F.mse_loss(s[m], t[m]) for s, t in zip(s_layers, t_layers)) / n_layers
             emb = (1 - (s_emb * t_emb).sum(-1)).mean()
-            loss = opts.hidden_weight * hid + opts.embed_weight * emb
+            rel = relation_loss(s_emb, t_emb) if opts.relation_weight else emb.new_zeros(())
+            loss = opts.hidden_weight * hid + opts.embed_weight * emb + opts.relation_weight * rel
             for g in optim.param_groups:
                 g["lr"] = _cosine_lr(opts.lr, step, opts.steps, min(20, max(1, opts.steps // 50)),
                                      (elapsed() - e2e_start_elapsed) / max(1.0, budget_s - e2e_start_elapsed)
@@ -438,7 +453,7 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
             if step % 10 == 0 or state["step"] == opts.steps:
                 bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{1 - emb.item():.4f}")
                 _log(out, {"phase": "e2e", "step": step, "loss": loss.item(), "hidden_mse": hid.item(),
-                           "emb_cos": 1 - emb.item(), "lr": optim.param_groups[0]["lr"],
+                           "emb_cos": 1 - emb.item(), "relation_mse": rel.item(), "lr": optim.param_groups[0]["lr"],
                            "elapsed_s": round(elapsed(), 1)})
             if state["step"] % opts.checkpoint_every == 0 or should_stop():
                 state["elapsed_s"] = elapsed()
@@ -581,7 +596,8 @@ def run_cli(args: Any) -> int:
         teacher=args.teacher, out=args.out, trees=args.trees, depth=args.depth, seed=args.seed,
         time_budget_min=args.time_budget, layerwise_share=args.layerwise_share, layer_steps=args.layer_steps,
         steps=args.steps, init_student=args.init_student, hidden_weight=args.hidden_weight,
-        embed_weight=args.embed_weight, layer_lr=args.layer_lr, lr=args.lr, layer_batch_tokens=args.layer_batch_tokens,
+        embed_weight=args.embed_weight, relation_weight=args.relation_weight, layer_lr=args.layer_lr, lr=args.lr,
+        layer_batch_tokens=args.layer_batch_tokens,
         batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,
         head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype, corpus=args.corpus,
         layer_init=args.layer_init, refit_out=args.refit_out)

@@ -238,6 +238,9 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the per-layer hidden-state MSE")
     p.add_argument("--embed-weight", type=float, default=1.0,
                    help="weight of (1 - cosine) to the teacher's sentence embeddings")
+    p.add_argument("--relation-weight", type=float, default=0.0,
+                   help="weight of the MSE between the student's and the teacher's in-batch cosine-similarity "
+                        "matrices (default 0: off)")
     p.add_argument("--lr", type=float, default=0.0001, help="end-to-end learning rate (default 1e-4)")
     p.add_argument("--layer-lr", type=float, default=0.001)
     p.add_argument("--layer-init", choices=("teacher", "fit"), default="teacher",

@@ -174,7 +174,8 @@ def test_cli_defaults_match_distill_options() -> None:
              "layerwise_share": "layerwise_share", "layer_steps": "layer_steps", "steps": "steps",
              "layer_lr": "layer_lr", "lr": "lr", "layer_batch_tokens": "layer_batch_tokens",
              "batch_size": "batch_size", "max_length": "max_length", "cache_tokens": "cache_tokens",
-             "head_train_size": "head_train_size", "save_dtype": "save_dtype", "teacher": "teacher"}
+             "head_train_size": "head_train_size", "save_dtype": "save_dtype", "teacher": "teacher",
+             "hidden_weight": "hidden_weight", "embed_weight": "embed_weight", "relation_weight": "relation_weight"}
     for arg, field_name in pairs.items():
         assert getattr(args, arg) == getattr(defaults, field_name), arg
 
@@ -191,6 +192,31 @@ def test_init_student_continues_end_to_end_only(tiny_teacher: Path, distilled: P
     for name in ("layers.0.ffn.linear_in.weight", "layers.1.attention.query.weight"):
         moved = (payload["model"][name] - earlier[name]).abs().max().item()
         assert 0 < moved < 2 * opts.lr, name  # one Adam step (each weight moves at most ~lr) off the earlier ones
+
+
+def test_relation_loss_sees_only_how_sentences_sit_relative_to_each_other() -> None:
+    from engine.distill import relation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16))
+    assert relation_loss(teacher, teacher) == 0
+    # every embedding moved (cosine to its teacher far from 1), their pairwise similarities kept: no loss
+    assert (teacher @ rotation * teacher).sum(-1).max() < 0.9
+    assert relation_loss(teacher @ rotation, teacher) < 1e-12
+    shuffled = teacher[torch.tensor([1, 0, 2, 3, 5, 4])]
+    expected = ((shuffled @ shuffled.T - teacher @ teacher.T)[~torch.eye(6, dtype=torch.bool)] ** 2).mean()
+    assert torch.allclose(relation_loss(shuffled, teacher), expected) and expected > 0
+    assert relation_loss(teacher[:1], teacher[:1]) == 0  # a batch of one has no pairs
+
+
+def test_relation_weight_adds_the_relation_term(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    opts = _opts(tiny_teacher, tmp_path / "r", init_student=str(distilled), steps=2, relation_weight=5.0)
+    distill(opts, progress=False, stop_after_steps=1)
+    record = json.loads((tmp_path / "r" / "distill_log.jsonl").read_text().splitlines()[0])
+    assert record["relation_mse"] > 0
+    weights = opts.hidden_weight * record["hidden_mse"] + opts.embed_weight * (1 - record["emb_cos"])
+    assert record["loss"] == pytest.approx(weights + 5.0 * record["relation_mse"], rel=1e-5)
 
 
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
