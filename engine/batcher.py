@@ -167,14 +167,15 @@ class ModelBackend:
         # took 2.9x less time than in fp32); LayerNorms, pooling and the FFF kernel's activations stay fp32.
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
         with torch.inference_mode(), autocast:
+            out: Outputs
             if task is Task.EMBED:
                 out = self.model.embed_ids(ids, normalize=False, max_padding_ratio=self.max_padding_ratio)
             elif task is Task.EMBED_ALL:
-                states = self.model.token_states_ids(ids, max_padding_ratio=self.max_padding_ratio)
-                return [t.float() for t in states], (self.model.last_leaves() if record else None)
+                out = self.model.token_states_ids(ids, max_padding_ratio=self.max_padding_ratio)
             else:
                 out = self.model.classify_ids(ids, max_padding_ratio=self.max_padding_ratio)
-        return out.float(), (self.model.last_leaves() if record else None)
+        out = out.float() if isinstance(out, torch.Tensor) else [t.float() for t in out]
+        return out, (self.model.last_leaves() if record else None)
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -180,8 +180,7 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
     enc = _b64 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "embedding": enc(v), "index": i} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens}
-    return JSON({"object": "list", "data": data, "model": state.model_name, "usage": usage},
-                        headers=headers)
+    return JSON({"object": "list", "data": data, "model": state.model_name, "usage": usage}, headers=headers)
 
 
 @router.post("/embed", response_model=list[list[float]], responses=_ERRORS, tags=["TEI"],
