@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import time
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
@@ -249,9 +250,49 @@ async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
     if len(texts) > state.settings.max_inputs_per_request:
         raise E.too_many_inputs(len(texts), state.settings.max_inputs_per_request)
     assert state.batcher is not None
-    tokens = await state.batcher.run_in_tokenizer_pool(
-        _tokenize_with_offsets, state.loaded.tokenizer, texts, body.add_special_tokens)
-    return JSON(tokens)
+    content = await state.batcher.run_in_tokenizer_pool(
+        _tokens_json, state.loaded.tokenizer, texts, body.add_special_tokens)
+    return Response(content, media_type="application/json")
+
+
+_TOKENS_PER_RENDER = 4096
+
+
+def _tokens_json(tokenizer: Any, texts: Sequence[str], special: bool) -> bytes:
+    """The /tokenize body (TEI's SimpleToken lists), built and rendered a slice of tokens at a time.
+
+    A maximal body (2 MB of text, ~360,000 tokens, ~26 MB of JSON) built whole, as one list of dicts rendered in
+    one call, held the GIL, and with it the event loop and every other request, for up to ~250 ms: the serializer
+    is native code that keeps the GIL until it returns, and 360,000 long-lived dicts set off full garbage
+    collections. Slices of a few thousand tokens are rendered and dropped before the next is built, so the
+    longest hold is one slice's (a few ms) or one tokenizer call's."""
+    raw = getattr(tokenizer, "_tok", None)  # the Rust tokenizer: it knows each token's character offsets
+    parts: list[bytes] = [b"["]
+    if raw is not None:
+        for i, (text, enc) in enumerate(zip(texts, raw.encode_batch(list(texts), add_special_tokens=special))):
+            # enc.tokens is not read: a non-special token's text is its span of the input, and fetching all
+            # token strings from Rust costs as much again as the offsets.
+            spans = zip(enc.ids, enc.offsets, enc.special_tokens_mask)
+            parts += (b"," if i else b"", _json_list(
+                {"id": tid, "text": raw.id_to_token(tid) if sp else text[a:b], "special": bool(sp),
+                 "start": None if sp else a, "stop": None if sp else b}
+                for tid, (a, b), sp in spans))
+    else:
+        for i, ids in enumerate(tokenizer.encode(list(texts), max_length=10**9, truncate=False)):
+            toks = tokenizer.convert_ids_to_tokens(ids)
+            parts += (b"," if i else b"", _json_list(
+                {"id": tid, "text": t, "special": t.startswith("[") and t.endswith("]"), "start": None, "stop": None}
+                for tid, t in zip(ids, toks)))
+    parts.append(b"]")
+    return b"".join(parts)
+
+
+def _json_list(items: Iterator[Any]) -> bytes:
+    """``render_json(list(items))``, built and rendered _TOKENS_PER_RENDER items at a time."""
+    slices = []
+    while chunk := list(itertools.islice(items, _TOKENS_PER_RENDER)):
+        slices.append(render_json(chunk)[1:-1])
+    return b"[" + b",".join(slices) + b"]"
 
 
 @router.post("/decode", response_model=list[str], responses=_ERRORS, tags=["TEI"],
@@ -270,25 +311,6 @@ async def decode(body: S.DecodeRequest, request: Request) -> Response:
     texts = await state.batcher.run_in_tokenizer_pool(
         lambda: [state.loaded.tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs])
     return JSON(texts)
-
-
-def _tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list[dict[str, Any]]]:
-    """TEI's SimpleToken list; offsets come from the Rust tokenizer when the wrapper exposes it."""
-    raw = getattr(tokenizer, "_tok", None)
-    out = []
-    if raw is not None:
-        for text, enc in zip(texts, raw.encode_batch(list(texts), add_special_tokens=special)):
-            row = []
-            for tid, tok, (start, stop), sp in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask):
-                row.append({"id": tid, "text": tok if sp else text[start:stop], "special": bool(sp),
-                            "start": None if sp else start, "stop": None if sp else stop})
-            out.append(row)
-        return out
-    for ids in tokenizer.encode(list(texts), max_length=10**9, truncate=False):
-        toks = tokenizer.convert_ids_to_tokens(ids)
-        out.append([{"id": i, "text": t, "special": t.startswith("[") and t.endswith("]"), "start": None,
-                     "stop": None} for i, t in zip(ids, toks)])
-    return out
 
 
 def _model_card(state: ServiceState) -> dict[str, Any]:

@@ -594,6 +594,37 @@ def test_two_inference_workers_serve_correct_results_and_show_in_info(tiny_loade
         torch.set_num_threads(threads_before)
 
 
+def test_tokenize_renders_in_slices_that_join_into_the_whole_body(tiny_loaded, monkeypatch) -> None:
+    """/tokenize builds and renders its body a slice of tokens at a time (so a maximal body never holds the event
+    loop for long); with slices of 5 tokens, every row must still be the tokenizer's complete token list: ids,
+    text spans, special flags and offsets, across slice boundaries, for rows of 0, 5 and many tokens."""
+    from service import routes
+
+    monkeypatch.setattr(routes, "_TOKENS_PER_RENDER", 5)
+    app = make_app(tiny_loaded)
+    texts = ["Hello, world! " * 7, "a b c", "", "naïve café"]
+    raw = tiny_loaded.tokenizer._tok
+
+    async def main():
+        async with running(app) as c:
+            with_special = await c.post("/tokenize", json={"inputs": texts})
+            without = await c.post("/tokenize", json={"inputs": texts, "add_special_tokens": False})
+            return with_special, without
+
+    with_special, without = run(main())
+    for response, special in ((with_special, True), (without, False)):
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert len(body) == len(texts)
+        for text, row, enc in zip(texts, body, raw.encode_batch(texts, add_special_tokens=special)):
+            expected = [{"id": tid, "text": tok if sp else text[a:b], "special": bool(sp),
+                         "start": None if sp else a, "stop": None if sp else b}
+                        for tid, tok, (a, b), sp in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)]
+            assert row == expected, text
+    assert [len(r) for r in without.json()][1:3] == [3, 0]
+    assert len(with_special.json()[0]) > 20 and len(with_special.json()[1]) == 5  # [CLS] a b c [SEP]: one slice
+
+
 def test_decode_and_models(tiny_loaded) -> None:
     """TEI's /decode inverts /tokenize's ids; OpenAI's /v1/models lists the one model, /v1/models/{id} finds it."""
     app = make_app(tiny_loaded, served_model_name="my-ufb")
