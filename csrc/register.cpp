@@ -3,7 +3,11 @@
 // torch.compile can trace it (its fake/meta implementation is registered from Python, engine/cmm.py).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
+
+#include <memory>
 
 #include "cmm_cpu.h"
 
@@ -15,41 +19,37 @@ namespace {
 // vs 33-38 us, 47: 58 vs 79-97 us); at 2-4 tokens one thread is as fast.
 constexpr int64_t kGrain = 4;
 
-std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
-                                           const at::Tensor& w_out, int64_t depth, bool return_leaves) {
-  TORCH_CHECK(x_in.dim() == 2, "ufb::cmm: x must be [N, d_in], got ", x_in.sizes());
+// Validates the arguments (throws c10::Error naming the problem) and describes them to the raw kernel. `y` and
+// `leaves` are filled in by the caller once the output sizes are known (n, d_out, trees).
+ufb::CmmProblem check_problem(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
+                              const at::Tensor& w_out, int64_t depth) {
+  TORCH_CHECK(x.dim() == 2, "ufb::cmm: x must be [N, d_in], got ", x.sizes());
   TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && b_in.dim() == 2,
               "ufb::cmm: expected w_in [K, nodes, d_in], b_in [K, nodes], w_out [K, nodes, d_out]");
   TORCH_CHECK(depth >= 0 && depth < 31, "ufb::cmm: depth must be in [0, 30], got ", depth);
   const int64_t trees = w_in.size(0), nodes = w_in.size(1), d_in = w_in.size(2), d_out = w_out.size(2);
   TORCH_CHECK(nodes == (int64_t(2) << depth) - 1, "ufb::cmm: depth ", depth, " needs ", (int64_t(2) << depth) - 1,
               " nodes per tree, weights have ", nodes);
-  TORCH_CHECK(x_in.size(1) == d_in, "ufb::cmm: x has width ", x_in.size(1), ", w_in expects ", d_in);
+  TORCH_CHECK(x.size(1) == d_in, "ufb::cmm: x has width ", x.size(1), ", w_in expects ", d_in);
   TORCH_CHECK(b_in.size(0) == trees && b_in.size(1) == nodes && w_out.size(0) == trees && w_out.size(1) == nodes,
               "ufb::cmm: b_in / w_out do not match w_in's trees and nodes");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && b_in.scalar_type() == at::kFloat,
+  TORCH_CHECK(x.scalar_type() == at::kFloat && b_in.scalar_type() == at::kFloat,
               "ufb::cmm: x and b_in must be float32");
   TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type() &&
                   (w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16 ||
                    w_in.scalar_type() == at::kHalf),
               "ufb::cmm: w_in and w_out must both be float32, both bfloat16 or both float16, got ",
               w_in.scalar_type(), " and ", w_out.scalar_type());
-  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu() && w_out.device().is_cpu() && b_in.device().is_cpu(),
+  TORCH_CHECK(x.device().is_cpu() && w_in.device().is_cpu() && w_out.device().is_cpu() && b_in.device().is_cpu(),
               "ufb::cmm: CPU tensors expected");
   TORCH_CHECK(w_in.is_contiguous() && w_out.is_contiguous() && b_in.is_contiguous(),
               "ufb::cmm: weights must be contiguous (pack them once with engine.cmm.pack_fff_weights)");
+  TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, "ufb::cmm: x's rows must be contiguous");  // callers ensure it
 
-  // Rows may be strided (a slice of a wider tensor); elements within a row must be adjacent.
-  const at::Tensor x = (x_in.size(0) > 0 && x_in.stride(1) != 1) ? x_in.contiguous() : x_in;
-  const int64_t n = x.size(0);
-  at::Tensor y = at::empty({n, d_out}, x.options());
-  at::Tensor leaves = at::empty({return_leaves ? n : 0, trees}, x.options().dtype(at::kLong));
-  if (n == 0) return {y, leaves};
-
-  ufb::CmmProblem p;
+  ufb::CmmProblem p{};
   p.x = x.data_ptr<float>();
   p.x_stride = x.stride(0);
-  p.n = n;
+  p.n = x.size(0);
   p.d_in = d_in;
   p.d_out = d_out;
   p.trees = trees;
@@ -60,16 +60,27 @@ std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Ten
   p.wtype = w_in.scalar_type() == at::kBFloat16 ? ufb::WeightType::kBFloat16
             : w_in.scalar_type() == at::kHalf   ? ufb::WeightType::kFloat16
                                                 : ufb::WeightType::kFloat32;
-  p.y = y.data_ptr<float>();
-  p.leaves = return_leaves ? leaves.data_ptr<int64_t>() : nullptr;
+  return p;
+}
 
+// Rows may be strided (a slice of a wider tensor); elements within a row must be adjacent.
+at::Tensor rows_contiguous(const at::Tensor& x) {
+  return (x.dim() == 2 && x.size(0) > 0 && x.stride(1) != 1) ? x.contiguous() : x;
+}
+
+// Runs a checked problem whose y (and leaves, if wanted) are set. Touches no Python object, so the eager binding
+// calls it with the GIL released.
+void run_problem(const ufb::CmmProblem& p) {
+  const int64_t n = p.n;
+  if (n == 0) return;
   const int64_t split = ufb::cmm_split_level(p);
   if (split > 0) {
     // Large batch: descend the top `split` levels, sort tokens by the subtree they entered, finish in that order.
-    at::Tensor pre = at::empty({n * trees * split}, x.options());
-    at::Tensor node = at::empty({n * trees}, x.options().dtype(at::kInt));
-    at::Tensor order = at::empty({n}, x.options().dtype(at::kLong));
-    const ufb::CmmSplit s{split, pre.data_ptr<float>(), node.data_ptr<int32_t>(), order.data_ptr<int64_t>()};
+    // Scratch left uninitialised (every element is written before it is read).
+    const std::unique_ptr<float[]> pre(new float[size_t(n * p.trees * split)]);
+    const std::unique_ptr<int32_t[]> node(new int32_t[size_t(n * p.trees)]);
+    const std::unique_ptr<int64_t[]> order(new int64_t[size_t(n)]);
+    const ufb::CmmSplit s{split, pre.get(), node.get(), order.get()};
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_prefix(p, s, begin, end); });
     ufb::cmm_sort_tokens(p, s);
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_suffix(p, s, begin, end); });
@@ -78,8 +89,79 @@ std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Ten
   } else {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_range(p, begin, end); });
   }
+}
+
+// The custom op's CPU kernel (torch.ops.ufb.cmm): leaves is [N, K] when asked for, [0, K] otherwise.
+std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
+                                           const at::Tensor& w_out, int64_t depth, bool return_leaves) {
+  const at::Tensor x = rows_contiguous(x_in);
+  ufb::CmmProblem p = check_problem(x, w_in, b_in, w_out, depth);
+  at::Tensor y = at::empty({p.n, p.d_out}, x.options());
+  at::Tensor leaves = at::empty({return_leaves ? p.n : 0, p.trees}, x.options().dtype(at::kLong));
+  p.y = y.data_ptr<float>();
+  p.leaves = return_leaves ? leaves.data_ptr<int64_t>() : nullptr;
+  run_problem(p);
   return {y, leaves};
 }
+
+// The same computation for eager calls from Python, as a bare CPython function (METH_FASTCALL): pybind11's
+// argument conversion, the op's empty leaves tensor and the tuple of two tensors cost ~2.5 of the ~3.6 µs of a
+// one-token call (README "Kernel design"). Arguments as the op's; returns (y, leaves or None). The GIL is
+// released while more than one thread's worth of tokens computes, so other Python threads (the service's event
+// loop) run meanwhile, as they do during torch's own operators.
+PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6) {
+    PyErr_Format(PyExc_TypeError, "cmm_eager(x, w_in, b_in, w_out, depth, return_leaves) takes 6 arguments, got %zd",
+                 nargs);
+    return nullptr;
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (!THPVariable_Check(args[i])) {
+      PyErr_Format(PyExc_TypeError, "cmm_eager: argument %d must be a Tensor, got %s", i, Py_TYPE(args[i])->tp_name);
+      return nullptr;
+    }
+  }
+  if (!PyLong_Check(args[4])) {
+    PyErr_Format(PyExc_TypeError, "cmm_eager: depth must be an int, got %s", Py_TYPE(args[4])->tp_name);
+    return nullptr;
+  }
+  const long long depth = PyLong_AsLongLong(args[4]);
+  if (depth == -1 && PyErr_Occurred()) return nullptr;
+  const int return_leaves = PyObject_IsTrue(args[5]);
+  if (return_leaves < 0) return nullptr;
+
+  const at::Tensor x = rows_contiguous(THPVariable_Unpack(args[0]));
+  ufb::CmmProblem p = check_problem(x, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
+                                    THPVariable_Unpack(args[3]), depth);
+  at::Tensor y = at::empty({p.n, p.d_out}, x.options());
+  at::Tensor leaves;
+  p.y = y.data_ptr<float>();
+  if (return_leaves) {
+    leaves = at::empty({p.n, p.trees}, x.options().dtype(at::kLong));
+    p.leaves = leaves.data_ptr<int64_t>();
+  }
+  if (p.n < 2 * kGrain) {
+    run_problem(p);  // one thread's worth: releasing and retaking the GIL would cost more than it lets others run
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    run_problem(p);
+  }
+  PyObject* out = PyTuple_New(2);
+  if (out == nullptr) return nullptr;
+  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(y)));
+  if (return_leaves) {
+    PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(leaves)));
+  } else {
+    Py_INCREF(Py_None);
+    PyTuple_SET_ITEM(out, 1, Py_None);
+  }
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef cmm_eager_def = {"cmm_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cmm_eager)),
+                             METH_FASTCALL, "ufb::cmm without the dispatcher (eager calls): (y, leaves or None)"};
 
 }  // namespace
 
@@ -92,10 +174,10 @@ TORCH_LIBRARY_IMPL(ufb, CPU, m) { m.impl("cmm", &cmm_cpu); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "UltraFastBERT conditional matrix multiplication kernels (registers torch.ops.ufb.*)";
   m.def("cpu_path", &ufb::cmm_cpu_path, "instruction-set path the CPU kernel uses");
-  // The same function as torch.ops.ufb.cmm, bound without the dispatcher: calling a custom op from Python
-  // costs about 6 µs of schema matching and boxing, more than the kernel itself on one token (README
-  // "Kernel design"). engine.cmm uses this binding in eager mode and the op under torch.compile.
-  m.def("cmm_eager", &cmm_cpu, "ufb::cmm without the dispatcher (eager calls)");
+  // The same computation as torch.ops.ufb.cmm without the dispatcher: calling a custom op from Python costs
+  // about 6 µs of schema matching and boxing, more than the kernel itself on one token (README "Kernel design").
+  // engine.cmm uses this binding in eager mode and the op under torch.compile.
+  m.add_object("cmm_eager", pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&cmm_eager_def, nullptr)));
   m.def(
       "force_path",
       [](const std::string& name) {

@@ -80,8 +80,9 @@ KERNEL: KernelInfo = _load_kernel()
 # Resolved once: looking the op up through torch.ops on every call costs about a microsecond, which is a
 # noticeable share of a one-token FFF call.
 _OP = torch.ops.ufb.cmm.default if KERNEL.compiled else None
-# The same C++ function bound directly (pybind11): eager calls skip the dispatcher's Python-side argument
-# matching, measured at about 6 of the 9 µs of a one-token call on a 2.1 GHz Xeon. torch.compile keeps the op.
+# The same computation bound directly, as a bare CPython function: eager calls skip the dispatcher's Python-side
+# argument matching (about 6 of the 9 µs of a one-token call on a 2.1 GHz Xeon) and pybind11's conversions (2 of the
+# remaining 2.7 µs of a call that does no work). torch.compile keeps the op.
 _EAGER = None
 if KERNEL.compiled:
     from engine import _cmm as _ext
@@ -112,9 +113,10 @@ def cmm(
     return_leaves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y [N, d_out]`` float32 and, if asked, the leaf (0 .. 2^depth - 1) each token reached in each tree."""
-    if _OP is not None and x.is_cpu:
-        run = _OP if torch.compiler.is_compiling() else _EAGER
-        y, leaves = run(x, w_in, b_in, w_out, depth, return_leaves)
+    if _EAGER is not None and x.is_cpu:
+        if not torch.compiler.is_compiling():
+            return _EAGER(x, w_in, b_in, w_out, depth, return_leaves)  # already (y, leaves or None)
+        y, leaves = _OP(x, w_in, b_in, w_out, depth, return_leaves)
         return y, (leaves if return_leaves else None)
     y, leaves = cmm_reference(x, w_in, b_in, w_out, depth)
     return y, (leaves if return_leaves else None)

@@ -341,8 +341,75 @@ def test_eager_binding_equals_the_custom_op() -> None:
         y_op, leaves_op = torch.ops.ufb.cmm(x, w_in, b_in, w_out, depth, True)
         y_eager, leaves_eager = _cmm.cmm_eager(x, w_in, b_in, w_out, depth, True)
         assert torch.equal(y_op, y_eager) and torch.equal(leaves_op, leaves_eager)
+        y_alone, leaves_alone = _cmm.cmm_eager(x, w_in, b_in, w_out, depth, False)
+        assert torch.equal(y_alone, y_op) and leaves_alone is None  # no leaves tensor is made when none is asked
     with pytest.raises(RuntimeError, match="width"):
         _cmm.cmm_eager(x[:, :5], w_in, b_in, w_out, depth, False)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((), "takes 6 arguments, got 0"),
+        (("x",), "takes 6 arguments, got 1"),
+        ((None, "w_in", "b_in", "w_out", 3, False), "argument 0 must be a Tensor, got NoneType"),
+        ((0, 1, 2, 3, 3, False), "argument 0 must be a Tensor"),
+        ((torch.zeros(1, 8),) * 4 + (3.0, False), "depth must be an int, got float"),
+        ((torch.zeros(1, 8),) * 4 + (2**70, False), "too big"),
+    ],
+)
+def test_eager_binding_rejects_malformed_calls_with_type_errors(args: tuple, message: str) -> None:
+    """The eager binding parses its arguments by hand (it skips pybind11), so it must refuse what pybind11 would."""
+    from engine import _cmm
+
+    with pytest.raises((TypeError, OverflowError), match=message):
+        _cmm.cmm_eager(*args)
+
+
+def test_eager_binding_lets_other_python_threads_run_during_large_calls() -> None:
+    """A large call releases the GIL, as torch's own operators do: the service's event loop keeps answering while
+    an inference thread runs the kernel. Measured as the longest pause of a Python loop on this thread while
+    another thread computes: with the GIL held it is the whole call."""
+    import threading
+    import time
+
+    from engine import _cmm
+
+    x, w_in, b_in, w_out = make_problem(40_000, 256, 256, 11, 1, exact=False)
+
+    def call() -> None:
+        _cmm.cmm_eager(x, w_in, b_in, w_out, 11, False)
+
+    # One kernel thread: the loop below then has the other core to itself, so its pauses are the GIL's, not the
+    # scheduler's.
+    start = time.perf_counter()
+    on_one_thread(call)
+    alone = time.perf_counter() - start
+    assert alone > 0.02, "the call must be long enough to tell a held GIL from scheduling noise"
+
+    running = threading.Event()
+    done = threading.Event()
+
+    def compute() -> None:
+        running.set()
+        for _ in range(3):
+            call()
+        done.set()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker = threading.Thread(target=compute)
+        worker.start()
+        running.wait()
+        longest, last = 0.0, time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert longest < alone / 2, f"this thread stalled {longest * 1e3:.0f} ms during calls of {alone * 1e3:.0f} ms"
 
 
 @pytest.mark.parametrize(
