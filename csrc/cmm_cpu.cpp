@@ -94,10 +94,11 @@ void dots(int64_t m, const float* const* xs, const W* const* ws, int64_t d, floa
 }
 
 template <class W>
-void weighted_rows(float* y, const float* c, const W* const* rows, int64_t n_rows, int64_t d) {
+void weighted_rows(float* y, const float* bias, const float* c, const W* const* rows, int64_t n_rows, int64_t d) {
   int64_t j = 0;
   for (; j + 16 <= d; j += 16) {
     float acc[16] = {0};
+    if (bias != nullptr) std::copy(bias + j, bias + j + 16, acc);
     for (int64_t l = 0; l < n_rows; ++l) {
       const W* r = rows[l] + j;
       const float cl = c[l];
@@ -106,7 +107,7 @@ void weighted_rows(float* y, const float* c, const W* const* rows, int64_t n_row
     for (int u = 0; u < 16; ++u) y[j + u] = acc[u];
   }
   for (; j < d; ++j) {
-    float s = 0.0f;
+    float s = bias != nullptr ? bias[j] : 0.0f;
     for (int64_t l = 0; l < n_rows; ++l) s += c[l] * to_float(rows[l][j]);
     y[j] = s;
   }

@@ -27,7 +27,8 @@ struct CmmProblem {
   const float* b_in;     // [trees, nodes]
   const void* w_out;     // [trees, nodes, d_out], same dtype as w_in
   WeightType wtype;      // storage type of w_in and w_out
-  float* y;              // [n, d_out], written (not accumulated)
+  const float* b_out;    // [d_out] output bias, or nullptr (BERT-layout FFFs keep their teacher FFN's)
+  float* y;              // [n, d_out], written (not accumulated): b_out + the visited rows' weighted sum
   int64_t* leaves;       // [n, trees] or nullptr
 };
 

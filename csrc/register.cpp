@@ -22,7 +22,7 @@ constexpr int64_t kGrain = 4;
 // Validates the arguments (throws c10::Error naming the problem) and describes them to the raw kernel. `y` and
 // `leaves` are filled in by the caller once the output sizes are known (n, d_out, trees).
 ufb::CmmProblem check_problem(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
-                              const at::Tensor& w_out, int64_t depth) {
+                              const at::Tensor& w_out, int64_t depth, const at::Tensor* b_out) {
   TORCH_CHECK(x.dim() == 2, "ufb::cmm: x must be [N, d_in], got ", x.sizes());
   TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && b_in.dim() == 2,
               "ufb::cmm: expected w_in [K, nodes, d_in], b_in [K, nodes], w_out [K, nodes, d_out]");
@@ -45,6 +45,12 @@ ufb::CmmProblem check_problem(const at::Tensor& x, const at::Tensor& w_in, const
   TORCH_CHECK(w_in.is_contiguous() && w_out.is_contiguous() && b_in.is_contiguous(),
               "ufb::cmm: weights must be contiguous (pack them once with engine.cmm.pack_fff_weights)");
   TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, "ufb::cmm: x's rows must be contiguous");  // callers ensure it
+  if (b_out != nullptr) {
+    TORCH_CHECK(b_out->dim() == 1 && b_out->size(0) == d_out, "ufb::cmm: b_out must be [d_out] = [", d_out,
+                "], got ", b_out->sizes());
+    TORCH_CHECK(b_out->scalar_type() == at::kFloat && b_out->device().is_cpu() && b_out->is_contiguous(),
+                "ufb::cmm: b_out must be a contiguous float32 CPU tensor");
+  }
 
   ufb::CmmProblem p{};
   p.x = x.data_ptr<float>();
@@ -60,6 +66,7 @@ ufb::CmmProblem check_problem(const at::Tensor& x, const at::Tensor& w_in, const
   p.wtype = w_in.scalar_type() == at::kBFloat16 ? ufb::WeightType::kBFloat16
             : w_in.scalar_type() == at::kHalf   ? ufb::WeightType::kFloat16
                                                 : ufb::WeightType::kFloat32;
+  p.b_out = b_out != nullptr ? b_out->data_ptr<float>() : nullptr;
   return p;
 }
 
@@ -93,9 +100,10 @@ void run_problem(const ufb::CmmProblem& p) {
 
 // The custom op's CPU kernel (torch.ops.ufb.cmm): leaves is [N, K] when asked for, [0, K] otherwise.
 std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
-                                           const at::Tensor& w_out, int64_t depth, bool return_leaves) {
+                                           const at::Tensor& w_out, int64_t depth, bool return_leaves,
+                                           const std::optional<at::Tensor>& b_out) {
   const at::Tensor x = rows_contiguous(x_in);
-  ufb::CmmProblem p = check_problem(x, w_in, b_in, w_out, depth);
+  ufb::CmmProblem p = check_problem(x, w_in, b_in, w_out, depth, b_out.has_value() ? &*b_out : nullptr);
   at::Tensor y = at::empty({p.n, p.d_out}, x.options());
   at::Tensor leaves = at::empty({return_leaves ? p.n : 0, p.trees}, x.options().dtype(at::kLong));
   p.y = y.data_ptr<float>();
@@ -106,14 +114,21 @@ std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Ten
 
 // The same computation for eager calls from Python, as a bare CPython function (METH_FASTCALL): pybind11's
 // argument conversion, the op's empty leaves tensor and the tuple of two tensors cost ~2.5 of the ~3.6 µs of a
-// one-token call (README "Kernel design"). Arguments as the op's; returns (y, leaves or None). The GIL is
+// one-token call (README "Kernel design"). Arguments as the op's (b_out optional, None or absent for no bias);
+// returns (y, leaves or None). The GIL is
 // released while more than one thread's worth of tokens computes, so other Python threads (the service's event
 // loop) run meanwhile, as they do during torch's own operators.
 PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 6) {
-    PyErr_Format(PyExc_TypeError, "cmm_eager(x, w_in, b_in, w_out, depth, return_leaves) takes 6 arguments, got %zd",
+  if (nargs != 6 && nargs != 7) {
+    PyErr_Format(PyExc_TypeError,
+                 "cmm_eager(x, w_in, b_in, w_out, depth, return_leaves, b_out=None) takes 6 or 7 arguments, got %zd",
                  nargs);
+    return nullptr;
+  }
+  const bool has_bias = nargs == 7 && args[6] != Py_None;
+  if (has_bias && !THPVariable_Check(args[6])) {
+    PyErr_Format(PyExc_TypeError, "cmm_eager: b_out must be a Tensor or None, got %s", Py_TYPE(args[6])->tp_name);
     return nullptr;
   }
   for (int i = 0; i < 4; ++i) {
@@ -133,7 +148,8 @@ PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
 
   const at::Tensor x = rows_contiguous(THPVariable_Unpack(args[0]));
   ufb::CmmProblem p = check_problem(x, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
-                                    THPVariable_Unpack(args[3]), depth);
+                                    THPVariable_Unpack(args[3]), depth,
+                                    has_bias ? &THPVariable_Unpack(args[6]) : nullptr);
   at::Tensor y = at::empty({p.n, p.d_out}, x.options());
   at::Tensor leaves;
   p.y = y.data_ptr<float>();
@@ -166,7 +182,8 @@ PyMethodDef cmm_eager_def = {"cmm_eager", reinterpret_cast<PyCFunction>(reinterp
 }  // namespace
 
 TORCH_LIBRARY(ufb, m) {
-  m.def("cmm(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int depth, bool return_leaves) -> (Tensor, Tensor)");
+  m.def("cmm(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int depth, bool return_leaves, Tensor? b_out=None) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ufb, CPU, m) { m.impl("cmm", &cmm_cpu); }

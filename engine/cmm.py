@@ -69,7 +69,7 @@ def _register_fake() -> None:
     """Shape-only implementation so torch.compile / FakeTensor tracing can see through the op."""
 
     @torch.library.register_fake("ufb::cmm")
-    def _(x, w_in, b_in, w_out, depth, return_leaves):  # type: ignore[no-untyped-def]
+    def _(x, w_in, b_in, w_out, depth, return_leaves, b_out=None):  # type: ignore[no-untyped-def]
         n = x.shape[0]
         y = x.new_empty((n, w_out.shape[2]), dtype=torch.float32)
         leaves = x.new_empty((n, w_in.shape[0]) if return_leaves else (0, w_in.shape[0]), dtype=torch.int64)
@@ -111,22 +111,27 @@ def cmm(
     w_out: torch.Tensor,
     depth: int,
     return_leaves: bool = False,
+    b_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``y [N, d_out]`` float32 and, if asked, the leaf (0 .. 2^depth - 1) each token reached in each tree."""
+    """``y [N, d_out]`` float32 (plus the output bias ``b_out [d_out]``, if given) and, if asked, the leaf
+    (0 .. 2^depth - 1) each token reached in each tree."""
     if _EAGER is not None and x.is_cpu:
         if not torch.compiler.is_compiling():
-            return _EAGER(x, w_in, b_in, w_out, depth, return_leaves)  # already (y, leaves or None)
-        y, leaves = _OP(x, w_in, b_in, w_out, depth, return_leaves)
+            return _EAGER(x, w_in, b_in, w_out, depth, return_leaves, b_out)  # already (y, leaves or None)
+        y, leaves = _OP(x, w_in, b_in, w_out, depth, return_leaves, b_out)
         return y, (leaves if return_leaves else None)
-    y, leaves = cmm_reference(x, w_in, b_in, w_out, depth)
+    y, leaves = cmm_reference(x, w_in, b_in, w_out, depth, b_out)
     return y, (leaves if return_leaves else None)
 
 
 def cmm_reference(
-    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, depth: int
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, depth: int,
+    b_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch CMM: one gather of the visited rows per level, all tokens and trees at once."""
     _check(x, w_in, b_in, w_out, depth)
+    if b_out is not None and tuple(b_out.shape) != (w_out.shape[2],):
+        raise ValueError(f"b_out must be [d_out] = [{w_out.shape[2]}], got shape {tuple(b_out.shape)}")
     x = x.float()
     w_in = w_in.float()
     w_out = w_out.float()
@@ -138,6 +143,8 @@ def cmm_reference(
         a = torch.einsum("nkd,nd->nk", w_in[trees, node], x) + b_in.float()[trees, node]
         y += torch.einsum("nk,nkd->nd", F.gelu(a), w_out[trees, node])
         node = 2 * node + 1 + (a > 0).long()
+    if b_out is not None:
+        y += b_out.float()
     first_leaf = n_nodes(depth)  # after the last level `node` points one level below the leaves
     leaves = (node - 1) // 2 - (first_leaf - 2 ** depth)
     return y, leaves

@@ -304,6 +304,51 @@ def test_every_path_equals_reference(isa: str) -> None:
     check_against_reference(*make_problem(1031, 768, 384, 11, 1, seed=13), 11)
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16, torch.float16])
+def test_output_bias_is_added_as_rows_are_written(isa: str, weights: torch.dtype) -> None:
+    """``b_out`` (BERT-layout FFFs keep their teacher FFN's output bias) starts each output row's sum in the
+    kernel: the result equals the same call without it plus the bias, and the reference with it, for odd widths
+    (vector tails), zero and one tokens, several trees, and a batch large enough for the two-pass descent."""
+    for n, d_in, d_out, depth, trees in [(0, 16, 7, 2, 1), (1, 33, 7, 3, 1), (7, 64, 33, 5, 4),
+                                         (300, 97, 100, 5, 2), (1031, 768, 768, 11, 1)]:
+        x, w_in, b_in, w_out = make_problem(n, d_in, d_out, depth, trees, seed=n + d_out)
+        w_in, w_out = w_in.to(weights), w_out.to(weights)
+        bias = torch.randn(d_out, generator=torch.Generator().manual_seed(n)) * 3
+        y, leaves = C.cmm(x, w_in, b_in, w_out, depth, True, b_out=bias)
+        y_plain, leaves_plain = C.cmm(x, w_in, b_in, w_out, depth, True)
+        y_ref, _ = C.cmm_reference(x, w_in, b_in, w_out, depth, bias)
+        assert y.shape == (n, d_out) and torch.equal(leaves, leaves_plain)
+        torch.testing.assert_close(y, y_plain + bias, atol=FP32_TOL, rtol=0)
+        torch.testing.assert_close(y, y_ref, atol=FP32_TOL, rtol=0)
+        if n:
+            assert (y - y_plain).abs().max() > 1  # the bias is really there
+
+
+def test_output_bias_through_the_op_the_binding_and_torch_compile() -> None:
+    from engine import _cmm
+
+    x, w_in, b_in, w_out = make_problem(40, 64, 48, 4, 2, seed=5)
+    bias = torch.randn(48)
+    y_op, _ = torch.ops.ufb.cmm(x, w_in, b_in, w_out, 4, False, bias)
+    y_eager, _ = _cmm.cmm_eager(x, w_in, b_in, w_out, 4, False, bias)
+    assert torch.equal(y_op, y_eager)
+    assert torch.equal(_cmm.cmm_eager(x, w_in, b_in, w_out, 4, False, None)[0], torch.ops.ufb.cmm(x, w_in, b_in,
+                                                                                                   w_out, 4, False)[0])
+
+    def ffn(t: torch.Tensor) -> torch.Tensor:
+        return C.cmm(t * 1.0, w_in, b_in, w_out, 4, b_out=bias)[0]
+
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), y_op, atol=FP32_TOL, rtol=0)
+    for bad, message in [(torch.randn(47), "b_out must be \\[d_out\\]"), (torch.randn(48, 1), "b_out must be"),
+                         (torch.randn(48).double(), "contiguous float32"), (torch.randn(96)[::2], "contiguous")]:
+        for call in (torch.ops.ufb.cmm, _cmm.cmm_eager):
+            with pytest.raises(RuntimeError, match=message):
+                call(x, w_in, b_in, w_out, 4, False, bad)
+    with pytest.raises(ValueError, match="b_out must be"):
+        C.cmm_reference(x, w_in, b_in, w_out, 4, torch.randn(47))
+
+
 def test_force_path_rejects_unknown_names() -> None:
     from engine import _cmm
 
@@ -350,8 +395,10 @@ def test_eager_binding_equals_the_custom_op() -> None:
 @pytest.mark.parametrize(
     "args,message",
     [
-        ((), "takes 6 arguments, got 0"),
-        (("x",), "takes 6 arguments, got 1"),
+        ((), "takes 6 or 7 arguments, got 0"),
+        (("x",), "takes 6 or 7 arguments, got 1"),
+        ((torch.zeros(1, 8),) * 4 + (3, False, "bias"), "b_out must be a Tensor or None, got str"),
+        ((torch.zeros(1, 8),) * 4 + (3, False, None, None), "takes 6 or 7 arguments, got 8"),
         ((None, "w_in", "b_in", "w_out", 3, False), "argument 0 must be a Tensor, got NoneType"),
         ((0, 1, 2, 3, 3, False), "argument 0 must be a Tensor"),
         ((torch.zeros(1, 8),) * 4 + (3.0, False), "depth must be an int, got float"),
