@@ -94,6 +94,11 @@ void dots(int64_t m, const float* const* xs, const W* const* ws, int64_t d, floa
 }
 
 template <class W>
+float dot_one(const float* x, const W* w, int64_t d) {
+  return dot(x, w, d);
+}
+
+template <class W>
 void weighted_rows(float* y, const float* bias, const float* c, const W* const* rows, int64_t n_rows, int64_t d) {
   int64_t j = 0;
   for (; j + 16 <= d; j += 16) {

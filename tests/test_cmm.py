@@ -527,6 +527,26 @@ def test_two_pass_descent_is_bit_identical_to_one_pass(n: int, depth: int, trees
         assert torch.equal(y, y_one), f"split {split}: output differs from the one-pass descent"
 
 
+@pytest.mark.parametrize("n,trees", [(13, 1), (77, 3), (1031, 1), (4099, 1)])
+def test_results_do_not_depend_on_grouping_on_random_data(n: int, trees: int, isa: str, pinned_split) -> None:
+    """The tests above use dyadic data, whose sums are exact in any order, so they cannot see a change of
+    summation order. On random data: one pass or two, one thread or two (tokens fall into different groups, and
+    a group's last slots are partly filled differently), every token's output must be the same bits."""
+    x, w_in, b_in, w_out = make_problem(n, 256, 40, 11 if trees == 1 else 5, trees, seed=n, exact=False)
+    depth = 11 if trees == 1 else 5
+    pinned_split(0)
+    y_one, _ = C.cmm(x, w_in, b_in, w_out, depth)
+    y_one_thread, _ = on_one_thread(lambda: C.cmm(x, w_in, b_in, w_out, depth))
+    assert torch.equal(y_one, y_one_thread), "thread count changed the result"
+    if trees == 1:
+        pinned_split(5)
+        y_split, _ = C.cmm(x, w_in, b_in, w_out, depth)
+        assert torch.equal(y_split, y_one), "the two-pass descent changed the result"
+    # inside a larger call, each token's result is the same as in a call of its own group's size
+    y_prefix, _ = C.cmm(x[: n // 2 + 3], w_in, b_in, w_out, depth)
+    assert torch.equal(y_prefix, y_one[: n // 2 + 3])
+
+
 def test_two_pass_descent_on_real_widths_and_strided_input(pinned_split) -> None:
     x, w_in, b_in, w_out = make_problem(3000, 768, 768, 11, 1, seed=31, exact=False)
     wide = torch.cat([x, torch.ones(3000, 5)], dim=1)[:, :768]  # rows strided, elements adjacent
