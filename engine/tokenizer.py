@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
@@ -94,6 +95,14 @@ class Tokenizer:
             out.append(ids)
         return out
 
+    def encodings(self, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
+        """The Rust tokenizer's encodings, untruncated: ids, character offsets into each text and the special-token
+        mask (``/tokenize`` reports them)."""
+        return self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id) or ""
+
     def pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest sequence: ``(input_ids, attention_mask)``, both LongTensor [B, T]."""
         width = max((len(ids) for ids in batch), default=0)
@@ -108,7 +117,7 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [self._tok.id_to_token(i) or "" for i in ids]
+        return [self.id_to_token(i) for i in ids]
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from engine.batcher import Result, Task, check_vocabulary
+from engine.tokenizer import Tokenizer
 from service import __version__
 from service import errors as E
 from service import schemas as S
@@ -258,7 +259,7 @@ async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
 _TOKENS_PER_RENDER = 4096
 
 
-def _tokens_json(tokenizer: Any, texts: Sequence[str], special: bool) -> bytes:
+def _tokens_json(tokenizer: Tokenizer, texts: list[str], special: bool) -> bytes:
     """The /tokenize body (TEI's SimpleToken lists), built and rendered a slice of tokens at a time.
 
     A maximal body (2 MB of text, ~360,000 tokens, ~26 MB of JSON) built whole, as one list of dicts rendered in
@@ -266,23 +267,15 @@ def _tokens_json(tokenizer: Any, texts: Sequence[str], special: bool) -> bytes:
     is native code that keeps the GIL until it returns, and 360,000 long-lived dicts set off full garbage
     collections. Slices of a few thousand tokens are rendered and dropped before the next is built, so the
     longest hold is one slice's (a few ms) or one tokenizer call's."""
-    raw = getattr(tokenizer, "_tok", None)  # the Rust tokenizer: it knows each token's character offsets
     parts: list[bytes] = [b"["]
-    if raw is not None:
-        for i, (text, enc) in enumerate(zip(texts, raw.encode_batch(list(texts), add_special_tokens=special))):
-            # enc.tokens is not read: a non-special token's text is its span of the input, and fetching all
-            # token strings from Rust costs as much again as the offsets.
-            spans = zip(enc.ids, enc.offsets, enc.special_tokens_mask)
-            parts += (b"," if i else b"", _json_list(
-                {"id": tid, "text": raw.id_to_token(tid) if sp else text[a:b], "special": bool(sp),
-                 "start": None if sp else a, "stop": None if sp else b}
-                for tid, (a, b), sp in spans))
-    else:
-        for i, ids in enumerate(tokenizer.encode(list(texts), max_length=10**9, truncate=False)):
-            toks = tokenizer.convert_ids_to_tokens(ids)
-            parts += (b"," if i else b"", _json_list(
-                {"id": tid, "text": t, "special": t.startswith("[") and t.endswith("]"), "start": None, "stop": None}
-                for tid, t in zip(ids, toks)))
+    for i, (text, enc) in enumerate(zip(texts, tokenizer.encodings(texts, special))):
+        # enc.tokens is not read: a non-special token's text is its span of the input, and fetching all token
+        # strings from Rust costs as much again as the offsets.
+        spans = zip(enc.ids, enc.offsets, enc.special_tokens_mask)
+        parts += (b"," if i else b"", _json_list(
+            {"id": tid, "text": tokenizer.id_to_token(tid) if sp else text[a:b], "special": bool(sp),
+             "start": None if sp else a, "stop": None if sp else b}
+            for tid, (a, b), sp in spans))
     parts.append(b"]")
     return b"".join(parts)
 
