@@ -19,15 +19,13 @@ def _stamp(sources: Sequence[torch.Tensor], extra: object) -> list:
     # A plain loop of appends: half the time of a nested comprehension unpacked into a tuple (0.76 vs 1.4 µs for
     # three tensors on this project's Xeon).
     stamp = [extra]
-    try:
-        for p in sources:
-            stamp.append(p.data_ptr())
-            stamp.append(p._version)
-    except RuntimeError:  # an inference tensor (made under inference_mode) carries no version counter
-        stamp = [extra]
-        for p in sources:
-            stamp.append(p.data_ptr())
-            stamp.append(-1 if p.is_inference() else p._version)
+    for p in sources:
+        try:
+            version = p._version
+        except RuntimeError:  # an inference tensor (made under inference_mode) carries no version counter
+            version = -1
+        stamp.append(p.data_ptr())
+        stamp.append(version)
     return stamp
 
 
