@@ -434,18 +434,15 @@ def test_eager_binding_lets_other_python_threads_run_during_large_calls() -> Non
     alone = time.perf_counter() - start
     assert alone > 0.02, "the call must be long enough to tell a held GIL from scheduling noise"
 
-    running = threading.Event()
-    done = threading.Event()
+    def longest_pause_while_another_thread_calls() -> float:
+        running, done = threading.Event(), threading.Event()
 
-    def compute() -> None:
-        running.set()
-        for _ in range(3):
-            call()
-        done.set()
+        def compute() -> None:
+            running.set()
+            for _ in range(3):
+                call()
+            done.set()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
         worker = threading.Thread(target=compute)
         worker.start()
         running.wait()
@@ -454,8 +451,9 @@ def test_eager_binding_lets_other_python_threads_run_during_large_calls() -> Non
             now = time.perf_counter()
             longest, last = max(longest, now - last), now
         worker.join()
-    finally:
-        torch.set_num_threads(threads)
+        return longest
+
+    longest = on_one_thread(longest_pause_while_another_thread_calls)
     assert longest < alone / 2, f"this thread stalled {longest * 1e3:.0f} ms during calls of {alone * 1e3:.0f} ms"
 
 
