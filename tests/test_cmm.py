@@ -530,8 +530,8 @@ def test_results_do_not_depend_on_grouping_on_random_data(n: int, trees: int, is
     """The tests above use dyadic data, whose sums are exact in any order, so they cannot see a change of
     summation order. On random data: one pass or two, one thread or two (tokens fall into different groups, and
     a group's last slots are partly filled differently), every token's output must be the same bits."""
-    x, w_in, b_in, w_out = make_problem(n, 256, 40, 11 if trees == 1 else 5, trees, seed=n, exact=False)
     depth = 11 if trees == 1 else 5
+    x, w_in, b_in, w_out = make_problem(n, 256, 40, depth, trees, seed=n, exact=False)
     pinned_split(0)
     y_one, _ = C.cmm(x, w_in, b_in, w_out, depth)
     y_one_thread, _ = on_one_thread(lambda: C.cmm(x, w_in, b_in, w_out, depth))
