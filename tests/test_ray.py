@@ -38,6 +38,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 serve = pytest.importorskip("ray.serve")
 
 from service.ray_serve import discovery  # noqa: E402
+from service.ray_serve.launch import PROXY_TIMEOUT_MARGIN_S  # noqa: E402
 from service.ray_serve.options import DEPLOYMENT_NAME, REPLICA_HEADER, TARGETS_PATH, RayOptions  # noqa: E402
 from service.settings import DEFAULT_MODEL_PATH  # noqa: E402
 from prometheus_support import (dashboard_failures, drive_dashboard_traffic, free_port,  # noqa: E402
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RAY_DIR = ROOT / "docker" / "ray"
 APP_NAME = "ufb-test"
 REPLICAS = 2
+REQUEST_TIMEOUT_S = 10.0  # the service's deadline here; the proxy's is PROXY_TIMEOUT_MARGIN_S later
 TEXTS = [
     "The cat sat quietly on the warm windowsill.",
     "Stock markets fell sharply after the central bank raised interest rates.",
@@ -333,7 +335,8 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
                TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "service", "serve", "--ray", "--ray-address", "local", "--port", str(port),
            "--ray-replicas", str(REPLICAS), "--ray-cpus-per-replica", "0.5", "--ray-app-name", APP_NAME,
-           "--ray-metrics-host", "127.0.0.1", "--ray-heartbeat-s", "1", "--shutdown-grace-s", "5"]
+           "--ray-metrics-host", "127.0.0.1", "--ray-heartbeat-s", "1", "--shutdown-grace-s", "5",
+           "--request-timeout-s", str(REQUEST_TIMEOUT_S)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     service = RayService(f"http://127.0.0.1:{port}", proc, log_path)
@@ -477,6 +480,14 @@ def test_real_prometheus_finds_every_replica_and_evaluates_the_dashboard(ray_ser
         assert not failures, "\n".join(failures)
 
 
+def test_the_proxy_bounds_every_request_just_past_the_service_deadline(ray_service: RayService) -> None:
+    """A request that never reaches a live replica must not wait forever: Serve's proxy is started with a timeout of
+    the service's deadline plus a margin (a replica that has the request answers 504 at the deadline first)."""
+    from ray.serve.context import _get_global_client
+
+    assert _get_global_client().http_config.request_timeout_s == REQUEST_TIMEOUT_S + PROXY_TIMEOUT_MARGIN_S
+
+
 def test_killed_replica_is_replaced_and_only_its_requests_fail(ray_service: RayService) -> None:
     groups = _targets(ray_service.url)
     victim = groups[0]["labels"]["replica"]
@@ -518,7 +529,14 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(ray_service: RayS
     (t_kill,) = killed_at
     errors = [r for r in records if r[2] != 200]
     assert not [r for r in errors if not isinstance(r[2], int)], f"transport errors or hangs: {errors[:3]}"
-    for start, end, status, _, body in errors:  # only requests that were in flight when the replica died
+    proxy_timeout = REQUEST_TIMEOUT_S + PROXY_TIMEOUT_MARGIN_S
+    for start, end, status, _, body in errors:
+        if status == 408:
+            # Ray's router sent it to the dead replica before it learned of the death (a race in Ray, seen in ~1
+            # of 5 runs): it must have started just after the kill and been cut off by the proxy's timeout, not hung
+            assert 0 <= start - t_kill <= 1.0 and end - start >= proxy_timeout - 0.5, (start - t_kill, end - start)
+            continue
+        # otherwise only requests that were in flight when the replica died fail, with the service's JSON 502
         assert start <= t_kill <= end + 0.5, (start - t_kill, end - t_kill, status, body)
         assert status == 502 and json.loads(body)["error_type"] == "replica_failed", body
     in_flight = sum(1 for s, e, *_ in records if s <= t_kill <= e)

@@ -17,6 +17,9 @@ from service.settings import Settings
 
 log = logging.getLogger("service.ray")
 
+# Seconds past the service's request deadline after which Ray's proxy gives up on a request (see serve.start below).
+PROXY_TIMEOUT_MARGIN_S = 5.0
+
 
 def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     """Run until a signal; 0 after a clean stop, 2 when the application cannot be deployed."""
@@ -41,7 +44,12 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     if not ray.is_initialized():
         ray.init(address=options.address, namespace="ultrafastbert")
     log.info("Ray cluster at %s", ray.get_runtime_context().gcs_address)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # A request Ray's router sends to a replica that was just killed, before it learns of the death, can wait with no
+    # end (seen in our replica-kill test: 1 request in ~5 runs hung past the client's 30 s). The proxy's timeout
+    # bounds that wait: past the service's own deadline (a live replica has answered 504 by then) plus a margin,
+    # the proxy answers 408.
+    serve.start(http_options={"host": settings.host, "port": settings.port,
+                              "request_timeout_s": settings.request_timeout_s + PROXY_TIMEOUT_MARGIN_S})
     args: dict[str, Any] = {**settings.model_dump(exclude_defaults=True), **options.model_dump(exclude_defaults=True)}
     if settings.api_key is not None:
         args["api_key"] = settings.api_key.get_secret_value()
