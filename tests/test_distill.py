@@ -175,7 +175,9 @@ def test_cli_defaults_match_distill_options() -> None:
              "layer_lr": "layer_lr", "lr": "lr", "layer_batch_tokens": "layer_batch_tokens",
              "batch_size": "batch_size", "max_length": "max_length", "cache_tokens": "cache_tokens",
              "head_train_size": "head_train_size", "save_dtype": "save_dtype", "teacher": "teacher",
-             "hidden_weight": "hidden_weight", "embed_weight": "embed_weight", "relation_weight": "relation_weight"}
+             "hidden_weight": "hidden_weight", "embed_weight": "embed_weight", "relation_weight": "relation_weight",
+             "sampling": "sampling", "token_noise": "token_noise", "corpus": "corpus",
+             "routing_tau": "routing_tau"}
     for arg, field_name in pairs.items():
         assert getattr(args, arg) == getattr(defaults, field_name), arg
 
@@ -192,6 +194,24 @@ def test_init_student_continues_end_to_end_only(tiny_teacher: Path, distilled: P
     for name in ("layers.0.ffn.linear_in.weight", "layers.1.attention.query.weight"):
         moved = (payload["model"][name] - earlier[name]).abs().max().item()
         assert 0 < moved < 2 * opts.lr, name  # one Adam step (each weight moves at most ~lr) off the earlier ones
+
+
+def test_fresh_windows_and_token_noise_resume_to_the_same_state(tiny_teacher: Path, distilled: Path,
+                                                                 tmp_path: Path) -> None:
+    """End-to-end batches built afresh each step (``sampling="windows"``, ``token_noise``) are drawn from the step's
+    own generator, so an interrupted run ends where an uninterrupted one does; the options reach the saved config."""
+    kw = {"init_student": str(distilled), "steps": 4, "sampling": "windows", "token_noise": 0.2}
+    whole = distill(_opts(tiny_teacher, tmp_path / "w1", **kw), progress=False)
+    opts = _opts(tiny_teacher, tmp_path / "w2", **kw)
+    distill(opts, progress=False, stop_after_steps=2)
+    cut = distill(opts, resume=True, progress=False)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fixed = distill(_opts(tiny_teacher, tmp_path / "w3", init_student=str(distilled), steps=4), progress=False)
+    c = load_file(str(fixed / "model.safetensors"))
+    assert not torch.equal(a["layers.0.attention.query.weight"], c["layers.0.attention.query.weight"])
+    saved = load_model(whole).config.extra["distill"]
+    assert (saved["sampling"], saved["token_noise"]) == ("windows", 0.2)
 
 
 def test_relation_loss_sees_only_how_sentences_sit_relative_to_each_other() -> None:

@@ -98,6 +98,45 @@ def test_fff_training_gradients_reach_visited_neurons_only() -> None:
     assert (fff.linear_out.weight.grad.abs().sum(0) > 0).sum() == 4  # D + 1 columns
 
 
+def test_fff_straight_through_routing_keeps_the_forward_and_gives_splits_a_gradient() -> None:
+    """``routing_tau > 0``: the same outputs as hard routing, the mask's gradient that of soft routing, whose reach
+    probabilities follow the tree (checked against a node-by-node recursion) and harden as tau falls."""
+    torch.manual_seed(3)
+    fff = FFF(12, 5, 3, 2).train()
+    x = torch.randn(40, 12)
+    hard = fff(x)
+    fff.routing_tau = 0.5
+    assert torch.equal(fff(x), hard)
+    with torch.no_grad():
+        fff.eval()
+        assert torch.allclose(fff(x), hard, atol=1e-5)  # the kernel computes the function that is trained
+        fff.train()
+    logits = fff.linear_in(x).view(40, 2, fff.n_nodes).detach()
+    reach = fff._soft_reach(logits)
+    right = torch.sigmoid(logits / (0.5 * logits.std(0, keepdim=True)))
+    expected = torch.ones_like(reach)
+    for node in range(1, fff.n_nodes):
+        parent = (node - 1) // 2
+        expected[:, :, node] = expected[:, :, parent] * (right[:, :, parent] if node % 2 == 0 else
+                                                         1 - right[:, :, parent])
+    assert torch.allclose(reach, expected, atol=1e-6)
+    for level in range(4):
+        assert torch.allclose(reach[:, :, 2**level - 1: 2 ** (level + 1) - 1].sum(2), torch.ones(40, 2))
+    fff.routing_tau = 1e-4
+    _, leaves = fff.path_activations(x)
+    near_hard = fff._soft_reach(logits)[:, :, fff.n_nodes // 2:]  # leaf level
+    assert (near_hard.argmax(2) == leaves).float().mean() > 0.95
+
+    x1 = torch.randn(1, 12)
+    # hard: the 4 visited nodes of each tree; soft: every inner node's split, and the visited leaf (a leaf splits
+    # nothing, so an unvisited leaf's row has no effect)
+    for tau, rows_touched in ((0.0, 2 * 4), (0.5, 2 * (fff.n_nodes // 2 + 1))):
+        fff.zero_grad()
+        fff.routing_tau = tau
+        fff(x1).sum().backward()
+        assert int((fff.linear_in.weight.grad.abs().sum(1) > 0).sum()) == rows_touched
+
+
 def test_fff_repacks_after_parameter_change_and_supports_bf16() -> None:
     torch.manual_seed(3)
     fff = FFF(16, 16, 3, 2).eval()

@@ -1,0 +1,117 @@
+"""The tokenised distillation text, and how end-to-end training batches are drawn from it.
+
+Why this is more than a list of sequences: the student fits the text it trains on better than it generalises (the
+shipped student agreed with its teacher at 0.90-0.91 on training sentences and 0.89 on held-out ones, model card),
+and the offline text is small (2.3 M tokens). The teacher labels whatever it is given, so the inputs need not be
+the same sequences over and over:
+
+* ``sampling="fixed"``: the text is packed once into sequences of whole consecutive sentences (random target length
+  8 .. ``max_length`` tokens with [CLS] and [SEP]), and each batch draws some of them: a sequence recurs exactly
+  every time it is drawn (the recipe of the shipped model's stages 1-4).
+* ``sampling="windows"``: each batch builds fresh sequences: a random sentence to start from and a random target
+  length, then whole consecutive sentences while they fit (a longer first sentence is cut). The same sentences recur,
+  but almost never in the same context, so the student cannot learn the sequences by heart.
+* ``token_noise=p``: each word piece (never [CLS] or [SEP]) is replaced, with probability p, by a piece drawn from
+  the training text's own piece frequencies: inputs near, not on, the training text, labelled by the teacher.
+
+Every draw comes from the caller's generator, so a run resumed from a checkpoint draws the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from engine.tokenizer import Tokenizer
+
+SAMPLINGS = ("fixed", "windows")
+MIN_SEQUENCE = 8  # tokens, [CLS] and [SEP] included
+
+
+def seeded(seed: int, *parts: int) -> torch.Generator:
+    """A generator for one named draw of a run (``parts``: phase, layer, step ...), independent of the others."""
+    value = seed
+    for p in parts:
+        value = (value * 1_000_003 + p + 1) % (2**62)
+    return torch.Generator().manual_seed(value)
+
+
+class TrainingText:
+    def __init__(self, tokenizer: Tokenizer, texts: Sequence[str], max_length: int, seed: int, *,
+                 sampling: str = "fixed", token_noise: float = 0.0) -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if not 0.0 <= token_noise < 1.0:
+            raise ValueError(f"token_noise must be in [0, 1), got {token_noise}")
+        if max_length < MIN_SEQUENCE:
+            raise ValueError(f"max_length must be at least {MIN_SEQUENCE}, got {max_length}")
+        ids = tokenizer.encode(list(texts), max_length=max_length, truncate=True)
+        if not ids:
+            raise ValueError("no training text")
+        self.cls_id, self.sep_id = ids[0][0], ids[0][-1]
+        self.max_length = max_length
+        self.sampling = sampling
+        self.token_noise = token_noise
+        self.pieces = [seq[1:-1] for seq in ids if len(seq) > 2]  # document order: neighbours are neighbours
+        if not self.pieces:
+            raise ValueError("the training text has no tokens")
+        self.chunks = self._pack(torch.Generator().manual_seed(seed), seeded(seed, 1))
+        self.frequencies = torch.bincount(torch.tensor([t for p in self.pieces for t in p]),
+                                          minlength=tokenizer.vocab_size).double()
+
+    def _wrap(self, body: list[int]) -> list[int]:
+        return [self.cls_id] + body[: self.max_length - 2] + [self.sep_id]
+
+    def _target(self, gen: torch.Generator) -> int:
+        return int(torch.randint(MIN_SEQUENCE, self.max_length + 1, (1,), generator=gen))
+
+    def _pack(self, gen: torch.Generator, order_gen: torch.Generator) -> list[list[int]]:
+        """The fixed sequences, shuffled (the same draws as the recipe of the shipped model's stages)."""
+        chunks: list[list[int]] = []
+        body: list[int] = []
+        target = self._target(gen)
+        for piece in self.pieces:
+            if body and len(body) + len(piece) > target - 2:
+                chunks.append(self._wrap(body))
+                body = []
+                target = self._target(gen)
+            body.extend(piece)
+        if body:
+            chunks.append(self._wrap(body))
+        order = torch.randperm(len(chunks), generator=order_gen).tolist()
+        return [chunks[i] for i in order]
+
+    def _window(self, start: int, target: int) -> list[int]:
+        body = list(self.pieces[start])
+        i = start + 1
+        while i - start < len(self.pieces):
+            nxt = self.pieces[i % len(self.pieces)]
+            if len(body) + len(nxt) > target - 2:
+                break
+            body.extend(nxt)
+            i += 1
+        return self._wrap(body[: target - 2])
+
+    def _noised(self, seq: list[int], gen: torch.Generator) -> list[int]:
+        n = len(seq) - 2
+        hit = (torch.rand(n, generator=gen) < self.token_noise).nonzero().squeeze(1)
+        if hit.numel() == 0:
+            return seq
+        out = list(seq)
+        for pos, tok in zip(hit.tolist(), torch.multinomial(self.frequencies, hit.numel(), replacement=True,
+                                                            generator=gen).tolist()):
+            out[1 + pos] = tok
+        return out
+
+    def batch(self, size: int, gen: torch.Generator) -> list[list[int]]:
+        """``size`` token sequences ([CLS] ... [SEP]), drawn with ``gen``."""
+        if self.sampling == "fixed":
+            seqs = [self.chunks[i] for i in torch.randint(0, len(self.chunks), (size,), generator=gen).tolist()]
+        else:
+            starts = torch.randint(0, len(self.pieces), (size,), generator=gen).tolist()
+            targets = torch.randint(MIN_SEQUENCE, self.max_length + 1, (size,), generator=gen).tolist()
+            seqs = [self._window(s, t) for s, t in zip(starts, targets)]
+        if self.token_noise:
+            seqs = [self._noised(s, gen) for s in seqs]
+        return seqs
