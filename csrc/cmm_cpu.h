@@ -44,8 +44,9 @@ struct CmmSplit {
   int64_t* order;        // [n]: tokens sorted by tree 0's node at level `split` (written by cmm_sort_tokens)
 };
 
-// The split level worth taking for this problem (0: one pass is faster). Chosen so that one subtree below the
-// split fits in L2 and holds enough tokens to share its rows (measured, README "Kernel design").
+// The split level worth taking for this problem (0: one pass is faster). Only trees whose rows outgrow a core's
+// L3 share (16 MB) sort; the split is then chosen so that one subtree below it fits in L2 and holds enough tokens
+// to share its rows (measured, README "Kernel design").
 int64_t cmm_split_level(const CmmProblem& p);
 
 // Tests and the benchmark pin the choice: -1 = automatic (the default), 0 = always one pass, s > 0 = split at s

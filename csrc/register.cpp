@@ -200,6 +200,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         TORCH_CHECK(ufb::cmm_force_path(name), "force_path: expected 'auto', 'avx2' or 'portable', got '", name, "'");
       },
       "cap the instruction-set path at 'avx2' or 'portable', or restore 'auto' (tests, benchmark)");
+  m.def(
+      "split_level",
+      [](const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
+         int64_t depth) { return ufb::cmm_split_level(check_problem(x, w_in, b_in, w_out, depth, nullptr)); },
+      "the two-pass split level a call with these arguments takes (0: one pass); honours force_split (tests)");
   m.def("force_split", &ufb::cmm_force_split,
         "pin the two-pass split level: -1 automatic (default), 0 one pass, s > 0 split at s (tests, benchmark)");
 }

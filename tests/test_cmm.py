@@ -545,6 +545,28 @@ def test_results_do_not_depend_on_grouping_on_random_data(n: int, trees: int, is
     assert torch.equal(y_prefix, y_one[: n // 2 + 3])
 
 
+def test_two_pass_descent_is_chosen_only_for_trees_beyond_the_l3_share(pinned_split) -> None:
+    """The automatic choice (README "Kernel design"): the UltraFastBERT-1x11 tree sorts its tokens with float32
+    weights (24 MB of rows) at a batch large enough to fill its buckets, and never with 16-bit weights (12 MB,
+    where one pass measured faster), with a small batch, or with several trees; a pinned level wins."""
+    from engine import _cmm
+
+    def level(n: int, dtype: torch.dtype, trees: int = 1, depth: int = 11, width: int = 768) -> int:
+        nodes = C.n_nodes(depth)
+        w_in = torch.zeros(trees, nodes, width, dtype=dtype)
+        return _cmm.split_level(torch.zeros(n, width), w_in, torch.zeros(trees, nodes), w_in, depth)
+
+    split = level(8192, torch.float32)
+    assert 1 <= split <= 11 and (8192 >> split) >= 8
+    assert level(8192, torch.bfloat16) == 0 and level(8192, torch.float16) == 0
+    assert level(4096, torch.bfloat16, width=2048) > 0  # 16-bit rows of a wider tree outgrow the share again
+    assert level(64, torch.float32) == 0  # buckets would hold fewer than 8 tokens
+    assert level(8192, torch.float32, trees=2) == 0
+    assert level(8192, torch.float32, depth=5) == 0  # a small tree sits in L2 whole
+    pinned_split(3)
+    assert level(8192, torch.float16) == 3
+
+
 def test_two_pass_descent_on_real_widths_and_strided_input(pinned_split) -> None:
     x, w_in, b_in, w_out = make_problem(3000, 768, 768, 11, 1, seed=31, exact=False)
     wide = torch.cat([x, torch.ones(3000, 5)], dim=1)[:, :768]  # rows strided, elements adjacent
