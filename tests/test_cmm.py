@@ -562,7 +562,7 @@ def test_two_pass_descent_is_chosen_only_for_trees_beyond_the_l3_share(pinned_sp
     assert level(4096, torch.bfloat16, width=2048) > 0  # 16-bit rows of a wider tree outgrow the share again
     assert level(64, torch.float32) == 0  # buckets would hold fewer than 8 tokens
     assert level(8192, torch.float32, trees=2) == 0
-    assert level(8192, torch.float32, depth=5) == 0  # a small tree sits in L2 whole
+    assert level(8192, torch.float32, depth=5) == 0  # 378 KB of rows: far below the 16 MB floor
     pinned_split(3)
     assert level(8192, torch.float16) == 3
 

@@ -4,7 +4,7 @@ Side by side in one process, float16 weights, width 768, 2 threads, medians of 1
 the call on random tokens (the benchmark's case), on 16 copies of one token (every row hot in cache: compute
 only), the same tokens through a depth-0 tree (one row each: the call's fixed cost plus the thread pool), and a call
 with no tokens at all (argument checks, output allocation, the binding); then the random and the depth-0 calls on
-one thread (the depth-0 pair's difference is the thread pool's fork/join).
+one thread (the depth-0 pair's difference is what the thread pool costs).
 
     .venv/bin/python docs/experiments/small_batch_anatomy.py
 """
@@ -25,28 +25,23 @@ xs = [torch.randn(N, WIDTH) for _ in range(8)]
 hot = torch.randn(1, WIDTH).expand(N, WIDTH).contiguous()
 none = torch.randn(0, WIDTH)
 
-
-def one_thread(i: int, depth: int = DEPTH) -> None:
-    torch.set_num_threads(1)
-    C.cmm(xs[i % 8], *(w if depth else w0), depth)
-    torch.set_num_threads(2)
-
-
-cases = {
-    "random tokens": lambda i: C.cmm(xs[i % 8], *w, DEPTH),
-    "one token x16 (rows hot)": lambda i: C.cmm(hot, *w, DEPTH),
-    "depth 0 (one row each)": lambda i: C.cmm(xs[i % 8], *w0, 0),
-    "no tokens": lambda i: C.cmm(none, *w, DEPTH),
-    "random tokens, one thread": one_thread,
-    "depth 0, one thread": lambda i: one_thread(i, 0),
+cases = {  # name: (call, torch threads); the thread count is set before each case's timed loop, not inside it
+    "random tokens": (lambda i: C.cmm(xs[i % 8], *w, DEPTH), 2),
+    "one token x16 (rows hot)": (lambda i: C.cmm(hot, *w, DEPTH), 2),
+    "depth 0 (one row each)": (lambda i: C.cmm(xs[i % 8], *w0, 0), 2),
+    "no tokens": (lambda i: C.cmm(none, *w, DEPTH), 2),
+    "random tokens, one thread": (lambda i: C.cmm(xs[i % 8], *w, DEPTH), 1),
+    "depth 0, one thread": (lambda i: C.cmm(xs[i % 8], *w0, 0), 1),
 }
 res: dict[str, list[float]] = {k: [] for k in cases}
 with torch.inference_mode():
     for _ in range(11):
-        for name, fn in cases.items():
+        for name, (fn, threads) in cases.items():
+            torch.set_num_threads(threads)
             start = time.perf_counter()
             for i in range(3000):
                 fn(i)
             res[name].append((time.perf_counter() - start) / 3000 * 1e6)
+torch.set_num_threads(2)
 for name, v in res.items():
     print(f"{name:>28}: {statistics.median(v):6.2f} us per call")
