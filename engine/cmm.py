@@ -90,6 +90,12 @@ if KERNEL.compiled:
     _EAGER = _ext.cmm_eager
 
 
+def extension():  # type: ignore[no-untyped-def]
+    """The compiled module ``engine._cmm`` (its other helpers, e.g. ``tensor_stamp``), or None where it did not
+    load."""
+    return _ext if KERNEL.compiled else None
+
+
 def _check(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, depth: int) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be [N, d_in], got shape {tuple(x.shape)}")

@@ -2,7 +2,7 @@
 
 Each is rebuilt only when a source parameter changed, in place (its version counter moved: ``copy_``,
 ``load_state_dict``, an optimizer step) or replaced (its storage moved: ``param.data = ...``). The check runs on
-every inference call, where a one-token FFF call takes a few microseconds, so it is kept to plain attribute reads.
+every inference call, where a one-token FFF call takes a few microseconds, so it is one compiled call.
 """
 
 from __future__ import annotations
@@ -12,21 +12,27 @@ from typing import Generic, TypeVar
 
 import torch
 
+from engine import cmm as cmm_ops
+
 T = TypeVar("T")
 
 
-def _stamp(sources: Sequence[torch.Tensor], extra: object) -> list:
-    # A plain loop of appends: half the time of a nested comprehension unpacked into a tuple (0.76 vs 1.4 µs for
-    # three tensors on this project's Xeon).
-    stamp = [extra]
+def python_stamp(*sources: torch.Tensor) -> tuple:
+    """What :data:`stamp` computes, in Python: the fallback where the extension is not built (and the tests'
+    reference for it)."""
+    stamp = []
     for p in sources:
         try:
             version = p._version
         except RuntimeError:  # an inference tensor (made under inference_mode) carries no version counter
             version = -1
-        stamp.append(p.data_ptr())
-        stamp.append(version)
-    return stamp
+        stamp.append((id(p), p.data_ptr(), version, p.numel()))
+    return tuple(stamp)
+
+
+# The compiled stamp (csrc/register.cpp ``tensor_stamp``: the same four reads per tensor, as one bytes object)
+# costs ~0.1 µs for three tensors against ~0.8 µs for the reads from Python; a one-token FFF call is ~2.5 µs.
+stamp: Callable[..., object] = getattr(cmm_ops.extension(), "tensor_stamp", None) or python_stamp
 
 
 class Derived(Generic[T]):
@@ -35,19 +41,20 @@ class Derived(Generic[T]):
     Not locked: two threads may both rebuild after a change, which wastes work but is harmless (same result).
     """
 
-    __slots__ = ("_value", "_stamp")
+    __slots__ = ("_value", "_stamp", "_extra")
 
     def __init__(self) -> None:
         self._value: T | None = None
-        self._stamp: list | None = None
+        self._stamp: object = None
+        self._extra: object = None
 
     def get(self, sources: Sequence[torch.Tensor], build: Callable[[], T], extra: object = None) -> T:
-        stamp = _stamp(sources, extra)
-        if self._value is None or self._stamp != stamp:
+        now = stamp(*sources)
+        if self._value is None or self._stamp != now or self._extra != extra:
             self._value = build()
-            self._stamp = stamp
+            self._stamp, self._extra = now, extra
         return self._value
 
     def clear(self) -> None:
         self._value = None
-        self._stamp = None
+        self._stamp = self._extra = None

@@ -120,11 +120,13 @@ class FFF(nn.Module):
         """Kernel-layout weights, repacked only when a parameter changed (in place or replaced)."""
         # The parameter dicts are read directly: nn.Module attribute lookup costs microseconds, which matters
         # when a whole FFF call on one token takes a few.
-        lin_in, lin_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
-        w, b, o = lin_in["weight"], lin_in["bias"], lin_out["weight"]
-        return self._packed.get(
-            (w, b, o), lambda: cmm_ops.pack_fff_weights(w, b, o, self.trees, self._weight_dtype), self._weight_dtype
-        )
+        lin_in = self._modules["linear_in"]._parameters
+        sources = (lin_in["weight"], lin_in["bias"], self._modules["linear_out"]._parameters["weight"])
+        return self._packed.get(sources, self._pack, self._weight_dtype)
+
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return cmm_ops.pack_fff_weights(self.linear_in.weight, self.linear_in.bias, self.linear_out.weight,
+                                        self.trees, self._weight_dtype)
 
     # ------------------------------------------------------------------ recorded leaves
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import cmm as C
 from engine.config import ModelConfig
 from engine.fff import FFF
 from engine.model import UltraFastBert, length_groups
@@ -440,6 +441,47 @@ def test_derived_copies_follow_their_parameters() -> None:
     cache.clear()
     cache.get([p], build)
     assert len(builds) == 5
+
+
+@pytest.mark.skipif(not C.KERNEL.compiled, reason="needs the compiled extension")
+def test_compiled_stamp_changes_exactly_when_the_python_stamp_does() -> None:
+    """engine.derived uses the extension's tensor_stamp on every inference call; it must see the same changes as
+    the Python reads it replaced (in place, new storage, another tensor, a view), and no others."""
+    from engine import _cmm
+    from engine.derived import python_stamp, stamp
+
+    assert stamp is _cmm.tensor_stamp
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    with torch.inference_mode():
+        frozen = torch.ones(4)
+
+    def both() -> tuple[object, object]:
+        return _cmm.tensor_stamp(a, b, frozen), python_stamp(a, b, frozen)
+
+    def change_a_in_place() -> None:
+        with torch.no_grad():
+            a.mul_(2.0)
+
+    def replace_b_storage() -> None:
+        b.data = torch.zeros(2, 2)
+
+    def swap_a() -> None:
+        nonlocal a
+        a = torch.nn.Parameter(a.detach().clone())
+
+    def shrink_b() -> None:
+        b.data = b.data[:1]  # same first element, same data pointer, fewer elements
+
+    events = [(lambda: None, False), (lambda: a.detach().sum(), False), (change_a_in_place, True),
+              (replace_b_storage, True), (swap_a, True), (shrink_b, True)]
+    for event, changes in events:
+        native, plain = both()
+        event()
+        native_after, plain_after = both()
+        assert (native != native_after) is changes and (plain != plain_after) is changes
+    assert _cmm.tensor_stamp() == b""
+    with pytest.raises(TypeError, match="argument 1 must be a Tensor"):
+        _cmm.tensor_stamp(a, "weight")
 
 
 def test_fused_qkv_follows_the_three_projections() -> None:
