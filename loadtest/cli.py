@@ -131,6 +131,21 @@ def _side(reps: list[Report]) -> dict[str, Any]:
             "rps_runs": [r.rps for r in reps], "p99_runs": [r.latency_ms["p99"] for r in reps]}
 
 
+def _turn_order(k: int, turn: int) -> list[int]:
+    """Target indices for one turn: 0..k-1 rotated by ``turn``."""
+    return [(turn + j) % k for j in range(k)]
+
+
+def _turn_ratios(runs: list[Report], base_runs: list[Report]) -> list[float]:
+    """req/s of each turn over the baseline's in the same turn."""
+    return [r.rps / b.rps if b.rps else math.nan for r, b in zip(runs, base_runs)]
+
+
+def _spread(xs: list[float]) -> str:
+    finite = [x for x in xs if not math.isnan(x)]
+    return f"{_median(finite):.2f} ({min(finite):.2f}-{max(finite):.2f})" if finite else "nan"
+
+
 def _names(targets: Sequence[str], given: Sequence[str] | None) -> list[str]:
     """Display names, one per target: ``--names`` if given, else the targets; made unique if they repeat."""
     if given and len(given) != len(targets):
@@ -143,8 +158,10 @@ def _names(targets: Sequence[str], given: Sequence[str] | None) -> list[str]:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     """--repeat 1: each target's loads in turn, one server at a time. --repeat N: every server up (an idle one
-    costs no CPU), and for every load the targets take turns N times; medians are reported, which tames a noisy
-    machine. Ratios are against the last target (the baseline), from the medians of the same run."""
+    costs no CPU), and for every load the targets take turns N times, the order rotated each turn (so no target
+    always runs first or right after the same one); medians are reported, which tames a noisy machine. Ratios are
+    against the last target (the baseline): the ratio of the medians, and with repeats also the median of the
+    per-turn ratios, each pairing runs seconds apart, which cancels drift slower than a turn."""
     if len(a.targets) < 2:
         raise SystemExit("loadtest compare: give at least two targets (URLs or model folders)")
     loads: list[tuple[str, float]] = [("c", c) for c in (a.concurrency or [])] + [("r", r) for r in (a.rate or [])]
@@ -172,9 +189,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
         with ExitStack() as stack:
             urls = [stack.enter_context(_target(t, a))[0] for t in a.targets]
             for i in range(len(loads)):
-                for _r in range(a.repeat):
-                    for name, url in zip(names, urls):
-                        one(name, url, i)
+                for r in range(a.repeat):
+                    for j in _turn_order(len(names), r):
+                        one(names[j], urls[j], i)
     rows = []
     for i, (kind, value) in enumerate(loads):
         sides = {n: _side(results[n][i]) for n in names}
@@ -185,6 +202,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
             "p99_ratio": {n: s["p99_ms"] / b["p99_ms"] if b["p99_ms"] else math.nan
                           for n, s in sides.items() if n != base},
         })
+        if a.repeat > 1:
+            turns = {n: _turn_ratios(results[n][i], results[base][i]) for n in names[:-1]}
+            rows[-1]["rps_ratio_turns"] = turns
+            rows[-1]["rps_ratio_paired"] = {n: _median(t) for n, t in turns.items()}
     stat = "median of %d alternating runs" % a.repeat if a.repeat > 1 else "one run each"
     # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> value, format)
     columns: list[tuple[str, Callable[[dict[str, Any]], float], str]] = []
@@ -194,14 +215,20 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for n in names[:-1]:
         columns += [(f"req/s {n}/{base}", lambda r, n=n: r["rps_ratio"][n], ".2f"),
                     (f"p99 {n}/{base}", lambda r, n=n: r["p99_ratio"][n], ".2f")]
+        if a.repeat > 1:
+            columns.append((f"turns {n}/{base}", lambda r, n=n: r["rps_ratio_turns"][n], "spread"))
     widths = [max(9, len(title)) for title, _, _ in columns]
     lines = [f"{' vs '.join(names)} (ratios against {base}); {a.route}, {a.inputs_per_request} input(s)/request, "
-             f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}",
+             f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}"
+             + ("; turns: median (min-max) of the per-turn req/s ratios" if a.repeat > 1 else ""),
              " ".join(["load".ljust(16)] + [f"{t:>{w}}" for (t, _, _), w in zip(columns, widths)] + ["errors"])]
     for r in rows:
-        cells = [r["load"].ljust(16)] + [f"{get(r):>{w}{fmt}}" for (_, get, fmt), w in zip(columns, widths)]
+        cells = [r["load"].ljust(16)] + [f"{_spread(get(r)) if fmt == 'spread' else format(get(r), fmt):>{w}}"
+                                         for (_, get, fmt), w in zip(columns, widths)]
         lines.append(" ".join(cells + ["/".join(str(r["sides"][n]["errors"]) for n in names)]))
     data = {"names": names, "baseline": base, "repeat": a.repeat, "rows": rows,
+            "turn_order": [[names[j] for j in _turn_order(len(names), r)] for r in range(a.repeat)]
+            if a.repeat > 1 else [names],
             "reports": {n: [[r.to_dict() for r in runs] for runs in per] for n, per in results.items()}}
     _emit(a, _clean(data), "\n".join(lines))
     return 0

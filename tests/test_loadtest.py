@@ -169,9 +169,21 @@ def test_compare_three_targets_take_turns_with_ratios_against_the_last(
         assert row["rps_ratio"][n] == pytest.approx(row["sides"][n]["rps"] / row["sides"]["dense"]["rps"])
     sent = [rep["url"] for runs in data["reports"].values() for rep in runs[0]]
     assert len(sent) == 6  # three targets x two turns
+    # paired ratios: each turn's req/s over the baseline's in the same turn, and their median
+    reports = data["reports"]
+    for n in ("fff", "none"):
+        turns = [r["rps"] / b["rps"] for r, b in zip(reports[n][0], reports["dense"][0])]
+        assert row["rps_ratio_turns"][n] == pytest.approx(turns)
+        assert row["rps_ratio_paired"][n] == pytest.approx(sum(turns) / 2)
+    assert data["turn_order"] == [["fff", "none", "dense"], ["none", "dense", "fff"]]
     assert cli.main(args) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "req/s fff/dense" in out and "req/s none/dense" in out and "p99 none/dense" in out
+    assert "turns fff/dense" in out and "median (min-max) of the per-turn req/s ratios" in out
+    # the order really rotates: the second turn starts with "none" and ends with "fff"
+    ran = [line.split("]")[0][1:] for line in captured.err.splitlines() if line.startswith("[")]
+    assert ran == ["fff", "none", "dense", "none", "dense", "fff"]
     with pytest.raises(SystemExit, match="2 --names for 3 targets"):
         cli.main([*args[:4], "--names", "a", "b", "-c", "2"])
     with pytest.raises(SystemExit, match="at least two"):
