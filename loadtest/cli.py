@@ -208,7 +208,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
             rows[-1]["rps_ratio_paired"] = {n: _median(t) for n, t in turns.items()}
     stat = "median of %d alternating runs" % a.repeat if a.repeat > 1 else "one run each"
     # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> value, format)
-    columns: list[tuple[str, Callable[[dict[str, Any]], float], str]] = []
+    columns: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = []
     for n in names:
         columns += [(f"{n} req/s", lambda r, n=n: r["sides"][n]["rps"], ".2f"),
                     (f"{n} p99 ms", lambda r, n=n: r["sides"][n]["p99_ms"], ".1f")]
@@ -217,7 +217,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
                     (f"p99 {n}/{base}", lambda r, n=n: r["p99_ratio"][n], ".2f")]
         if a.repeat > 1:
             columns.append((f"turns {n}/{base}", lambda r, n=n: r["rps_ratio_turns"][n], "spread"))
-    widths = [max(9, len(title)) for title, _, _ in columns]
+    widths = [max(17 if fmt == "spread" else 9, len(title)) for title, _, fmt in columns]
     lines = [f"{' vs '.join(names)} (ratios against {base}); {a.route}, {a.inputs_per_request} input(s)/request, "
              f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}"
              + ("; turns: median (min-max) of the per-turn req/s ratios" if a.repeat > 1 else ""),
