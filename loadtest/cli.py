@@ -208,24 +208,24 @@ def cmd_compare(a: argparse.Namespace) -> int:
             rows[-1]["rps_ratio_paired"] = {n: _median(t) for n, t in turns.items()}
     stat = "median of %d alternating runs" % a.repeat if a.repeat > 1 else "one run each"
     # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> value, format)
-    columns: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = []
+    columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = []
     for n in names:
-        columns += [(f"{n} req/s", lambda r, n=n: r["sides"][n]["rps"], ".2f"),
-                    (f"{n} p99 ms", lambda r, n=n: r["sides"][n]["p99_ms"], ".1f")]
+        columns += [(f"{n} req/s", lambda r, n=n: f"{r['sides'][n]['rps']:.2f}"),
+                    (f"{n} p99 ms", lambda r, n=n: f"{r['sides'][n]['p99_ms']:.1f}")]
     for n in names[:-1]:
-        columns += [(f"req/s {n}/{base}", lambda r, n=n: r["rps_ratio"][n], ".2f"),
-                    (f"p99 {n}/{base}", lambda r, n=n: r["p99_ratio"][n], ".2f")]
+        columns += [(f"req/s {n}/{base}", lambda r, n=n: f"{r['rps_ratio'][n]:.2f}"),
+                    (f"p99 {n}/{base}", lambda r, n=n: f"{r['p99_ratio'][n]:.2f}")]
         if a.repeat > 1:
-            columns.append((f"turns {n}/{base}", lambda r, n=n: r["rps_ratio_turns"][n], "spread"))
-    widths = [max(17 if fmt == "spread" else 9, len(title)) for title, _, fmt in columns]
+            columns.append((f"turns {n}/{base}", lambda r, n=n: _spread(r["rps_ratio_turns"][n])))
+    cells = [[get(r) for _, get in columns] for r in rows]
+    widths = [max(9, len(title), *(len(c[k]) for c in cells)) for k, (title, _) in enumerate(columns)]
     lines = [f"{' vs '.join(names)} (ratios against {base}); {a.route}, {a.inputs_per_request} input(s)/request, "
              f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}"
              + ("; turns: median (min-max) of the per-turn req/s ratios" if a.repeat > 1 else ""),
-             " ".join(["load".ljust(16)] + [f"{t:>{w}}" for (t, _, _), w in zip(columns, widths)] + ["errors"])]
-    for r in rows:
-        cells = [r["load"].ljust(16)] + [f"{_spread(get(r)) if fmt == 'spread' else format(get(r), fmt):>{w}}"
-                                         for (_, get, fmt), w in zip(columns, widths)]
-        lines.append(" ".join(cells + ["/".join(str(r["sides"][n]["errors"]) for n in names)]))
+             " ".join(["load".ljust(16)] + [f"{t:>{w}}" for (t, _), w in zip(columns, widths)] + ["errors"])]
+    for r, row_cells in zip(rows, cells):
+        lines.append(" ".join([r["load"].ljust(16)] + [f"{c:>{w}}" for c, w in zip(row_cells, widths)]
+                              + ["/".join(str(r["sides"][n]["errors"]) for n in names)]))
     data = {"names": names, "baseline": base, "repeat": a.repeat, "rows": rows,
             "turn_order": [[names[j] for j in _turn_order(len(names), r)] for r in range(a.repeat)]
             if a.repeat > 1 else [names],
