@@ -7,7 +7,9 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <memory>
+#include <utility>
 
 #include "cmm_cpu.h"
 
@@ -112,11 +114,31 @@ std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Ten
   return {y, leaves};
 }
 
+// The eager calls' common body: checks, allocates y (and leaves, if wanted, else leaves stays undefined) and runs.
+// The GIL is released while more than one thread's worth of tokens computes, so other Python threads (the
+// service's event loop) run meanwhile, as they do during torch's own operators.
+void run_eager(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
+               int64_t depth, bool return_leaves, const at::Tensor* b_out, at::Tensor& y, at::Tensor& leaves) {
+  const at::Tensor x = rows_contiguous(x_in);
+  ufb::CmmProblem p = check_problem(x, w_in, b_in, w_out, depth, b_out);
+  y = at::empty({p.n, p.d_out}, x.options());
+  p.y = y.data_ptr<float>();
+  if (return_leaves) {
+    leaves = at::empty({p.n, p.trees}, x.options().dtype(at::kLong));
+    p.leaves = leaves.data_ptr<int64_t>();
+  }
+  if (p.n < 2 * kGrain) {
+    run_problem(p);  // one thread's worth: releasing and retaking the GIL would cost more than it lets others run
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    run_problem(p);
+  }
+}
+
 // The same computation for eager calls from Python, as a bare CPython function (METH_FASTCALL): pybind11's
 // argument conversion, the op's empty leaves tensor and the tuple of two tensors cost ~2 of the ~2.7 µs of a call
 // that does no work (README "Kernel design"). Arguments as the op's (b_out optional: None or absent for no bias);
-// returns (y, leaves or None). The GIL is released while more than one thread's worth of tokens computes, so
-// other Python threads (the service's event loop) run meanwhile, as they do during torch's own operators.
+// returns (y, leaves or None).
 PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 6 && nargs != 7) {
@@ -145,23 +167,10 @@ PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   const int return_leaves = PyObject_IsTrue(args[5]);
   if (return_leaves < 0) return nullptr;
 
-  const at::Tensor x = rows_contiguous(THPVariable_Unpack(args[0]));
-  ufb::CmmProblem p = check_problem(x, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
-                                    THPVariable_Unpack(args[3]), depth,
-                                    has_bias ? &THPVariable_Unpack(args[6]) : nullptr);
-  at::Tensor y = at::empty({p.n, p.d_out}, x.options());
-  at::Tensor leaves;
-  p.y = y.data_ptr<float>();
-  if (return_leaves) {
-    leaves = at::empty({p.n, p.trees}, x.options().dtype(at::kLong));
-    p.leaves = leaves.data_ptr<int64_t>();
-  }
-  if (p.n < 2 * kGrain) {
-    run_problem(p);  // one thread's worth: releasing and retaking the GIL would cost more than it lets others run
-  } else {
-    pybind11::gil_scoped_release no_gil;
-    run_problem(p);
-  }
+  at::Tensor y, leaves;
+  run_eager(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
+            THPVariable_Unpack(args[3]), depth, return_leaves != 0, has_bias ? &THPVariable_Unpack(args[6]) : nullptr,
+            y, leaves);
   PyObject* out = PyTuple_New(2);
   if (out == nullptr) return nullptr;
   PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(y)));
@@ -175,36 +184,197 @@ PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   END_HANDLE_TH_ERRORS
 }
 
-// Identity, storage and version of each tensor argument as one bytes object: what engine.derived compares on
-// every inference call to tell whether a cached copy (packed FFF weights, BERT's fused QKV) is still current.
-// The same reads from Python (data_ptr() and _version per tensor, then a list compare) cost ~0.8 us for three
-// tensors, a third of a one-token FFF call; here they cost one call. An inference tensor has no version counter
-// and records -1, as the Python fallback does.
+// What engine.derived compares on every inference call to tell whether a cached copy (packed FFF weights, BERT's
+// fused QKV) is still current: per tensor its identity, storage, version and size, four words. An inference tensor
+// has no version counter and records -1, as the Python fallback does.
+constexpr Py_ssize_t kStampWords = 4;
+constexpr Py_ssize_t kMaxStampTensors = 16;
+
+void stamp_words(const at::Tensor& t, int64_t* words) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  words[0] = reinterpret_cast<int64_t>(impl);
+  words[1] = impl->has_storage() ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0;
+  words[2] = t.is_inference() ? -1 : static_cast<int64_t>(t._version());
+  words[3] = t.numel();
+}
+
+// The stamp of the argument tensors as one bytes object. The same reads from Python (data_ptr() and _version per
+// tensor, then a list compare) cost ~0.8 us for three tensors, a third of a one-token FFF call; here, one call.
 PyObject* tensor_stamp(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  constexpr Py_ssize_t kMaxTensors = 16;
-  if (nargs > kMaxTensors) {
-    PyErr_Format(PyExc_TypeError, "tensor_stamp takes at most %zd tensors, got %zd", kMaxTensors, nargs);
+  if (nargs > kMaxStampTensors) {
+    PyErr_Format(PyExc_TypeError, "tensor_stamp takes at most %zd tensors, got %zd", kMaxStampTensors, nargs);
     return nullptr;
   }
-  int64_t words[4 * kMaxTensors];
+  int64_t words[kStampWords * kMaxStampTensors];
   for (Py_ssize_t i = 0; i < nargs; ++i) {
     if (!THPVariable_Check(args[i])) {
       PyErr_Format(PyExc_TypeError, "tensor_stamp: argument %zd must be a Tensor, got %s", i,
                    Py_TYPE(args[i])->tp_name);
       return nullptr;
     }
-    const at::Tensor& t = THPVariable_Unpack(args[i]);
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    words[4 * i] = reinterpret_cast<int64_t>(impl);
-    words[4 * i + 1] = impl->has_storage() ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0;
-    words[4 * i + 2] = t.is_inference() ? -1 : static_cast<int64_t>(t._version());
-    words[4 * i + 3] = t.numel();
+    stamp_words(THPVariable_Unpack(args[i]), words + kStampWords * i);
   }
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words),
-                                   static_cast<Py_ssize_t>(sizeof(int64_t)) * 4 * nargs);
+                                   static_cast<Py_ssize_t>(sizeof(int64_t)) * kStampWords * nargs);
   END_HANDLE_TH_ERRORS
 }
+
+// Attribute names the FFF fast path reads, interned once at import.
+struct FffNames {
+  PyObject *training, *impl, *kernel, *record_leaves, *depth, *weight_dtype, *packed, *entry, *modules, *linear_in,
+      *linear_out, *parameters, *weight, *bias, *leaves;
+};
+FffNames g_fff{};
+
+bool init_fff_names() {
+  const std::pair<PyObject**, const char*> names[] = {
+      {&g_fff.training, "training"},   {&g_fff.impl, "_impl"},         {&g_fff.kernel, "kernel"},
+      {&g_fff.record_leaves, "record_leaves"}, {&g_fff.depth, "depth"}, {&g_fff.weight_dtype, "_weight_dtype"},
+      {&g_fff.packed, "_packed"},      {&g_fff.entry, "_entry"},       {&g_fff.modules, "_modules"},
+      {&g_fff.linear_in, "linear_in"}, {&g_fff.linear_out, "linear_out"}, {&g_fff.parameters, "_parameters"},
+      {&g_fff.weight, "weight"},       {&g_fff.bias, "bias"},          {&g_fff.leaves, "_leaves"}};
+  for (const auto& [slot, name] : names) {
+    *slot = PyUnicode_InternFromString(name);
+    if (*slot == nullptr) return false;
+  }
+  return true;
+}
+
+// A new reference to obj.name, or nullptr with no Python error set where it is missing (any other error stays set).
+PyObject* attr_or_null(PyObject* obj, PyObject* name) {
+  PyObject* value = PyObject_GetAttr(obj, name);
+  if (value == nullptr && PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear();
+  return value;
+}
+
+// engine.fff.FFF.forward's serving case as one call, fff_forward(module, x): the module in eval mode with the kernel
+// impl, x a float32 [N, d_in] CPU tensor, and packed weights (module._packed._entry: (stamp, weight dtype,
+// (w_in, b_in, w_out, b_out))) whose stamp still matches the parameters. It then returns y, recording the
+// leaves in module._leaves[thread id] when module.record_leaves is set, as the Python path does. Anything else
+// returns NotImplemented and the Python path handles it (and packs the weights anew where they were stale).
+// Done in Python, the checks and lookups cost ~2.5 µs of a one-token call whose kernel takes ~3 (README).
+PyObject* fff_forward(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2) {
+    PyErr_Format(PyExc_TypeError, "fff_forward(module, x) takes 2 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  PyObject* mod = args[0];
+  if (!THPVariable_Check(args[1])) Py_RETURN_NOTIMPLEMENTED;
+  const at::Tensor& x = THPVariable_Unpack(args[1]);
+  if (x.dim() != 2 || x.scalar_type() != at::kFloat || !x.device().is_cpu()) Py_RETURN_NOTIMPLEMENTED;
+
+  // Every new reference lives in `held` and is released on return, whichever return it is (exceptions included).
+  struct Held {
+    PyObject* refs[16] = {};  // 13 at most below
+    int n = 0;
+    PyObject* keep(PyObject* ref) {
+      TORCH_INTERNAL_ASSERT(n < 16, "fff_forward: more references than Held has room for");
+      return refs[n++] = ref;
+    }
+    ~Held() {
+      for (int i = 0; i < n; ++i) Py_XDECREF(refs[i]);
+    }
+  } held;
+  auto get = [&](PyObject* obj, PyObject* name) { return held.keep(attr_or_null(obj, name)); };
+
+  PyObject* training = get(mod, g_fff.training);
+  PyObject* impl = get(mod, g_fff.impl);
+  if (training != Py_False || impl == nullptr || !PyUnicode_Check(impl) ||
+      PyUnicode_Compare(impl, g_fff.kernel) != 0) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  PyObject* packed = get(mod, g_fff.packed);
+  PyObject* entry = packed != nullptr ? get(packed, g_fff.entry) : nullptr;
+  PyObject* dtype = get(mod, g_fff.weight_dtype);
+  PyObject* depth_obj = get(mod, g_fff.depth);
+  PyObject* modules = get(mod, g_fff.modules);
+  if (PyErr_Occurred()) return nullptr;
+  // entry: (stamp bytes, weight dtype, (w_in, b_in, w_out, b_out or None)); a Python-made stamp (a tuple) or
+  // another weight dtype means the Python path decides.
+  if (entry == nullptr || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3 ||
+      !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0)) || PyTuple_GET_ITEM(entry, 1) != dtype ||
+      depth_obj == nullptr || !PyLong_CheckExact(depth_obj) || modules == nullptr || !PyDict_Check(modules))
+    Py_RETURN_NOTIMPLEMENTED;
+  PyObject* value = PyTuple_GET_ITEM(entry, 2);
+  if (!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 4) Py_RETURN_NOTIMPLEMENTED;
+  PyObject* lin_in = PyDict_GetItemWithError(modules, g_fff.linear_in);
+  PyObject* lin_out = lin_in != nullptr ? PyDict_GetItemWithError(modules, g_fff.linear_out) : nullptr;
+  if (lin_out == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  // The sources in the order FFF._kernel_weights stamps them: linear_in.weight, linear_in.bias,
+  // linear_out.weight, then linear_out.bias where there is one.
+  PyObject* params_in = get(lin_in, g_fff.parameters);
+  PyObject* params_out = get(lin_out, g_fff.parameters);
+  if (params_in == nullptr || !PyDict_Check(params_in) || params_out == nullptr || !PyDict_Check(params_out)) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  // borrowed: the dicts (held) keep them alive
+  PyObject* sources[4] = {PyDict_GetItemWithError(params_in, g_fff.weight),
+                          PyDict_GetItemWithError(params_in, g_fff.bias),
+                          PyDict_GetItemWithError(params_out, g_fff.weight),
+                          PyDict_GetItemWithError(params_out, g_fff.bias)};
+  if (PyErr_Occurred()) return nullptr;
+  const Py_ssize_t n_sources = sources[3] != nullptr && sources[3] != Py_None ? 4 : 3;
+  int64_t words[kStampWords * 4];
+  for (Py_ssize_t i = 0; i < n_sources; ++i) {
+    if (sources[i] == nullptr || !THPVariable_Check(sources[i])) Py_RETURN_NOTIMPLEMENTED;
+    stamp_words(THPVariable_Unpack(sources[i]), words + kStampWords * i);
+  }
+  PyObject* stamp = PyTuple_GET_ITEM(entry, 0);
+  if (PyBytes_GET_SIZE(stamp) != Py_ssize_t(sizeof(int64_t)) * kStampWords * n_sources ||
+      std::memcmp(PyBytes_AS_STRING(stamp), words, sizeof(int64_t) * kStampWords * n_sources) != 0)
+    Py_RETURN_NOTIMPLEMENTED;  // a parameter changed: the Python path repacks
+
+  PyObject* tensors[4];
+  for (int i = 0; i < 4; ++i) {
+    tensors[i] = PyTuple_GET_ITEM(value, i);
+    if (!(THPVariable_Check(tensors[i]) || (i == 3 && tensors[i] == Py_None))) Py_RETURN_NOTIMPLEMENTED;
+  }
+  const at::Tensor& w_in = THPVariable_Unpack(tensors[0]);
+  if (w_in.dim() != 3 || x.size(1) != w_in.size(2)) Py_RETURN_NOTIMPLEMENTED;  // the Python path names the error
+  const long long depth = PyLong_AsLongLong(depth_obj);
+  if (depth == -1 && PyErr_Occurred()) return nullptr;
+  PyObject* record_obj = get(mod, g_fff.record_leaves);
+  if (record_obj == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const int record = PyObject_IsTrue(record_obj);
+  if (record < 0) return nullptr;
+  PyObject* leaves_dict = nullptr;
+  if (record) {
+    leaves_dict = get(mod, g_fff.leaves);
+    if (leaves_dict == nullptr || !PyDict_Check(leaves_dict)) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_NOTIMPLEMENTED;
+    }
+  }
+
+  at::Tensor y, leaves;
+  run_eager(x, w_in, THPVariable_Unpack(tensors[1]), THPVariable_Unpack(tensors[2]), depth,
+            record != 0, tensors[3] == Py_None ? nullptr : &THPVariable_Unpack(tensors[3]), y, leaves);
+  if (record) {
+    PyObject* ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());  // what threading.get_ident() returns
+    if (ident == nullptr) return nullptr;
+    held.keep(ident);
+    PyObject* wrapped = THPVariable_Wrap(std::move(leaves));
+    if (wrapped == nullptr) return nullptr;
+    held.keep(wrapped);
+    if (PyDict_SetItem(leaves_dict, ident, wrapped) != 0) return nullptr;
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef fff_forward_def = {
+    "fff_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fff_forward)), METH_FASTCALL,
+    "engine.fff.FFF.forward's serving case in one call: y, or NotImplemented where the Python path must decide"};
 
 PyMethodDef tensor_stamp_def = {
     "tensor_stamp", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&tensor_stamp)), METH_FASTCALL,
@@ -229,6 +399,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // about 6 µs of schema matching and boxing, more than the kernel itself on one token (README "Kernel design").
   // engine.cmm uses this binding in eager mode and the op under torch.compile.
   m.add_object("cmm_eager", pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&cmm_eager_def, nullptr)));
+  if (!init_fff_names()) throw pybind11::error_already_set();
+  m.add_object("fff_forward",
+               pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&fff_forward_def, nullptr)));
   m.add_object("tensor_stamp",
                 pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&tensor_stamp_def, nullptr)));
   m.def(

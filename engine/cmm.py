@@ -90,6 +90,11 @@ if KERNEL.compiled:
     _EAGER = _ext.cmm_eager
 
 
+# Bound once (the lookup through `torch.compiler` is a third of the check's ~0.16 µs); dynamo recognises the function
+# itself, so traced code still sees True and takes the op.
+is_compiling = torch.compiler.is_compiling
+
+
 def extension():  # type: ignore[no-untyped-def]
     """The compiled module ``engine._cmm`` (its other helpers, e.g. ``tensor_stamp``), or None where it did not
     load."""
@@ -122,7 +127,7 @@ def cmm(
     """``y [N, d_out]`` float32 (plus the output bias ``b_out [d_out]``, if given) and, if asked, the leaf
     (0 .. 2^depth - 1) each token reached in each tree."""
     if _EAGER is not None and x.is_cpu:
-        if not torch.compiler.is_compiling():
+        if not is_compiling():
             return _EAGER(x, w_in, b_in, w_out, depth, return_leaves, b_out)  # already (y, leaves or None)
         y, leaves = _OP(x, w_in, b_in, w_out, depth, return_leaves, b_out)
         return y, (leaves if return_leaves else None)

@@ -39,23 +39,22 @@ stamp: Callable[..., object] = getattr(cmm_ops.extension(), "tensor_stamp", None
 class Derived(Generic[T]):
     """One cached value built from some tensors; ``extra`` is anything else it depends on (e.g. a dtype).
 
+    The cache is one tuple, ``_entry = (stamp, extra, value)``, replaced whole, so that a reader on another
+    thread sees an old or a new entry, never half of each; the extension's ``fff_forward`` reads it too.
     Not locked: two threads may both rebuild after a change, which wastes work but is harmless (same result).
     """
 
-    __slots__ = ("_value", "_stamp", "_extra")
+    __slots__ = ("_entry",)
 
     def __init__(self) -> None:
-        self._value: T | None = None
-        self._stamp: object = None
-        self._extra: object = None
+        self._entry: tuple[object, object, T] | None = None
 
     def get(self, sources: Sequence[torch.Tensor], build: Callable[[], T], extra: object = None) -> T:
         now = stamp(*sources)
-        if self._value is None or self._stamp != now or self._extra != extra:
-            self._value = build()
-            self._stamp, self._extra = now, extra
-        return self._value
+        entry = self._entry
+        if entry is None or entry[0] != now or entry[1] != extra:
+            entry = self._entry = (now, extra, build())
+        return entry[2]
 
     def clear(self) -> None:
-        self._value = None
-        self._stamp = self._extra = None
+        self._entry = None

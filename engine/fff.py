@@ -13,7 +13,8 @@ Three implementations compute the same function:
   ``sigmoid(+-a / (tau * spread))`` along its path, ``spread`` = each node's pre-activation spread in the batch):
   a straight-through estimator, so a split can move towards where it lowers the loss.
 * ``"kernel"``: :func:`engine.cmm.cmm` (the compiled CMM kernel, or its plain-PyTorch fallback) on weights packed
-  once and cached. The serving path.
+  once and cached. The serving path; in eval mode on a float32 ``[N, d_in]`` batch the whole forward is one call
+  into the extension (``fff_forward``), which checks the packed weights are current and runs the kernel.
 * ``"reference"``: :func:`engine.cmm.cmm_reference` on the same packed weights, for tests and benchmarks.
 
 An optional output bias exists only for the BERT layout (``bias_out=True``): converted students keep their teacher
@@ -34,6 +35,8 @@ from engine import cmm as cmm_ops
 from engine.derived import Derived
 
 IMPLS = ("kernel", "reference", "masked")
+# csrc/register.cpp ``fff_forward``: :meth:`FFF.forward`'s serving case in one call (None without the extension)
+_FFF_FORWARD = getattr(cmm_ops.extension(), "fff_forward", None)
 
 
 class FFF(nn.Module):
@@ -117,16 +120,28 @@ class FFF(nn.Module):
         self._packed.clear()
 
     def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kernel-layout weights, repacked only when a parameter changed (in place or replaced)."""
+        """Kernel-layout weights ``(w_in, b_in, w_out)``, repacked only when a parameter changed (in place or
+        replaced)."""
+        return self._kernel_weights()[:3]
+
+    def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The packed weights and the float32 output bias (None without one): every argument of the kernel call."""
         # The parameter dicts are read directly: nn.Module attribute lookup costs microseconds, which matters
         # when a whole FFF call on one token takes a few.
         lin_in = self._modules["linear_in"]._parameters
-        sources = (lin_in["weight"], lin_in["bias"], self._modules["linear_out"]._parameters["weight"])
-        return self._packed.get(sources, self._pack, self._weight_dtype)
+        lin_out = self._modules["linear_out"]._parameters
+        bias = lin_out["bias"]
+        if bias is None:
+            return self._packed.get((lin_in["weight"], lin_in["bias"], lin_out["weight"]), self._pack,
+                                    self._weight_dtype)
+        return self._packed.get((lin_in["weight"], lin_in["bias"], lin_out["weight"], bias), self._pack,
+                                self._weight_dtype)
 
-    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return cmm_ops.pack_fff_weights(self.linear_in.weight, self.linear_in.bias, self.linear_out.weight,
-                                        self.trees, self._weight_dtype)
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        w_in, b_in, w_out = cmm_ops.pack_fff_weights(self.linear_in.weight, self.linear_in.bias,
+                                                     self.linear_out.weight, self.trees, self._weight_dtype)
+        bias = self.linear_out.bias
+        return w_in, b_in, w_out, None if bias is None else bias.detach().float().contiguous()
 
     # ------------------------------------------------------------------ recorded leaves
 
@@ -141,6 +156,13 @@ class FFF(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The serving call (kernel impl, eval mode, a float32 [N, d_in] CPU batch, packed weights still current) is
+        # one call into the extension, which returns NotImplemented for anything else: on one token the kernel
+        # takes ~3 µs, and the same checks and lookups made here in Python cost ~2.5 µs more (README).
+        if _FFF_FORWARD is not None and not cmm_ops.is_compiling():
+            y = _FFF_FORWARD(self, x)
+            if y is not NotImplemented:
+                return y
         shape = x.shape
         if shape[-1] != self.d_in:
             raise ValueError(f"FFF expects inputs of width {self.d_in}, got shape {tuple(shape)}")
@@ -148,12 +170,9 @@ class FFF(nn.Module):
         if self._impl == "masked" or (self.training and torch.is_grad_enabled()):
             y, leaves = self._forward_masked(flat)
         else:
-            w_in, b_in, w_out = self.packed_weights()
+            w_in, b_in, w_out, bias = self._kernel_weights()
             if flat.dtype != torch.float32:
                 flat = flat.float()
-            bias = self._modules["linear_out"]._parameters["bias"]
-            if bias is not None and bias.dtype != torch.float32:
-                bias = bias.float()
             if self._impl == "reference":
                 y, leaves = cmm_ops.cmm_reference(flat, w_in, b_in, w_out, self.depth, bias)
             else:

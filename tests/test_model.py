@@ -484,6 +484,93 @@ def test_compiled_stamp_changes_exactly_when_the_python_stamp_does() -> None:
         _cmm.tensor_stamp(a, "weight")
 
 
+@pytest.mark.skipif(not C.KERNEL.compiled, reason="needs the compiled extension")
+@pytest.mark.parametrize("bias_out", [False, True])
+def test_fff_forward_in_one_call_serves_exactly_the_serving_case(bias_out: bool) -> None:
+    """FFF.forward's serving case runs as one extension call (csrc/register.cpp fff_forward). It must give the
+    Python path's bits, record leaves as it does, and decline (NotImplemented) whenever the Python path has to
+    decide: before the first packing, after any parameter change, in training mode, for other impls, inputs and
+    weight dtypes, and with a Python-made stamp. Declining must never raise."""
+    import threading
+
+    from engine import _cmm, derived
+
+    torch.manual_seed(4)
+    fff = FFF(24, 20, 3, trees=2, bias_out=bias_out).eval()
+    if bias_out:
+        with torch.no_grad():
+            fff.linear_out.bias.uniform_(-1, 1)
+    x = torch.randn(7, 24)
+
+    def kernel_path() -> torch.Tensor:
+        w_in, b_in, w_out = fff.packed_weights()
+        bias = fff.linear_out.bias.detach() if bias_out else None
+        return C.cmm(x, w_in, b_in, w_out, 3, False, bias)[0]
+
+    with torch.inference_mode():
+        assert _cmm.fff_forward(fff, x) is NotImplemented  # nothing packed yet
+        want = fff(x)  # the Python path packs ...
+        assert torch.equal(_cmm.fff_forward(fff, x), want)  # ... and from then on the single call serves
+        assert torch.equal(want, kernel_path())
+        fff.record_leaves = True
+        assert torch.equal(_cmm.fff_forward(fff, x), want)
+        _, ref_leaves = C.cmm_reference(x, *fff.packed_weights(), 3)
+        assert torch.equal(fff.last_leaves, ref_leaves)
+        fff.record_leaves = False
+        for bad_x in (x.double(), x.unsqueeze(0), x[:, :23], x[:0, :23], torch.randn(24), "x", None):
+            assert _cmm.fff_forward(fff, bad_x) is NotImplemented
+        assert _cmm.fff_forward(object(), x) is NotImplemented  # no FFF attributes: declined, not an error
+        torch.testing.assert_close(fff(x.unsqueeze(0))[0], want, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="FFF expects inputs of width 24"):
+            fff(x[:, :23])
+        assert torch.equal(_cmm.fff_forward(fff, x[:0]), want[:0])  # zero tokens: served, [0, d_out]
+        assert torch.equal(_cmm.fff_forward(fff, x[::2]), want[::2])  # strided rows
+    # each parameter, changed in place, makes the single call decline until the Python path repacks
+    for param in [fff.linear_in.weight, fff.linear_in.bias, fff.linear_out.weight] + (
+            [fff.linear_out.bias] if bias_out else []):
+        with torch.no_grad():
+            param.mul_(1.5)
+        with torch.inference_mode():
+            assert _cmm.fff_forward(fff, x) is NotImplemented
+            fresh = fff(x)
+            assert torch.equal(fresh, kernel_path())
+            assert torch.equal(_cmm.fff_forward(fff, x), fresh)
+    fff.linear_in.weight = torch.nn.Parameter(fff.linear_in.weight.detach().clone())  # replaced, same values
+    with torch.inference_mode():
+        assert _cmm.fff_forward(fff, x) is NotImplemented
+        fresh = fff(x)
+        for undo, change in [(lambda: fff.train(False), lambda: fff.train(True)),
+                             (lambda: setattr(fff, "impl", "kernel"), lambda: setattr(fff, "impl", "reference")),
+                             (lambda: setattr(fff, "weight_dtype", torch.float32),
+                              lambda: setattr(fff, "weight_dtype", torch.bfloat16))]:
+            change()
+            assert _cmm.fff_forward(fff, x) is NotImplemented
+            undo()
+            fff(x)
+            assert torch.equal(_cmm.fff_forward(fff, x), fresh)
+        derived.stamp = derived.python_stamp
+        try:
+            fff.invalidate()
+            assert torch.equal(fff(x), fresh)
+            assert _cmm.fff_forward(fff, x) is NotImplemented  # a tuple stamp: the Python path compares it
+        finally:
+            derived.stamp = _cmm.tensor_stamp
+            fff.invalidate()
+    with pytest.raises(TypeError, match="takes 2 arguments, got 1"):
+        _cmm.fff_forward(fff)
+    # leaves land under the calling thread's id, as threading.get_ident() names it
+    fff.record_leaves = True
+    with torch.inference_mode():
+        fff(x)
+        seen: dict[str, object] = {}
+        worker = threading.Thread(target=lambda: seen.update(
+            served=_cmm.fff_forward(fff, x[:2]), ident=threading.get_ident()))
+        worker.start()
+        worker.join()
+    assert isinstance(seen["served"], torch.Tensor)
+    assert fff._leaves[seen["ident"]].shape == (2, 2) and fff.last_leaves.shape == (7, 2)
+
+
 def test_fused_qkv_follows_the_three_projections() -> None:
     torch.manual_seed(0)
     model = tiny_model("bert")
