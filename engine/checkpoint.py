@@ -204,6 +204,7 @@ def _finish(model: UltraFastBert, weight_dtype: torch.dtype, ffn_impl: str | Non
     model.set_ffn_weight_dtype(weight_dtype)
     if ffn_impl is not None:
         model.set_ffn_impl(ffn_impl)
+    model.pack_inference_weights()
     return model.eval()
 
 

@@ -2,7 +2,9 @@
 
 Each is rebuilt only when a source parameter changed, in place (its version counter moved: ``copy_``,
 ``load_state_dict``, an optimizer step) or replaced (its storage moved: ``param.data = ...``). The check runs on
-every inference call, where a one-token FFF call takes a few microseconds, so it is one compiled call.
+every inference call, where a one-token FFF call takes a few microseconds, so it is one compiled call. Code traced
+by ``torch.compile`` cannot read version counters: it takes the copy as last built (``UltraFastBert.
+pack_inference_weights`` builds them all at load time; any eager call rebuilds a stale one).
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ class Derived(Generic[T]):
         self._entry: tuple[object, object, T] | None = None
 
     def get(self, sources: Sequence[torch.Tensor], build: Callable[[], T], extra: object = None) -> T:
-        now = stamp(*sources)
         entry = self._entry
+        if cmm_ops.is_compiling():
+            # Traced code cannot read version counters; it takes the copy as last built (dynamo reads it afresh on
+            # every call, so an eager call that rebuilds it is seen) or, with none yet, builds it inside the graph.
+            return entry[2] if entry is not None and entry[1] == extra else build()
+        now = stamp(*sources)
         if entry is None or entry[0] != now or entry[1] != extra:
             entry = self._entry = (now, extra, build())
         return entry[2]

@@ -485,6 +485,17 @@ class UltraFastBert(nn.Module):
         for fff in self.fffs():
             fff.weight_dtype = dtype
 
+    def pack_inference_weights(self) -> None:
+        """Builds the inference-time copies now (each FFF's packed kernel weights, BERT's fused Q/K/V) instead of on
+        the first forward pass: loading pays for them rather than the first request, and code traced by
+        ``torch.compile``, which cannot check them, finds them built. They still follow later parameter changes on
+        every eager call (engine.derived)."""
+        for module in self.modules():
+            if isinstance(module, FFF):
+                module.packed_weights()
+            elif isinstance(module, SelfAttention) and module.layout == "bert":
+                module.fused_qkv()
+
     def set_record_leaves(self, on: bool) -> None:
         """Keep each FFF's leaves of the latest forward, per calling thread (several inference workers may share
         one model). Switch it before serving, not while forwards run: switching drops every thread's leaves."""

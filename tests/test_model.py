@@ -571,6 +571,48 @@ def test_fff_forward_in_one_call_serves_exactly_the_serving_case(bias_out: bool)
     assert fff._leaves[seen["ident"]].shape == (2, 2) and fff.last_leaves.shape == (7, 2)
 
 
+@pytest.mark.skipif(not C.KERNEL.compiled, reason="needs the compiled extension")
+def test_fff_and_model_compile_with_the_kernel_in_the_graph() -> None:
+    """torch.compile traces the FFF's kernel path whole (fullgraph): traced code cannot check the packed weights'
+    stamps, so it takes the copy as last packed, which an eager call refreshes, or packs inside the graph when none
+    exists yet. A whole model compiles with no graph break at its FFNs or fused Q/K/V."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(6)
+    x = torch.randn(9, 24)
+    for dtype in (torch.float32, torch.float16):
+        torch._dynamo.reset()
+        fff = FFF(24, 20, 3, trees=2, bias_out=True, weight_dtype=dtype).eval()
+        with torch.inference_mode():
+            eager = fff(x)
+            compiled = torch.compile(fff, fullgraph=True, backend="aot_eager")
+            assert torch.equal(compiled(x), eager)
+            with torch.no_grad():
+                fff.linear_out.weight.mul_(-2.0)
+            eager_after = fff(x)  # the eager call repacks ...
+            assert not torch.equal(eager_after, eager)
+            assert torch.equal(compiled(x), eager_after)  # ... and the compiled module reads the new copy
+    torch._dynamo.reset()
+    fresh = FFF(24, 20, 3, trees=2).eval()  # nothing packed: the graph packs
+    with torch.inference_mode():
+        got = torch.compile(fresh, fullgraph=True, backend="aot_eager")(x)
+        want, _ = C.cmm_reference(x, *fresh.packed_weights(), 3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    for layout in ("bert", "crammed"):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_model(layout)
+        model.pack_inference_weights()
+        ids, mask = random_batch([9, 4, 1])
+        with torch.inference_mode():
+            eager = model(ids, mask)
+            traced = torch.compile(model, backend="aot_eager")(ids, mask)
+        torch.testing.assert_close(traced, eager, atol=1e-5, rtol=0)
+        breaks = " ".join(counters["graph_break"])
+        assert "tensor_stamp" not in breaks and "fff_forward" not in breaks and "skipped" not in breaks, breaks
+
+
 def test_fused_qkv_follows_the_three_projections() -> None:
     torch.manual_seed(0)
     model = tiny_model("bert")
