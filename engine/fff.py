@@ -130,12 +130,9 @@ class FFF(nn.Module):
         # when a whole FFF call on one token takes a few.
         lin_in = self._modules["linear_in"]._parameters
         lin_out = self._modules["linear_out"]._parameters
+        sources = (lin_in["weight"], lin_in["bias"], lin_out["weight"])
         bias = lin_out["bias"]
-        if bias is None:
-            return self._packed.get((lin_in["weight"], lin_in["bias"], lin_out["weight"]), self._pack,
-                                    self._weight_dtype)
-        return self._packed.get((lin_in["weight"], lin_in["bias"], lin_out["weight"], bias), self._pack,
-                                self._weight_dtype)
+        return self._packed.get(sources if bias is None else (*sources, bias), self._pack, self._weight_dtype)
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         w_in, b_in, w_out = cmm_ops.pack_fff_weights(self.linear_in.weight, self.linear_in.bias,
