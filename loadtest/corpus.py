@@ -112,7 +112,7 @@ def load_sentences(source: str = "auto") -> tuple[list[str], str]:
     without its dependencies (pandas and more), so the import fails, and "auto" had silently fallen back to the
     built-in sentences."""
     if source in ("auto", "rotten_tomatoes"):
-        from engine.text_data import DataUnavailable, rotten_tomatoes
+        from engine.training.text_data import DataUnavailable, rotten_tomatoes
 
         try:
             texts = [t for t in rotten_tomatoes("train").texts + rotten_tomatoes("test").texts

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.checkpoint import load_model
-from engine.distill import DistillOptions, distill
+from engine.training.distill import DistillOptions, distill
 from service.app import create_app
 from service_support import running, settings
 
@@ -132,7 +132,7 @@ def test_save_dtype_halves_the_file_and_round_trips(distilled: Path, tmp_path: P
 
 
 def test_evaluate_on_a_tiny_model(distilled: Path, tiny_teacher: Path, tmp_path: Path) -> None:
-    from engine.evaluate import QUALITY_CHECKS, evaluate, format_table
+    from engine.training.evaluate import QUALITY_CHECKS, evaluate, format_table
 
     docs = _texts(8, seed=5)
     sims = [float(i % 3) / 2 for i in range(8 * 7 // 2)]
@@ -153,6 +153,109 @@ def test_evaluate_on_a_tiny_model(distilled: Path, tiny_teacher: Path, tmp_path:
     table = format_table(report)
     assert "cos_mean" in table and "sentences/s" in table
     json.dumps(report)  # JSON-able
+    assert report["registers"] == {}
+
+
+def test_evaluate_per_register(distilled: Path, tiny_teacher: Path) -> None:
+    """Each register's held-out sentences get the embedding checks: the teacher is its own reference and the
+    FFN-removed ablation scores below the student on a register it was distilled on."""
+    from engine.training.evaluate import REGISTER_TARGETS, evaluate, format_table
+
+    docs = _texts(8, seed=5)
+    sims = [float(i % 3) / 2 for i in range(8 * 7 // 2)]
+    texts = {"heldout": _texts(12, seed=4), "lee": (docs, sims),
+             "train": (_texts(20, seed=6), ["fresh" if i % 3 else "rotten" for i in range(20)]),
+             "test": (_texts(10, seed=7), ["fresh" if i % 3 else "rotten" for i in range(10)])}
+    sets = {"movies": _texts(30, seed=8), "other": [f"question {i}: where is the {w}?" for i, w in
+                                                    enumerate(WORDS[:25])]}
+    labels = ["positive" if i % 2 else "negative" for i in range(30)]
+    probe = {"train": (_texts(30, seed=12), labels), "tweets": (_texts(30, seed=13), labels[::-1])}
+    report = evaluate(distilled, tiny_teacher, texts=texts, register_texts=sets, probe_data=probe)
+    p = report["domain_probe"]
+    assert set(p) == {"teacher", "student", "ablation"} and all(set(v) == {"tweets"} for v in p.values())
+    assert all(0 <= v["tweets"] <= 1 for v in p.values())
+    assert report["summary"]["probe_gap_points"]["tweets"] == pytest.approx(
+        100 * (p["student"]["tweets"] - p["teacher"]["tweets"]))
+    assert "sentiment probe" in format_table(report)
+    regs = report["registers"]
+    assert set(regs) == {"movies", "other"} and regs["movies"]["sentences"] == 30
+    for r in regs.values():
+        assert set(r) == {"sentences", "student", "ablation"}
+        for model in ("student", "ablation"):
+            assert set(r[model]) == set(REGISTER_TARGETS)
+            assert -1 <= r[model]["cos_p5"] <= r[model]["cos_mean"] <= 1 and 0 <= r[model]["nn_overlap10"] <= 1
+    assert regs["movies"]["student"]["cos_mean"] > regs["movies"]["ablation"]["cos_mean"]
+    worst = report["summary"]["registers_worst"]
+    assert worst["cos_mean"] == min(r["student"]["cos_mean"] for r in regs.values())
+    assert report["summary"]["registers_met"] is False
+    assert "held-out registers" in format_table(report) and "MISSED" in format_table(report)
+
+
+def test_register_sentences_spread_over_documents(tmp_path: Path) -> None:
+    from engine.training.corpus import REPORT_FILE
+    from engine.training.evaluate import register_sentences
+
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "a.txt").write_text("".join("".join(f"a{d}s{i}\n" for i in range(50)) + "\n"
+                                                        for d in range(3)))
+    (tmp_path / "heldout" / "b.txt").write_text("b0s0\nb0s1\n\n")
+    (tmp_path / REPORT_FILE).write_text(json.dumps({"sources": {"a": {"register": "r1"}, "b": {"register": "r2"}}}))
+    sets = register_sentences(tmp_path, 6, seed=1)
+    assert sets["r2"] == ["b0s0", "b0s1"]
+    assert len(sets["r1"]) == 6 and {s[:2] for s in sets["r1"]} == {"a0", "a1", "a2"}  # two from each document
+    assert sets == register_sentences(tmp_path, 6, seed=1)
+
+
+def test_grow_keeps_the_earlier_trees_and_fits_the_added_ones(tiny_teacher: Path, distilled: Path,
+                                                               tmp_path: Path) -> None:
+    """``grow_from``: the grown student starts as the earlier one (added trees' output rows at zero), the added
+    trees are then fitted to what the earlier trees miss (every layer's error goes down), and end-to-end training
+    follows; an interrupted grown run resumes to the same state."""
+    from engine.training.distill import _grow_from_student
+    from engine.checkpoint import convert_hf_bert
+
+    earlier = load_model(distilled)
+    grown = convert_hf_bert(tiny_teacher, trees=4, depth=2, name="g")
+    state: dict = {}
+    _grow_from_student(grown, distilled, state)
+    assert state["phase"] == "grow" and state["grown_from"]["trees"] == 2
+    ids = earlier.tokenizer.encode(_texts(6, seed=9), max_length=64, truncate=True)
+    for a, b in zip(earlier.model.pooled_ids(ids, cls=False), grown.model.pooled_ids(ids, cls=False)):
+        assert torch.allclose(a, b, atol=1e-5)
+    opts = _opts(tiny_teacher, tmp_path / "g", trees=4, grow_from=str(distilled), steps=4)
+    whole = distill(opts, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "g" / "distill_log.jsonl").read_text().splitlines()]
+    fit = [r for r in log if r["phase"] == "grow"]
+    assert len(fit) == 1 and all(a < b for a, b in zip(fit[0]["rel_err_after"], fit[0]["rel_err_before"]))
+    assert [r["phase"] for r in log[1:]] == ["e2e"] * (len(log) - 1)
+    assert load_model(whole).model.neurons_per_token()[0] == (4 * 3, 64)
+    opts2 = _opts(tiny_teacher, tmp_path / "g2", trees=4, grow_from=str(distilled), steps=4)
+    distill(opts2, progress=False, stop_after_steps=2)
+    cut = distill(opts2, resume=True, progress=False)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="fewer than"):
+        distill(_opts(tiny_teacher, tmp_path / "g3", trees=2, grow_from=str(distilled)), progress=False)
+
+
+def test_distill_from_a_built_corpus(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    """A corpus folder as ``corpus``: batches stream from its token store; the run resumes exactly."""
+    from engine.training import corpus as C
+
+    def docs(_root: Path):  # type: ignore[no-untyped-def]
+        for i, t in enumerate(_texts(120, seed=11)):
+            yield str(i // 4), t
+
+    src = C.Source("made-up", "reviews", C.Package("pypi", "none", "0"), "test", docs)
+    C.build(tmp_path / "corpus", [src], tiny_teacher, roots={"made-up": tmp_path})
+    kw = {"init_student": str(distilled), "steps": 4, "corpus": str(tmp_path / "corpus"), "texts": None}
+    whole = distill(_opts(tiny_teacher, tmp_path / "k1", **kw), progress=False)
+    opts = _opts(tiny_teacher, tmp_path / "k2", **kw)
+    distill(opts, progress=False, stop_after_steps=2)
+    cut = distill(opts, resume=True, progress=False)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_model(whole).config.extra["distill"]["corpus"] == str(tmp_path / "corpus")
 
 
 def test_cli_registers_distill_and_evaluate() -> None:
@@ -177,7 +280,8 @@ def test_cli_defaults_match_distill_options() -> None:
              "head_train_size": "head_train_size", "save_dtype": "save_dtype", "teacher": "teacher",
              "hidden_weight": "hidden_weight", "embed_weight": "embed_weight", "relation_weight": "relation_weight",
              "sampling": "sampling", "token_noise": "token_noise", "corpus": "corpus",
-             "routing_tau": "routing_tau"}
+             "routing_tau": "routing_tau", "grow_from": "grow_from", "register_weighting": "register_weighting",
+             "init_student": "init_student"}
     for arg, field_name in pairs.items():
         assert getattr(args, arg) == getattr(defaults, field_name), arg
 
@@ -215,7 +319,7 @@ def test_fresh_windows_and_token_noise_resume_to_the_same_state(tiny_teacher: Pa
 
 
 def test_relation_loss_sees_only_how_sentences_sit_relative_to_each_other() -> None:
-    from engine.distill import relation_loss
+    from engine.training.distill import relation_loss
 
     torch.manual_seed(0)
     teacher = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
@@ -266,7 +370,7 @@ def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path,
 def test_linear_head_ignores_constant_features() -> None:
     """A dead hidden dimension (spread ~1e-6) gets weight 0 instead of a huge folded weight; the live ones still
     separate the classes."""
-    from engine.distill import fit_linear_head
+    from engine.training.distill import fit_linear_head
 
     gen = torch.Generator().manual_seed(0)
     n = 400

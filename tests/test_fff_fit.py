@@ -1,4 +1,4 @@
-"""engine.fff_fit: the closed-form output rows are the least-squares optimum for the routing they are given, and
+"""engine.training.fff_fit: the closed-form output rows are the least-squares optimum for the routing they are given, and
 the fitted splits are balanced, scaled, and route better than random ones on a target with a real split."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.fff import FFF
-from engine.fff_fit import fit_output_rows, split_routing
+from engine.training.fff_fit import fit_output_rows, split_routing
 
 
 def _err(fff: FFF, x: torch.Tensor, y: torch.Tensor) -> float:

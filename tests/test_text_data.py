@@ -1,4 +1,4 @@
-"""The offline text behind distillation and evaluation (engine.text_data): held-out text never leaks into
+"""The offline text behind distillation and evaluation (engine.training.text_data): held-out text never leaks into
 training text, and the extended corpus adds clean prose (no speaker tags, stage directions or CSV debris)."""
 
 from __future__ import annotations

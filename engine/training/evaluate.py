@@ -1,6 +1,6 @@
 """``ultrafastbert evaluate MODEL``: the student against its teacher and the FFN-removed ablation.
 
-Checks (all on text the distillation never trained on, see :mod:`engine.text_data`):
+Checks (all on text the distillation never trained on, see :mod:`engine.training.text_data`):
 
 * ``cos_mean`` / ``cos_p5``: mean and 5th-percentile cosine between a model's sentence embeddings and the
   teacher's, on held-out sentences (held-out Wikipedia articles + Rotten Tomatoes test snippets).
@@ -12,6 +12,11 @@ Checks (all on text the distillation never trained on, see :mod:`engine.text_dat
 * ``neurons_per_token`` per layer (of the dense width) and ``sentences_per_s`` (held-out set, batch 64).
 
 ``ratio`` = student / teacher, ``gap_closed`` = (student - ablation) / (teacher - ablation), per check.
+
+With a built corpus (``--corpus``, :mod:`engine.training.corpus`), ``registers`` adds, per register, the same
+embedding checks on that register's held-out sentences (documents no training run saw, and whole registers kept
+out of training): mean and 5th-percentile cosine to the teacher, and the top-10 neighbour overlap among the
+register's own sentences, against :data:`REGISTER_TARGETS`.
 """
 
 from __future__ import annotations
@@ -27,14 +32,102 @@ import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model
 
-log = logging.getLogger("engine.evaluate")
+log = logging.getLogger("engine.training.evaluate")
 
 QUALITY_CHECKS = ("cos_mean", "cos_p5", "lee_pearson", "nn_overlap10", "probe_acc", "head_acc")
 TARGET_RATIO, TARGET_GAP, TARGET_COS = 0.96, 0.80, 0.90
+REGISTER_TARGETS = {"cos_mean": 0.95, "cos_p5": 0.85, "nn_overlap10": 0.70}
+PROBE_TARGET_POINTS = 2.0  # the student's cross-domain probe within this many points of the teacher's
+
+
+def register_sentences(corpus: str | Path, per_register: int, seed: int = 0) -> dict[str, list[str]]:
+    """Up to ``per_register`` held-out sentences per register: documents in a seeded order, one sentence from each
+    per round, so one long document cannot fill a register."""
+    import random
+
+    from engine.training.corpus import heldout_documents, load_report
+
+    by_register: dict[str, list[list[str]]] = {}
+    for name, src in sorted(load_report(corpus)["sources"].items()):
+        docs = [d for d in heldout_documents(corpus, name)]
+        by_register.setdefault(src["register"], []).extend(docs)
+    out = {}
+    for register, docs in sorted(by_register.items()):
+        random.Random(f"{seed}:{register}").shuffle(docs)
+        picked: list[str] = []
+        depth = 0
+        while len(picked) < per_register and any(depth < len(d) for d in docs):
+            picked.extend(d[depth] for d in docs if depth < len(d))  # one sentence per document per round
+            depth += 1
+        out[register] = picked[:per_register]
+    return out
+
+
+def embedding_checks(emb: torch.Tensor, ref: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """Mean / 5th-percentile cosine of normalised ``emb`` to ``ref`` and the overlap of their top-k neighbours."""
+    cos = (emb * ref).sum(-1)
+    mine, theirs = _topk(emb, k), _topk(ref, k)
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / mine.shape[1] for a, b in zip(mine, theirs)]
+    return {"cos_mean": float(cos.mean()), "cos_p5": float(torch.quantile(cos.double(), 0.05)),
+            "nn_overlap10": sum(overlap) / len(overlap)}
+
+
+PROBE_MARGIN = 0.5  # VADER ratings in [-4, 4]: |rating| below this is neutral and left out of the probe
+PROBE_TRAIN, PROBE_TEST = 3000, 1500
+
+
+def domain_probe_data(root: Path, seed: int = 0) -> dict[str, tuple[list[str], list[str]]]:
+    """Sentiment across domains from the VADER sets: ``train`` (movie review snippets) and one test set per other
+    domain (tweets, Amazon product review snippets, NYT editorial snippets), plus held-out movie snippets."""
+    import random
+
+    from engine.training.sources import vader_snippets
+
+    out = {}
+    for kind in ("movies", "tweets", "amazon", "nyt"):
+        rows = [(t, "positive" if v > 0 else "negative") for _, v, t in vader_snippets(root, kind)
+                if abs(v) >= PROBE_MARGIN]
+        random.Random(f"{seed}:{kind}").shuffle(rows)
+        if kind == "movies":
+            out["train"] = ([t for t, _ in rows[:PROBE_TRAIN]], [y for _, y in rows[:PROBE_TRAIN]])
+            rows = rows[PROBE_TRAIN:]
+        rows = rows[:PROBE_TEST]
+        out[kind] = ([t for t, _ in rows], [y for _, y in rows])
+    return out
+
+
+def domain_probe(models: dict[str, LoadedModel], data: dict[str, tuple[list[str], list[str]]],
+                 seed: int = 0) -> dict[str, Any]:
+    """Per model: a logistic-regression probe on normalised embeddings, fitted on ``train``, accuracy per domain."""
+    from engine.training.distill import fit_linear_head
+
+    out: dict[str, Any] = {}
+    for name, m in models.items():
+        x_train = F.normalize(_features(m, data["train"][0])[0], dim=-1)
+        _, _, _, predict = fit_linear_head(x_train, data["train"][1], seed)
+        out[name] = {}
+        for domain, (texts, labels) in data.items():
+            if domain != "train":
+                preds = predict(F.normalize(_features(m, texts)[0], dim=-1))
+                out[name][domain] = sum(p == y for p, y in zip(preds, labels)) / len(labels)
+    return out
+
+
+def register_scores(models: dict[str, LoadedModel], sets: dict[str, list[str]]) -> dict[str, Any]:
+    """Per register: every model's embedding checks against the teacher (``models`` must hold ``teacher``)."""
+    out: dict[str, Any] = {}
+    for register, texts in sets.items():
+        embs = {name: F.normalize(_features(m, texts)[0], dim=-1) for name, m in models.items()}
+        row: dict[str, Any] = {"sentences": len(texts)}
+        for name, emb in embs.items():
+            if name != "teacher":
+                row[name] = embedding_checks(emb, embs["teacher"])
+        out[register] = row
+    return out
 
 
 def _features(loaded: LoadedModel, texts: list[str], max_length: int = 256) -> tuple[torch.Tensor, float]:
-    from engine.distill import pooled_features
+    from engine.training.distill import pooled_features
 
     t0 = time.perf_counter()
     feats = pooled_features(loaded, texts, max_length=max_length)
@@ -61,7 +154,7 @@ class Data:
             self.lee_docs, self.lee_sims = texts["lee"]
             self.train, self.test = texts["train"], texts["test"]
             return
-        from engine.text_data import heldout_sentences, lee_documents, rotten_tomatoes
+        from engine.training.text_data import heldout_sentences, lee_documents, rotten_tomatoes
 
         self.heldout = heldout_sentences(heldout)
         self.lee_docs, self.lee_sims = lee_documents()
@@ -73,7 +166,7 @@ def model_scores(loaded: LoadedModel, data: Data, teacher_ref: dict[str, Any] | 
                  seed: int = 0) -> dict[str, Any]:
     """Scores of one model; ``teacher_ref`` holds the teacher's held-out embeddings and neighbours (None: this
     model is the teacher)."""
-    from engine.distill import fit_linear_head
+    from engine.training.distill import fit_linear_head
 
     loaded.model.eval()
     _features(loaded, data.heldout[:64])  # warm-up (weight packing, kernel load) before the timed pass
@@ -126,9 +219,11 @@ def model_scores(loaded: LoadedModel, data: Data, teacher_ref: dict[str, Any] | 
 
 def evaluate(model_path: str | Path, teacher: str | Path | None = None, *, heldout: int = 600,
              probe_train: int = 2000, probe_test: int = 1000, texts: dict[str, Any] | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, corpus: str | Path | None = None, per_register: int = 500,
+             register_texts: dict[str, list[str]] | None = None,
+             probe_data: dict[str, tuple[list[str], list[str]]] | None = None) -> dict[str, Any]:
     """The full comparison as a JSON-able dict (see the module docstring)."""
-    from engine.distill import default_teacher
+    from engine.training.distill import default_teacher
 
     teacher_dir = Path(teacher) if teacher else default_teacher()
     data = Data(heldout, probe_train, probe_test, texts)
@@ -146,8 +241,25 @@ def evaluate(model_path: str | Path, teacher: str | Path | None = None, *, heldo
             ref = {"emb": scores["_emb"], "nn": scores["_nn"]}
         results[name] = {k: v for k, v in scores.items() if not k.startswith("_")}
         log.info("%s evaluated in %.0f s", name, time.perf_counter() - t0)
+    sets = register_texts if register_texts is not None else (
+        register_sentences(corpus, per_register, seed) if corpus else {})
+    registers = register_scores(models, sets) if sets else {}
+    if probe_data is None and corpus:
+        from engine.training.corpus import fetch
+        from engine.training.sources import VADER
+
+        probe_data = domain_probe_data(fetch(VADER, Path(corpus) / "cache"), seed)
+    probes = domain_probe(models, probe_data, seed) if probe_data else {}
     t, s, a = results["teacher"], results["student"], results["ablation"]
     summary: dict[str, Any] = {}
+    if registers:
+        worst = {check: min(r["student"][check] for r in registers.values()) for check in REGISTER_TARGETS}
+        summary["registers_worst"] = worst
+        summary["registers_met"] = all(worst[c] >= REGISTER_TARGETS[c] for c in REGISTER_TARGETS)
+    if probes:
+        summary["probe_gap_points"] = {d: 100 * (probes["student"][d] - probes["teacher"][d])
+                                       for d in probes["teacher"]}
+        summary["probe_met"] = all(g >= -PROBE_TARGET_POINTS for g in summary["probe_gap_points"].values())
     for check in QUALITY_CHECKS:
         ratio = s[check] / t[check] if t[check] else float("nan")
         gap = (s[check] - a[check]) / (t[check] - a[check]) if t[check] != a[check] else float("nan")
@@ -168,8 +280,9 @@ def evaluate(model_path: str | Path, teacher: str | Path | None = None, *, heldo
         "data": {"heldout_sentences": len(data.heldout), "lee_pairs": len(data.lee_sims),
                  "probe_train": len(data.train[0]), "probe_test": len(data.test[0]), "seed": seed},
         "threads": torch.get_num_threads(),
-        "results": results, "summary": summary,
-        "targets": {"ratio": TARGET_RATIO, "gap_closed": TARGET_GAP, "cos_mean": TARGET_COS, "max_neurons": 16},
+        "results": results, "summary": summary, "registers": registers, "domain_probe": probes,
+        "targets": {"ratio": TARGET_RATIO, "gap_closed": TARGET_GAP, "cos_mean": TARGET_COS, "max_neurons": 16,
+                    "registers": REGISTER_TARGETS},
     }
 
 
@@ -216,6 +329,27 @@ def format_table(report: dict[str, Any]) -> str:
         f = s["ffn_speedup_measured"]
         lines.append(f"feedforward alone ({f['tokens']} tokens): dense {f['dense_ms']:.2f} ms, FFF {f['fff_ms']:.2f} ms "
                      f"-> {f['speedup']:.1f}x (neuron ratio {s['ff_speedup_neurons']:.0f}x)")
+    if report.get("registers"):
+        lines.append("")
+        head = ("register", "sentences", "cos mean", "cos p5", "overlap@10", "ablation cos mean")
+        reg_rows = [head] + [(name, str(r["sentences"]), f"{r['student']['cos_mean']:.4f}",
+                              f"{r['student']['cos_p5']:.4f}", f"{r['student']['nn_overlap10']:.4f}",
+                              f"{r['ablation']['cos_mean']:.4f}" if "ablation" in r else "")
+                             for name, r in report["registers"].items()]
+        w = [max(len(row[i]) for row in reg_rows) for i in range(len(head))]
+        lines.extend("  ".join(c.ljust(x) for c, x in zip(row, w)) for row in reg_rows)
+        t_ = report["targets"]["registers"]
+        lines.append(f"held-out registers (cos mean >= {t_['cos_mean']}, p5 >= {t_['cos_p5']}, overlap@10 >= "
+                     f"{t_['nn_overlap10']} on every register): {'MET' if s['registers_met'] else 'MISSED'}")
+    if report.get("domain_probe"):
+        p = report["domain_probe"]
+        lines.append("")
+        lines.append("sentiment probe fitted on movie snippets: accuracy per domain (student - teacher, points)")
+        for d in p["teacher"]:
+            cells = "  ".join(f"{m} {p[m][d]:.4f}" for m in p)
+            lines.append(f"  {d:8s} {cells}  ({s['probe_gap_points'][d]:+.1f})")
+        lines.append(f"probe within {PROBE_TARGET_POINTS:g} points of the teacher on every domain: "
+                     f"{'MET' if s['probe_met'] else 'MISSED'}")
     met = "MET" if s["all_met"] else "MISSED"
     lines.append("")
     lines.append(f"targets (>= 96 % of teacher and >= 80 % of the ablation gap closed on every check, "
@@ -228,7 +362,7 @@ def run_cli(args: Any) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     report = evaluate(args.model, args.teacher, heldout=args.heldout, probe_train=args.probe_train,
-                      probe_test=args.probe_test)
+                      probe_test=args.probe_test, corpus=args.corpus, per_register=args.per_register)
     print(format_table(report))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
