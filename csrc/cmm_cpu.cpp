@@ -286,11 +286,9 @@ int64_t cmm_split_level(const CmmProblem& p) {
   constexpr int64_t kMinTokensPerBucket = 8;
   // Sorting pays only for trees too big for the share of L3 a core can count on: below that the one-pass
   // descent's rows come from L3 with 8 tokens in flight, and the second pass, the sort and the scattered x rows
-  // cost more than the L2 reuse saves. Measured at depth 11, width 768 on 2 cores (README "Kernel design"):
-  // float32 (24 MB of rows) sorts 1.06-1.28x faster from 2,048 tokens on an AMD EPYC (Zen 4, 32 MB L3) and 1.06-1.28x
-  // at 1,024-8,192 on a Xeon (Emerald Rapids); 16-bit weights (12 MB) sorted ran 0.81-0.95x as fast at 512-8,192
-  // tokens on the EPYC and gained 7 % at 1,024 / lost 13 % at 8,192 on the Xeon (docs/experiments/two_pass_split.py).
-  // sysconf's L3 size is no guide: both VMs report 320 MB.
+  // cost more than the L2 reuse saves. At depth 11, width 768 that sorts float32 rows (24 MB) and not 16-bit ones
+  // (12 MB); docs/kernel.md and docs/experiments/two_pass_split.py have the measurements. sysconf's L3 size is no
+  // guide: VMs report the host's.
   constexpr int64_t kMinTreeBytesToSort = int64_t(16) << 20;
   const int64_t tree_bytes = ((int64_t(2) << p.depth) - 1) * row_pair;
   if (tree_bytes <= l2_budget || tree_bytes < kMinTreeBytesToSort) return 0;

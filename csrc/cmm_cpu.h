@@ -46,7 +46,7 @@ struct CmmSplit {
 
 // The split level worth taking for this problem (0: one pass is faster). Only trees whose rows outgrow a core's
 // L3 share (16 MB) sort; the split is then chosen so that one subtree below it fits in L2 and holds enough tokens
-// to share its rows (measured, README "Kernel design").
+// to share its rows (docs/kernel.md).
 int64_t cmm_split_level(const CmmProblem& p);
 
 // Tests and the benchmark pin the choice: -1 = automatic (the default), 0 = always one pass, s > 0 = split at s

@@ -16,9 +16,7 @@
 namespace {
 
 // Tokens per parallel chunk. Below two chunks' worth the call stays on the calling thread, where waking the
-// pool would cost more than it saves. Measured on 2 threads of a Xeon (Emerald Rapids), float16 weights, depth
-// 11: threads from 8 tokens up are 1.3-1.6x faster per call than one thread (8 tokens 13.8 vs 19 us, 16: 24
-// vs 33-38 us, 47: 58 vs 79-97 us); at 2-4 tokens one thread is as fast.
+// pool would cost more than it saves.
 constexpr int64_t kGrain = 4;
 
 // Validates the arguments (throws c10::Error naming the problem) and describes them to the raw kernel. `y` and
@@ -135,9 +133,9 @@ void run_eager(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor&
   }
 }
 
-// The same computation for eager calls from Python, as a bare CPython function (METH_FASTCALL): pybind11's
-// argument conversion, the op's empty leaves tensor and the tuple of two tensors cost ~2 of the ~2.7 µs of a call
-// that does no work (README "Kernel design"). Arguments as the op's (b_out optional: None or absent for no bias);
+// The same computation for eager calls from Python, as a bare CPython function (METH_FASTCALL): no pybind11
+// argument conversion, no empty leaves tensor, no tuple of two tensors, which on one token would cost as much as
+// the kernel (docs/kernel.md). Arguments as the op's (b_out optional: None or absent for no bias);
 // returns (y, leaves or None).
 PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -198,8 +196,8 @@ void stamp_words(const at::Tensor& t, int64_t* words) {
   words[3] = t.numel();
 }
 
-// The stamp of the argument tensors as one bytes object. The same reads from Python (data_ptr() and _version per
-// tensor, then a list compare) cost ~0.8 us for three tensors, a third of a one-token FFF call; here, one call.
+// The stamp of the argument tensors as one bytes object: one call instead of data_ptr() and _version reads per
+// tensor from Python (engine.derived.python_stamp, the fallback), which would be a large share of a one-token call.
 PyObject* tensor_stamp(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs > kMaxStampTensors) {
@@ -253,7 +251,7 @@ PyObject* attr_or_null(PyObject* obj, PyObject* name) {
 // (w_in, b_in, w_out, b_out))) whose stamp still matches the parameters. It then returns y, recording the
 // leaves in module._leaves[thread id] when module.record_leaves is set, as the Python path does. Anything else
 // returns NotImplemented and the Python path handles it (and packs the weights anew where they were stale).
-// Done in Python, the checks and lookups cost ~2.5 µs of a one-token call whose kernel takes ~3 (README).
+// Done in Python, the checks and lookups would cost about as much as the kernel on one token (docs/kernel.md).
 PyObject* fff_forward(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 2) {
@@ -395,8 +393,8 @@ TORCH_LIBRARY_IMPL(ufb, CPU, m) { m.impl("cmm", &cmm_cpu); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "UltraFastBERT conditional matrix multiplication kernels (registers torch.ops.ufb.*)";
   m.def("cpu_path", &ufb::cmm_cpu_path, "instruction-set path the CPU kernel uses");
-  // The same computation as torch.ops.ufb.cmm without the dispatcher: calling a custom op from Python costs
-  // about 6 µs of schema matching and boxing, more than the kernel itself on one token (README "Kernel design").
+  // The same computation as torch.ops.ufb.cmm without the dispatcher: calling a custom op from Python spends more
+  // on schema matching and boxing than the kernel takes on one token (docs/kernel.md).
   // engine.cmm uses this binding in eager mode and the op under torch.compile.
   m.add_object("cmm_eager", pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&cmm_eager_def, nullptr)));
   if (!init_fff_names()) throw pybind11::error_already_set();

@@ -9,8 +9,7 @@ Why this shape (TEI's router/queue/backend split and its token budget):
 * A batch is bounded by a **token budget** counted in real tokens, and by a cap on the number of sequences.
   The model computes packed batches (no padding, :func:`engine.model.pack`), so a mix of lengths costs no more
   than sorted lengths would: inputs are taken oldest first (:func:`first_fit`), which is the fair order and the
-  one that keeps tail latency down. (Before packing, batches were cut around the oldest input from its length
-  neighbours, under a budget of padded tokens.)
+  one that keeps tail latency down (docs/serving.md).
 * The worker waits a little (``max_wait_s``) for a batch to grow only when it is busy; an input that arrives
   at an idle worker is dispatched at once, so a lone request pays no batching latency.
 * The queue is bounded in inputs and in tokens; beyond that :class:`Overloaded` is raised immediately
@@ -163,8 +162,8 @@ class ModelBackend:
                 if record != self._recording:
                     self.model.set_record_leaves(record)
                     self._recording = record
-        # bfloat16: autocast runs linears and attention in bf16 (AMX on recent Xeons: the attention projections
-        # took 2.9x less time than in fp32); LayerNorms, pooling and the FFF kernel's activations stay fp32.
+        # bfloat16: autocast runs linears and attention in bf16 (AMX / AVX-512-BF16 where the CPU has them);
+        # LayerNorms, pooling and the FFF kernel's activations stay fp32.
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
         with torch.inference_mode(), autocast:
             out: Outputs
@@ -522,9 +521,9 @@ class Batcher:
     def _worker(self) -> None:
         """One inference worker. Why several (``inference_workers``): torch's intra-op threads meet at a barrier
         after every op, so when the event loop or the tokenizers take a core for a moment the whole op waits; two
-        single-threaded workers on two cores, each on its own batch, lose only their own time (measured in the
-        README, "Throughput options"). Threads are set per batch, per worker thread (OpenMP's and MKL's counts are
-        per calling thread): all workers' threads when this one runs alone, an equal share when others run too."""
+        single-threaded workers on two cores, each on its own batch, lose only their own time (docs/serving.md).
+        Threads are set per batch, per worker thread (OpenMP's and MKL's counts are per calling thread): all
+        workers' threads when this one runs alone, an equal share when others run too."""
         idle = True
         while True:
             with self._cond:

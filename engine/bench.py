@@ -201,7 +201,7 @@ def bench_variants(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
 
 
 def encoder_config(ffn: str) -> ModelConfig:
-    """UltraFastBERT-1x11 shape (REFERENCE.md section 2)."""
+    """UltraFastBERT-1x11 shape: crammedBERT layout, 16 layers, hidden 768, 12 heads, one tree of depth 11."""
     return ModelConfig(layout="crammed", vocab_size=32768, hidden_size=768, num_layers=16, num_heads=12,
                        ffn=ffn, fff_trees=1, fff_depth=11, intermediate_size=3072, max_position_embeddings=128,
                        type_vocab_size=0, pooling="mean", normalize=False, name=f"bench-{ffn}")

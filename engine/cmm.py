@@ -80,9 +80,8 @@ KERNEL: KernelInfo = _load_kernel()
 # Resolved once: looking the op up through torch.ops on every call costs about a microsecond, which is a
 # noticeable share of a one-token FFF call.
 _OP = torch.ops.ufb.cmm.default if KERNEL.compiled else None
-# The same computation bound directly, as a bare CPython function: eager calls skip the dispatcher's Python-side
-# argument matching (about 6 of the 9 µs of a one-token call on a 2.1 GHz Xeon) and pybind11's conversions (2 of the
-# remaining 2.7 µs of a call that does no work). torch.compile keeps the op.
+# The same computation bound directly, as a bare CPython function: eager calls skip the dispatcher's argument
+# matching, which costs as much as the kernel on one token (docs/kernel.md). torch.compile keeps the op.
 _EAGER = None
 if KERNEL.compiled:
     from engine import _cmm as _ext
@@ -90,8 +89,8 @@ if KERNEL.compiled:
     _EAGER = _ext.cmm_eager
 
 
-# Bound once (the lookup through `torch.compiler` is a third of the check's ~0.16 µs); dynamo recognises the function
-# itself, so traced code still sees True and takes the op.
+# Bound once, off the per-call path; dynamo recognises the function itself, so traced code still sees True and
+# takes the op.
 is_compiling = torch.compiler.is_compiling
 
 

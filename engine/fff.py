@@ -18,8 +18,8 @@ Three implementations compute the same function:
 * ``"reference"``: :func:`engine.cmm.cmm_reference` on the same packed weights, for tests and benchmarks.
 
 An optional output bias exists only for the BERT layout (``bias_out=True``): converted students keep their teacher
-FFN's output bias, which the reference FFF lacks. The kernel adds it as it writes each output row (a separate
-``y + bias`` had cost 10-20 % of the layer at the default model's shape).
+FFN's output bias, which the reference FFF lacks. The kernel adds it as it writes each output row, so it costs no
+separate pass over the output (docs/kernel.md).
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ class FFF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The serving call (kernel impl, eval mode, a float32 [N, d_in] CPU batch, packed weights still current) is
-        # one call into the extension, which returns NotImplemented for anything else: on one token the kernel
-        # takes ~3 µs, and the same checks and lookups made here in Python cost ~2.5 µs more (README).
+        # one call into the extension, which returns NotImplemented for anything else: on one token the same checks
+        # in Python would cost about as much as the kernel (docs/kernel.md).
         if _FFF_FORWARD is not None and not cmm_ops.is_compiling():
             y = _FFF_FORWARD(self, x)
             if y is not NotImplemented:

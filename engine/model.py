@@ -82,7 +82,7 @@ class Embeddings(nn.Module):
 # ---------------------------------------------------------------------------------------------------- packing
 
 
-# No padding at all by default: measured fastest (see length_groups).
+# No padding at all by default (see length_groups).
 DEFAULT_MAX_PADDING_RATIO = 1.0
 
 
@@ -115,13 +115,10 @@ def length_groups(lengths: Sequence[int], max_padding_ratio: float) -> list[list
     """Indices grouped into length-sorted groups whose padded size stays within ``max_padding_ratio`` of their
     real tokens.
 
-    Why: attention runs on every padded position of its block. With realistic text lengths one padded batch was
-    3.5-4.5x its real tokens, which erased most of the FFF model's advantage under load; a few attention calls
-    over groups of similar length cost far less than one over all that padding. With packed inputs the default
-    is no padding at all (1.0: one attention call per distinct length): on the load generator's text mix the
-    FFN-removed MiniLM ran 56 ms per batch of 16 at 1.0 against 60-67 at 1.25, 76 at 1.6 and 102 at 2.5, and
-    268 against 339 ms per batch of 64 at 1.0 and 1.25 (``flash`` attention with a mask is slower than without, and
-    small per-call costs are cheaper than padded work).
+    Why: attention runs on every padded position of its block, work shared by the FFF and the dense model alike.
+    With packed inputs the default is no padding at all (1.0: one attention call per distinct length); more was not
+    faster on realistic text lengths (``flash`` attention with a mask is slower than without, and small per-call
+    costs are cheaper than padded work). docs/serving.md.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []

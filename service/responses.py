@@ -1,12 +1,11 @@
 """The JSON response every route and error handler of the service returns.
 
 Why not Starlette's ``JSONResponse`` as it is: it renders with the standard ``json`` module on the event loop,
-where float vectors are slow (a 32 x 384 float embedding response: 7.1 ms, during which no other request is
-parsed, admitted or answered; 0.44 ms for a single vector). pydantic's serializer (Rust, pydantic-core) renders the
-same values about 7x faster; only some numbers are spelled differently (0.000015 where ``json`` writes
-1.5e-05), each parsing back to the same double. ``json`` would refuse NaN and infinity; model outputs never get here
-with them (the batcher fails such a row's request), and anything else non-finite is rendered as ``null``, so a
-response is always valid JSON.
+where float vectors are slow, and no other request is parsed, admitted or answered meanwhile. pydantic's
+serializer (Rust, pydantic-core) renders the same values several times faster; only some numbers are spelled
+differently (0.000015 where ``json`` writes 1.5e-05), each parsing back to the same double. ``json`` would refuse
+NaN and infinity; model outputs never get here with them (the batcher fails such a row's request), and anything
+else non-finite is rendered as ``null``, so a response is always valid JSON.
 """
 
 from __future__ import annotations

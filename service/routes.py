@@ -203,7 +203,7 @@ async def embed_all(body: S.EmbedAllRequest, request: Request) -> Response:
 
     Streamed one input at a time, each rendered on a worker thread (Starlette runs a plain iterator's steps in its
     thread pool): 32 inputs of 512 tokens are 6.3 M floats, over 100 MB of JSON. Rendered whole on the event loop
-    they would hold every other request for a second; rendered whole anywhere they would need that much memory
+    they would hold every other request meanwhile; rendered whole anywhere they would need that much memory
     again in Python floats, per request. Streaming bounds both to one input's rows, and a client that reads
     slowly holds back only its own rendering."""
     result, headers, _ = await _infer(request, Task.EMBED_ALL, body.inputs, body.truncate,
@@ -263,10 +263,10 @@ def _tokens_json(tokenizer: Tokenizer, texts: list[str], special: bool) -> bytes
     """The /tokenize body (TEI's SimpleToken lists), built and rendered a slice of tokens at a time.
 
     A maximal body (2 MB of text, ~360,000 tokens, ~26 MB of JSON) built whole, as one list of dicts rendered in
-    one call, held the GIL, and with it the event loop and every other request, for up to ~250 ms: the serializer
-    is native code that keeps the GIL until it returns, and 360,000 long-lived dicts set off full garbage
-    collections. Slices of a few thousand tokens are rendered and dropped before the next is built, so the
-    longest hold is one slice's (a few ms) or one tokenizer call's."""
+    one call, would hold the GIL, and with it the event loop and every other request, for the whole render: the
+    serializer is native code that keeps the GIL until it returns, and 360,000 long-lived dicts set off full garbage
+    collections (docs/experiments/tokenize_stall.py measures the stall). Slices of a few thousand tokens are rendered
+    and dropped before the next is built, so the longest hold is one slice's or one tokenizer call's."""
     parts: list[bytes] = [b"["]
     for i, (text, enc) in enumerate(zip(texts, tokenizer.encodings(texts, special))):
         # enc.tokens is not read: a non-special token's text is its span of the input, and fetching all token

@@ -1,4 +1,4 @@
-"""A real server's peak memory and responsiveness while it answers one large request (README, ``/embed_all``).
+"""A real server's peak memory and responsiveness while it answers one large request (docs/serving.md).
 
 Starts ``ultrafastbert serve`` (the default model) on a free port, sends 32 inputs of 512 tokens to ROUTE (default
 ``/embed_all``; ``/embed`` gives the baseline of the forward pass alone), reads the body as a stream, probes

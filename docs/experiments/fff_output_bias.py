@@ -1,4 +1,4 @@
-"""The FFF output bias added by the kernel vs added afterwards, at the default model's FFF shape (README, kernel).
+"""The FFF output bias added by the kernel vs added afterwards, at the default model's FFF shape (docs/kernel.md).
 
 BERT-layout FFFs (the default model's) keep their teacher FFN's output bias. The kernel starts each output row's
 sum with it (``engine.cmm.cmm(..., b_out=bias)``); before, the layer ran the kernel and then ``y + bias``. Side by

@@ -1,4 +1,4 @@
-"""What an ``FFF`` module call costs on top of the bare op at 1 and 16 tokens (README, kernel: the module targets).
+"""What an ``FFF`` module call costs on top of the bare op at 1 and 16 tokens (docs/kernel.md).
 
 Side by side in one process, float16 weights, UltraFastBERT-1x11 shape (width 768, depth 11), 2 threads, medians of
 11 alternating rounds of 5,000 calls:

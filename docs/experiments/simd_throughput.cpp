@@ -1,4 +1,4 @@
-// How fast one core runs the CMM kernel's two inner loops when nothing else is in the way (README, kernel: the
+// How fast one core runs the CMM kernel's two inner loops when nothing else is in the way (docs/kernel.md: the
 // 341x target at 16 tokens). Standalone: no torch, no threads.
 //
 //   g++ -O3 -o /tmp/simd_throughput docs/experiments/simd_throughput.cpp && /tmp/simd_throughput [GHz]

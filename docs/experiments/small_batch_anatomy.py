@@ -1,4 +1,4 @@
-"""Where a 16-token call of the UltraFastBERT-1x11 FF op goes (README, kernel: the 341x target at 16 tokens).
+"""Where a 16-token call of the UltraFastBERT-1x11 FF op goes (docs/kernel.md).
 
 Side by side in one process, float16 weights, width 768, 2 threads, medians of 11 alternating rounds of 3,000 calls:
 the call on random tokens (the benchmark's case), on 16 copies of one token (every row hot in cache: compute

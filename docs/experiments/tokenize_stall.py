@@ -1,4 +1,4 @@
-"""How long a maximal ``/tokenize`` request holds a real server's event loop (README, ``/tokenize``).
+"""How long a maximal ``/tokenize`` request holds a real server's event loop (docs/serving.md).
 
 Starts ``ultrafastbert serve`` (the default model) on a free port, sends four times a body just under the 2 MB
 payload limit (~360,000 tokens, ~26 MB of JSON back), and meanwhile probes ``/health`` every 2 ms from a separate

@@ -1,12 +1,11 @@
-"""One-pass vs two-pass descent of the UltraFastBERT-1x11 FF layer, per weight dtype (README, kernel: the 16 MB rule).
+"""One-pass vs two-pass descent of the UltraFastBERT-1x11 FF layer, per weight dtype (docs/kernel.md: the 16 MB rule).
 
 The two-pass descent sorts tokens by the subtree they reached so that its rows come from L2 once per bucket. It
 pays only when the tree's rows do not stay in the L3 share a core can count on: this compares the automatic
 choice ("auto"), the one-pass descent ("one") and the two-pass descent at the level the L2 rule alone picks
 ("sorted": what every dtype took before the 16 MB rule), side by side in one process, 2 threads, depth 11, width
 768, 8 random batches per size, 15 alternating rounds; prints medians (µs per token) and the per-round ratio
-one/sorted (> 1: sorting pays). On an AMD EPYC Zen 4 16-bit weights read 0.86-0.95 there, float32 1.07-1.28 from
-2,048 tokens; "auto" is the one pass for 16-bit weights since the rule.
+one/sorted (> 1: sorting pays); results in docs/benchmarks.md. "auto" is the one pass for 16-bit weights.
 
     .venv/bin/python docs/experiments/two_pass_split.py 512 1024 2048 4096 8192
 """
