@@ -142,7 +142,7 @@ def test_overload_burst_sheds_fast_bounds_the_queue_and_recovers(tiny_loaded) ->
     assert len(shed) >= BURST // 2, f"only {len(shed)} of {BURST} shed: the burst was not beyond capacity"
     assert len(ok) >= CAPS["max_queued_inputs"] // 2, "almost nothing was admitted"
     for r, _ in shed:
-        assert r.json()["error_type"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error_type"] == "Overloaded" and int(r.headers["retry-after"]) >= 1
     # admitted requests are answered correctly: equal to each input computed alone
     for _, texts, r, _ in ok:
         for text, vec in zip(texts, r.json()):
@@ -280,7 +280,7 @@ def test_deadline_answers_504_and_the_work_is_never_done(tiny_loaded) -> None:
 
     late, held, waited, rec, samples, batcher = run(main())
     assert late.status_code == 504 and late.headers["content-type"] == "application/json"
-    assert late.json()["error_type"] == "timeout" and "deadline" in late.json()["error"]
+    assert late.json()["error"]["code"] == "timeout" and "deadline" in late.json()["error"]["message"]
     assert 0.4 <= waited < 2.0, waited
     assert rec.contains(zebra) == 0, "the model was called for a request whose deadline had passed"
     assert held.status_code == 504
@@ -318,7 +318,7 @@ def test_failing_batch_fails_only_its_requests_and_is_counted(tiny_loaded) -> No
     for r in (a, b):  # a and b shared the failing batch
         assert r.status_code == 500, r.text
         body = r.json()
-        assert body["error_type"] == "backend"
+        assert body["error_type"] == "Backend"
         assert "inference failed for the batch" in body["error"] and "simulated kernel fault" in body["error"]
     assert metric(samples, "ufb_batch_failures_total", task="embed") == 1
     assert metric(samples, "ufb_failures_total", cause="backend") == 2
@@ -471,10 +471,10 @@ def test_sigterm_on_a_real_process_drains_and_exits_zero(tiny_model_dir, tmp_pat
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         ready = httpx.get(url + "/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json()["error_type"] == "unhealthy", ready.text
+        assert ready.status_code == 503 and ready.json()["error_type"] == "Unhealthy", ready.text
         assert "draining" in ready.json()["error"]
         refused = httpx.post(url + "/embed", json={"inputs": "new work"}, timeout=5)
-        assert refused.status_code == 503 and refused.json()["error_type"] == "unhealthy", refused.text
+        assert refused.status_code == 503 and refused.json()["error_type"] == "Unhealthy", refused.text
         for t in threads:
             t.join(30)
         for i, text in enumerate(texts):  # admitted requests were not cut off, and are right
