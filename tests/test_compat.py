@@ -323,6 +323,7 @@ def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys)
             app.state.service.neurons_for = broken
             r = await c.post("/embed", json={"inputs": "a"}, headers={"x-request-id": "req-123"})
             del app.state.service.neurons_for
+            assert (await c.post("/v1/embeddings", json={"input": "a", "user": "user-42"})).status_code == 200
             return r
 
     try:
@@ -338,7 +339,8 @@ def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys)
     unhandled = [line for line in lines if line["message"].startswith("unhandled error")]
     assert unhandled and all(line["request_id"] == "req-123" for line in unhandled)
     access = [line for line in lines if line["logger"] == "service.access"]
-    assert access and access[-1]["request_id"] == "req-123"
+    assert [line["request_id"] for line in access if line["route"] == "/embed"] == ["req-123"]
+    assert [line.get("user") for line in access if line["route"] == "/v1/embeddings"] == ["user-42"]  # OpenAI's
     assert "request_id" not in by_message["outside any request"]
 
 
@@ -373,6 +375,10 @@ def test_load_generator_and_locustfile_without_their_optional_dependencies(tmp_p
     loaded = python(blocked + stub + "import runpy; ns = runpy.run_path('loadtest/locustfile.py'); "
                     "print(ns['EmbeddingUser'].__name__)")
     assert loaded.returncode == 0 and "EmbeddingUser" in loaded.stdout, loaded.stderr
+    from loadtest.runner import Workload
+
+    body, n = Workload(route="/predict", inputs_per_request=3, source="builtin").body()
+    assert n == 3 and all(isinstance(x, list) and len(x) == 1 for x in body["inputs"])  # a batch, never a pair
     no_locust = python(blocked + "sys.modules['locust'] = None; import runpy; runpy.run_path('loadtest/locustfile.py')")
     assert no_locust.returncode != 0 and "pip install locust" in no_locust.stderr
     assert "Traceback" not in no_locust.stderr
