@@ -184,7 +184,9 @@ async def _submit_in_slices(state: ServiceState, task: Task, texts: list[str] | 
             t.cancel()  # their queued inputs are withdrawn
         await asyncio.gather(*slices, return_exceptions=True)
         raise
-    return Result(outputs=torch.cat([r.outputs for r in results]),  # type: ignore[misc]
+    outputs = [r.outputs for r in results]
+    return Result(outputs=torch.cat(outputs) if isinstance(outputs[0], torch.Tensor)  # type: ignore[arg-type]
+                  else [row for rows in outputs for row in rows],  # Task.EMBED_ALL: a tensor per input
                   token_counts=[c for r in results for c in r.token_counts],
                   tokenization_s=sum(r.tokenization_s for r in results), queue_s=sum(r.queue_s for r in results),
                   inference_s=sum(r.inference_s for r in results))
@@ -358,8 +360,7 @@ async def default_route(request: Request) -> Response:
     * ``parameters`` present: the Hugging Face Inference API's text-classification body (``InferenceClient``'s
       ``text_classification``), answered in that API's shape, one list of ``{label, score}`` per input;
     * ``raw_scores`` present, or ``inputs`` a batch of lists of strings: ``/predict``;
-    * anything else: ``/embed`` (``InferenceClient``'s ``feature_extraction``, LangChain's
-      ``HuggingFaceEndpointEmbeddings``)."""
+    * anything else: ``/embed`` (``InferenceClient``'s ``feature_extraction``, which posts no task field)."""
     try:
         body = await request.json()
     except ValueError as exc:
