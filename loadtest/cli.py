@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import httpx
 
+from loadtest import runner
 from loadtest.runner import ROUTES, Report, Workload, batch_shape, closed_loop, open_loop, scrape
 from loadtest.servers import LocalServer, rss_of
 
@@ -442,4 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_list or (args_list[0] not in commands and args_list[0] not in ("-h", "--help")):
         args_list = ["run", *args_list]
     args = build_parser().parse_args(args_list)
+    if args.handler is not cmd_engine and runner.aiohttp is None:
+        print(f"python -m loadtest {args_list[0]}: {runner.MISSING_AIOHTTP}", file=sys.stderr)
+        return 2
     return int(args.handler(args) or 0)

@@ -26,8 +26,10 @@ from typing import Any
 
 try:
     import aiohttp
-except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError("the load generator needs aiohttp: pip install 'ultrafastbert-serve[loadtest]'") from exc
+except ImportError:  # optional (the 'loadtest' extra): everything but sending load works without it
+    aiohttp = None  # type: ignore[assignment]
+
+MISSING_AIOHTTP = "the load generator needs aiohttp: pip install 'ultrafastbert-serve[loadtest]' (or aiohttp)"
 
 from loadtest.corpus import TextMix
 
@@ -68,6 +70,8 @@ class Workload:
         one: Any = texts[0] if self.inputs_per_request == 1 else texts
         if self.route == "/v1/embeddings":
             return {"input": one, "model": "ufb", "encoding_format": self.encoding_format}, len(texts)
+        if self.route == "/predict" and self.inputs_per_request > 1:
+            one = [[t] for t in texts]  # TEI's batch form: a flat list of two strings would be a sentence pair
         return {"inputs": one}, len(texts)
 
     def headers(self) -> dict[str, str]:
@@ -202,6 +206,8 @@ class Client:
 
 def make_client(url: str, timeout_s: float) -> Client:
     """Must be called inside the running event loop (aiohttp binds the session to it)."""
+    if aiohttp is None:
+        raise ImportError(MISSING_AIOHTTP)
     connector = aiohttp.TCPConnector(limit=1, ssl=_tls_context())
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))
     return Client(url.rstrip("/"), session)

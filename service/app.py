@@ -28,16 +28,19 @@ log = logging.getLogger("service")
 
 DESCRIPTION = """Embeddings and classification with UltraFastBERT (fast-feedforward BERT).
 
-OpenAI-compatible `/v1/embeddings`, TEI-compatible `/embed`, `/embed_all`, `/predict`, `/tokenize`, plus `/classify`.
-Errors are `{"error": message, "error_type": type}`. Inference responses carry `x-queue-time`,
-`x-tokenization-time`, `x-inference-time`, `x-total-time` (ms) and `x-neurons-evaluated` / `x-neurons-dense`.
+OpenAI-compatible `/v1/embeddings`, TEI-compatible `/embed`, `/embed_all`, `/predict`, `/tokenize`, `POST /`, plus
+`/classify`. Errors are TEI's `{"error": message, "error_type": type}`, and OpenAI's
+`{"error": {"message", "type", "param", "code"}}` on the OpenAI routes (docs/compatibility.md). Inference responses
+carry `x-queue-time`, `x-tokenization-time`, `x-inference-time`, `x-total-time` (ms) and `x-neurons-evaluated` /
+`x-neurons-dense`.
 """
 
 
 def create_app(settings: Settings | None = None, loaded_model: Any | None = None) -> FastAPI:
     """Build the app. ``loaded_model`` (an ``engine.checkpoint.LoadedModel``) skips loading; tests use it."""
     settings = settings or Settings()
-    metrics = ServiceMetrics(half_life_tokens=settings.leaf_half_life_tokens)
+    metrics = ServiceMetrics(half_life_tokens=settings.leaf_half_life_tokens,
+                             created_series=settings.metrics_created)
     state = ServiceState(settings, loaded_model, metrics)
 
     @contextlib.asynccontextmanager

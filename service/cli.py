@@ -37,7 +37,8 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any] | None, list[str] 
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _flag_type(args[0])
     if origin is typing.Literal:
-        return str, [str(a) for a in typing.get_args(annotation)], False
+        choices = [str(a) for a in typing.get_args(annotation)]
+        return _any_case(choices), choices, False
     if annotation is bool:
         return None, None, True
     if annotation in (int, float):
@@ -45,6 +46,14 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any] | None, list[str] 
     if annotation is SecretStr or annotation is Path or annotation is str:
         return str, None, False
     return str, None, False
+
+
+def _any_case(choices: list[str]) -> Callable[[str], str]:
+    """An argparse type that matches ``choices`` in any case (``--log-level INFO``, as ``UFB_LOG_LEVEL=INFO`` is)."""
+    def parse(value: str) -> str:
+        return next((c for c in choices if c.lower() == value.lower()), value)
+
+    return parse
 
 
 def register_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,17 +1,32 @@
 """Logging setup: human-readable text, or JSON lines for log shippers (``UFB_LOG_FORMAT=json``).
 
 Fields passed with ``extra={...}`` (request id, route, status, timings) become JSON keys, so access logs can be
-queried without regexes.
+queried without regexes. Every line logged while a request is handled carries its ``request_id`` (the middleware
+sets :data:`REQUEST_ID` for the request's context; asyncio tasks and ``asyncio.to_thread`` inherit it).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
+
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("ufb_request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the current request's id to records logged inside it (an explicit ``extra`` value wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,6 +64,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     """Route the root logger and uvicorn's loggers through one handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.batcher import Batcher, BatchStats
@@ -36,8 +37,9 @@ __all__ = ["ServiceMetrics", "CONTENT_TYPE_LATEST"]
 class ServiceMetrics:
     """All metrics of one app; also the batcher's :class:`~engine.batcher.BatchObserver`."""
 
-    def __init__(self, *, half_life_tokens: int = 20000) -> None:
+    def __init__(self, *, half_life_tokens: int = 20000, created_series: bool = False) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self._created_series = created_series
         # process_resident_memory_bytes, process_cpu_seconds_total, ...: the dashboard and `loadtest soak` use them
         ProcessCollector(registry=r)
         self.request_duration = Histogram("ufb_request_duration_seconds", "HTTP request duration",
@@ -101,7 +103,7 @@ class ServiceMetrics:
         self.inflight_batches.set_function(lambda: batcher.inflight_batches)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if self._created_series else _WithoutCreated(self.registry))
 
     # ------------------------------------------------------------------ request level
 
@@ -150,6 +152,20 @@ class ServiceMetrics:
             for tree in range(new.shape[1]):
                 self.leaf_entropy.labels(str(layer), str(tree)).set(float(entropy[layer, tree]))
                 self.leaves_used.labels(str(layer), str(tree)).set(float(used[layer, tree]))
+
+
+class _WithoutCreated:
+    """The registry's families less the ``<name>_created`` samples of counters and histograms: a second series per
+    child that dashboards do not use, doubling what Prometheus stores for them (opt back in: ``metrics_created``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():  # fresh objects per collection: safe to trim
+            created = family.name + "_created"
+            family.samples = [s for s in family.samples if s.name != created]
+            yield family
 
 
 def leaf_evenness(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from service.errors import asgi_error
+from service.logs import REQUEST_ID
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -27,13 +28,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.middleware")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-OPEN_PATHS = frozenset({"/health", "/metrics", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
                         "/openapi.json"})
+# TEI answers health on GET / (POST / is inference and needs the key like every other inference route)
+OPEN_GET_PATHS = frozenset({"/"})
 
 
-async def _send_error(send: Send, status: int, message: str, error_type: str,
+async def _send_error(send: Send, scope: Scope, status: int, message: str, error_type: str,
                       headers: dict[str, str] | None = None) -> None:
-    status, hdrs, body = asgi_error(status, message, error_type, headers)
+    status, hdrs, body = asgi_error(status, message, error_type, headers, scope.get("path", ""))
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -68,6 +71,7 @@ class Observe:
         st.update(request_id=request_id, t_start=start, t_arrival=time.monotonic())  # deadlines count from here
         status = 500
         started = False
+        context = REQUEST_ID.set(request_id)  # every log line of this request carries it
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
@@ -87,7 +91,7 @@ class Observe:
             if metrics is not None:
                 metrics.failure("internal")
             if not started:
-                await _send_error(send_wrapper, 500, "internal error", "internal")
+                await _send_error(send_wrapper, scope, 500, "internal error", "internal")
             status = 500
         finally:
             elapsed = time.perf_counter() - start
@@ -95,9 +99,13 @@ class Observe:
             metrics = self._metrics_of()
             if metrics is not None:
                 metrics.observe_request(route, status, elapsed)
+            extra = {"request_id": request_id, "route": route, "status": status,
+                     "duration_ms": round(elapsed * 1e3, 3)}
+            if st.get("openai_user") is not None:  # OpenAI's `user`: who the client says the request is for
+                extra["user"] = str(st["openai_user"])[:256]
             access_log.info("%s %s %d %.1fms", scope.get("method"), scope.get("path"), status, elapsed * 1e3,
-                            extra={"request_id": request_id, "route": route, "status": status,
-                                   "duration_ms": round(elapsed * 1e3, 3)})
+                            extra=extra)
+            REQUEST_ID.reset(context)
 
 
 class ApiKey:
@@ -111,7 +119,8 @@ class ApiKey:
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._key is None or scope["path"] in self._open:
+        if (scope["type"] != "http" or self._key is None or scope["path"] in self._open
+                or (scope["path"] in OPEN_GET_PATHS and scope.get("method") in ("GET", "HEAD"))):
             await self.app(scope, receive, send)
             return
         header = dict(scope.get("headers") or ()).get(b"authorization", b"")
@@ -124,7 +133,7 @@ class ApiKey:
         if metrics is not None:
             metrics.failure("unauthorized")
             metrics.auth_failures.labels("missing" if not header.strip() else "invalid").inc()
-        await _send_error(send, 401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+        await _send_error(send, scope, 401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                           "unauthorized", {"WWW-Authenticate": "Bearer"})
 
 
@@ -137,11 +146,11 @@ class BodyLimit:
         self.limit = limit
         self._metrics_of = metrics_of
 
-    async def _reject(self, send: Send, status: int, message: str, kind: str) -> None:
+    async def _reject(self, send: Send, scope: Scope, status: int, message: str, kind: str) -> None:
         metrics = self._metrics_of()
         if metrics is not None:
             metrics.failure(kind)
-        await _send_error(send, status, message, kind, {"Connection": "close"} if status == 413 else None)
+        await _send_error(send, scope, status, message, kind, {"Connection": "close"} if status == 413 else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
@@ -153,10 +162,10 @@ class BodyLimit:
         if declared is not None:
             try:
                 if int(declared) > self.limit:
-                    await self._reject(send, 413, too_large, "payload_too_large")
+                    await self._reject(send, scope, 413, too_large, "payload_too_large")
                     return
             except ValueError:
-                await self._reject(send, 400, "invalid Content-Length header", "validation")
+                await self._reject(send, scope, 400, "invalid Content-Length header", "validation")
                 return
         chunks: list[bytes] = []
         size = 0
@@ -167,7 +176,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._reject(send, 413, too_large, "payload_too_large")
+                await self._reject(send, scope, 413, too_large, "payload_too_large")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -178,7 +187,7 @@ class BodyLimit:
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as exc:
-                await self._reject(send, 422, f"the request body is not valid UTF-8 (byte {exc.start})",
+                await self._reject(send, scope, 422, f"the request body is not valid UTF-8 (byte {exc.start})",
                                    "validation")
                 return
         replayed = False

@@ -17,26 +17,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
-from engine.batcher import Result, Task, check_vocabulary
+from engine.batcher import EmptyInput, InputTooLong, Overloaded, Result, Task, check_vocabulary
 from engine.tokenizer import Tokenizer
 from service import __version__
 from service import errors as E
 from service import schemas as S
 from service.metrics import CONTENT_TYPE_LATEST
 from service.responses import JSON, render_json
-from service.state import ServiceState, kernel_info
+from service.state import Phase, ServiceState, kernel_info
 
 router = APIRouter()
 
+_STATUSES = [(400, "Empty input"), (401, "Missing or invalid API key"),
+             (413, "Too many inputs or payload too large"), (422, "Malformed or invalid input"),
+             (429, "Overloaded; retry after Retry-After seconds"), (503, "Not ready"), (504, "Deadline exceeded")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": S.ErrorResponse, "description": desc}
-    for code, desc in [(400, "Empty input"), (401, "Missing or invalid API key"),
-                       (413, "Too many inputs or payload too large"), (422, "Malformed or invalid input"),
-                       (429, "Overloaded; retry after Retry-After seconds"), (503, "Not ready"),
-                       (504, "Deadline exceeded")]
-}
+    code: {"model": S.ErrorResponse, "description": desc} for code, desc in _STATUSES}
+_OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": S.OpenAIErrorResponse, "description": desc} for code, desc in _STATUSES}
+
+# Slices of one large OpenAI request that wait in the batcher's queue at once: enough to keep the workers fed
+# between slices, few enough that requests arriving meanwhile are queued after at most this many slices.
+SLICES_IN_FLIGHT = 2
 
 
 class ClientGone(Exception):
@@ -96,23 +102,23 @@ async def _cancellable(request: Request, work: Coroutine[Any, Any, Result]) -> R
     raise ClientGone()
 
 
-async def _infer(request: Request, task: Task, inputs: Any, truncate: bool | None,
-                 direction: str) -> tuple[Result, dict[str, str], ServiceState]:
+async def _infer(request: Request, task: Task, inputs: Any, truncate: bool | None, direction: str, *,
+                 max_inputs: int | None = None, param: str = "inputs") -> tuple[Result, dict[str, str], ServiceState]:
+    """Run ``inputs`` through the batcher; more than ``max_inputs_per_request`` (allowed up to ``max_inputs``)
+    go in slices (:func:`_submit_in_slices`)."""
     state = _ready_state(request)
     texts, ids = _split_inputs(inputs)
     n = len(texts if texts is not None else ids or [])
     if n == 0:
-        raise E.empty("the input is empty")
-    limit = state.settings.max_inputs_per_request
+        raise E.empty("the input is empty", param=param)
+    limit = max_inputs or state.settings.max_inputs_per_request
     if n > limit:
-        raise E.too_many_inputs(n, limit)
+        raise E.too_many_inputs(n, limit, param=param)
     arrival = request.scope.get("state", {}).get("t_arrival", time.monotonic())
     deadline = arrival + state.settings.request_timeout_s
-    assert state.batcher is not None
     try:
-        result = await _cancellable(request, state.batcher.submit(
-            task, texts=texts, token_ids=ids,
-            truncate=state.settings.auto_truncate if truncate is None else truncate,
+        result = await _cancellable(request, _submit_in_slices(
+            state, task, texts, ids, truncate=state.settings.auto_truncate if truncate is None else truncate,
             direction=direction.lower(), deadline=deadline))
     except ClientGone:
         state.metrics.failure("client_disconnected")
@@ -132,6 +138,73 @@ async def _infer(request: Request, task: Task, inputs: Any, truncate: bool | Non
     return result, headers, state
 
 
+async def _submit_in_slices(state: ServiceState, task: Task, texts: list[str] | None, ids: list[list[int]] | None,
+                            *, truncate: bool, direction: str, deadline: float) -> Result:
+    """One batcher submission, or for more inputs than ``max_inputs_per_request``, slices of that size with at most
+    :data:`SLICES_IN_FLIGHT` queued at a time. Each slice is an ordinary submission under every queue, token and
+    concurrency limit, so a 2,048-input request never holds more than a few slices' share of the queue: requests
+    that arrive meanwhile are served between its slices instead of after all of it.
+
+    The first slice meets the queue as any request does (a full queue: 429). A later slice that finds it full waits
+    for room until the deadline, since the request already holds answers. Times in the result are summed over the
+    slices."""
+    batcher = state.batcher
+    assert batcher is not None
+    size = state.settings.max_inputs_per_request
+    seqs: list[Any] = texts if texts is not None else ids  # type: ignore[assignment]
+    if len(seqs) <= size:
+        return await batcher.submit(task, texts=texts, token_ids=ids, truncate=truncate, direction=direction,
+                                    deadline=deadline)
+    _check_whole_request(state, texts, ids)  # errors that name an input by its index, before any slice runs
+    starts = range(0, len(seqs), size)
+    window = asyncio.Semaphore(SLICES_IN_FLIGHT)
+
+    async def one(start: int) -> Result:
+        part = seqs[start:start + size]
+        delay = 0.01
+        async with window:
+            while True:
+                try:
+                    return await batcher.submit(
+                        task, texts=part if texts is not None else None, token_ids=part if ids is not None else None,
+                        truncate=truncate, direction=direction, deadline=deadline)
+                except Overloaded:
+                    if start == 0 or time.monotonic() + delay >= deadline:
+                        raise
+                except InputTooLong as exc:  # its index counts from the slice's start
+                    raise InputTooLong(start + (exc.index or 0), exc.n_tokens, exc.max_length) from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.25)
+
+    slices = [asyncio.ensure_future(one(start)) for start in starts]
+    try:
+        results = await asyncio.gather(*slices)
+    except BaseException:
+        for t in slices:
+            t.cancel()  # their queued inputs are withdrawn
+        await asyncio.gather(*slices, return_exceptions=True)
+        raise
+    outputs = [r.outputs for r in results]
+    return Result(outputs=torch.cat(outputs) if isinstance(outputs[0], torch.Tensor)  # type: ignore[arg-type]
+                  else [row for rows in outputs for row in rows],  # Task.EMBED_ALL: a tensor per input
+                  token_counts=[c for r in results for c in r.token_counts],
+                  tokenization_s=sum(r.tokenization_s for r in results), queue_s=sum(r.queue_s for r in results),
+                  inference_s=sum(r.inference_s for r in results))
+
+
+def _check_whole_request(state: ServiceState, texts: list[str] | None, ids: list[list[int]] | None) -> None:
+    """The batcher's per-input checks that need no tokenizer, with indexes over the whole request."""
+    if texts is not None:
+        if "" in texts:
+            raise EmptyInput(f"input {texts.index('')} is an empty string")
+        return
+    assert ids is not None and state.backend is not None
+    for i, seq in enumerate(ids):
+        if not seq:
+            raise EmptyInput(f"input {i} is an empty list of token ids")
+        check_vocabulary(seq, i, state.backend.vocab_size)
+
+
 def _shape_embeddings(outputs: torch.Tensor, normalize: bool, dimensions: int | None) -> torch.Tensor:
     hidden = outputs.shape[1]
     if dimensions is not None:
@@ -148,12 +221,14 @@ def _b64(vec: torch.Tensor) -> str:
     return base64.b64encode(vec.numpy().astype("<f4", copy=False).tobytes()).decode("ascii")
 
 
-def _predictions(state: ServiceState, logits: torch.Tensor, raw: bool,
+def _predictions(state: ServiceState, logits: torch.Tensor, scores: str,
                  top_k: int | None) -> list[list[dict[str, Any]]]:
+    """Per input, ``{label, score}`` best first; ``scores``: softmax (probabilities), sigmoid, or none (logits)."""
     labels = state.labels or []
-    scores = logits if raw else torch.softmax(logits, dim=-1)
+    values = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid,
+              "none": lambda x: x}[scores](logits)
     out = []
-    for row in scores.tolist():
+    for row in values.tolist():
         ranked = sorted(zip(labels, row), key=lambda p: -p[1])
         out.append([{"label": lab, "score": s} for lab, s in ranked[:top_k]])
     return out
@@ -166,18 +241,26 @@ def _check_classifier(request: Request) -> ServiceState:
     return state
 
 
+def _check_dimensions(request: Request, dimensions: int | None) -> None:
+    hidden = _ready_state(request).loaded.config.hidden_size
+    if dimensions is not None and dimensions > hidden:
+        raise E.validation(f"dimensions {dimensions} is larger than the model's {hidden}", param="dimensions")
+
+
 # ---------------------------------------------------------------------------------------------------- routes
 
 
-@router.post("/v1/embeddings", response_model=S.OpenAIEmbeddingResponse, responses=_ERRORS,
+@router.post("/v1/embeddings", response_model=S.OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS,
              tags=["OpenAI"], summary="OpenAI-compatible embeddings")
-@router.post("/embeddings", response_model=S.OpenAIEmbeddingResponse, responses=_ERRORS, tags=["OpenAI"],
+@router.post("/embeddings", response_model=S.OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS, tags=["OpenAI"],
              include_in_schema=False)
 async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) -> Response:
-    hidden = _ready_state(request).loaded.config.hidden_size
-    if body.dimensions is not None and body.dimensions > hidden:
-        raise E.validation(f"dimensions {body.dimensions} is larger than the model's {hidden}")
-    result, headers, state = await _infer(request, Task.EMBED, body.input, None, "right")
+    _check_dimensions(request, body.dimensions)
+    if body.user is not None:
+        request.scope.setdefault("state", {})["openai_user"] = body.user  # the access log records it
+    result, headers, state = await _infer(request, Task.EMBED, body.input, None, "right",
+                                          max_inputs=_state(request).settings.max_inputs_per_openai_request,
+                                          param="input")
     vectors = _shape_embeddings(result.outputs, True, body.dimensions)
     enc = _b64 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "embedding": enc(v), "index": i} for i, v in enumerate(vectors)]
@@ -188,9 +271,7 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
 @router.post("/embed", response_model=list[list[float]], responses=_ERRORS, tags=["TEI"],
              summary="TEI-compatible embeddings")
 async def embed(body: S.EmbedRequest, request: Request) -> Response:
-    hidden = _ready_state(request).loaded.config.hidden_size
-    if body.dimensions is not None and body.dimensions > hidden:
-        raise E.validation(f"dimensions {body.dimensions} is larger than the model's {hidden}")
+    _check_dimensions(request, body.dimensions)
     result, headers, _ = await _infer(request, Task.EMBED, body.inputs, body.truncate, body.truncation_direction)
     vectors = _shape_embeddings(result.outputs, body.normalize, body.dimensions)
     return JSON(vectors.tolist(), headers=headers)
@@ -225,20 +306,92 @@ async def classify(body: S.ClassifyRequest, request: Request) -> Response:
     _check_classifier(request)
     result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate,
                                           body.truncation_direction)
-    return JSON(_predictions(state, result.outputs, body.raw_scores, body.top_k), headers=headers)
+    scores = "none" if body.raw_scores else "softmax"
+    return JSON(_predictions(state, result.outputs, scores, body.top_k), headers=headers)
 
 
 @router.post("/predict", response_model=list[S.Prediction] | list[list[S.Prediction]], responses=_ERRORS,
              tags=["TEI"], summary="TEI-compatible classification")
 async def predict(body: S.PredictRequest, request: Request) -> Response:
+    """TEI's three forms: ``"a"`` or ``["a"]`` (one input: one list of predictions), ``["a", "b"]`` (a sentence
+    pair), ``[["a"], ["b", "c"]]`` (a batch: one list per item). Pairs are refused: the models served here
+    classify single sequences."""
+    state = _check_classifier(request)
+    texts, batched = _predict_inputs(body.inputs, state.model_name)
+    result, headers, state = await _infer(request, Task.CLASSIFY, texts, body.truncate, body.truncation_direction)
+    preds = _predictions(state, result.outputs, "none" if body.raw_scores else "softmax", None)
+    return JSON(preds if batched else preds[0], headers=headers)
+
+
+def _predict_inputs(inputs: str | list[str] | list[list[str]], model: str) -> tuple[list[str], bool]:
+    """TEI's ``/predict`` input forms -> (texts, whether the answer is a batch)."""
+    def pair(where: str) -> E.ServiceError:
+        return E.validation(f"{where} is a sentence pair, and model {model!r} classifies single sequences; send "
+                            "one string, or a batch of single texts [[\"a\"], [\"b\"]]", param="inputs")
+
+    if isinstance(inputs, str):
+        return [inputs], False
+    if not inputs:
+        raise E.empty("the input is empty", param="inputs")
+    if isinstance(inputs[0], str):
+        if len(inputs) == 1:
+            return [inputs[0]], False  # type: ignore[list-item]
+        if len(inputs) == 2:
+            raise pair("the input")
+        raise E.validation(f"the input is a list of {len(inputs)} strings; send one string, a pair [\"a\", \"b\"], "
+                           "or a batch [[\"a\"], [\"b\"], ...]", param="inputs")
+    texts = []
+    for i, item in enumerate(inputs):
+        if len(item) == 2:
+            raise pair(f"input {i}")
+        if len(item) != 1:
+            raise E.validation(f"input {i} has {len(item)} strings; each batch item is [text] (or a pair)",
+                               param="inputs")
+        texts.append(item[0])
+    return texts, True  # type: ignore[return-value]
+
+
+@router.post("/", responses=_ERRORS, tags=["TEI"], include_in_schema=False)
+@router.post("/invocations", responses=_ERRORS, tags=["TEI"], include_in_schema=False)
+async def default_route(request: Request) -> Response:
+    """TEI's catch-all route (``/invocations`` is SageMaker's name for it). TEI sends it to the one task its model
+    has; models here both embed and classify, so the body decides (docs/compatibility.md):
+
+    * ``parameters`` present: the Hugging Face Inference API's text-classification body (``InferenceClient``'s
+      ``text_classification``), answered in that API's shape, one list of ``{label, score}`` per input;
+    * ``raw_scores`` present, or ``inputs`` a batch of lists of strings: ``/predict``;
+    * anything else: ``/embed`` (``InferenceClient``'s ``feature_extraction``, which posts no task field)."""
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise E.validation(f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise E.validation("the body must be a JSON object with an `inputs` field")
+    inputs = body.get("inputs")
+    if "parameters" in body:
+        return await _text_classification(_parse(S.TextClassificationRequest, body), request)
+    if "raw_scores" in body or (isinstance(inputs, list) and inputs and isinstance(inputs[0], list)
+                                and any(isinstance(x, str) for x in inputs[0])):
+        return await predict(_parse(S.PredictRequest, body), request)
+    return await embed(_parse(S.EmbedRequest, body), request)
+
+
+async def _text_classification(body: S.TextClassificationRequest, request: Request) -> Response:
     _check_classifier(request)
-    inputs = body.inputs
-    if isinstance(inputs, list) and inputs and isinstance(inputs[0], list):
-        raise E.validation("sentence pairs are not supported by this model; send a string or a list of strings")
-    result, headers, state = await _infer(request, Task.CLASSIFY, inputs, body.truncate,
+    result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate,
                                           body.truncation_direction)
-    preds = _predictions(state, result.outputs, body.raw_scores, None)
-    return JSON(preds[0] if isinstance(inputs, str) else preds, headers=headers)
+    params = body.parameters
+    return JSON(_predictions(state, result.outputs, params.function_to_apply or "softmax", params.top_k),
+                headers=headers)
+
+
+def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """``model`` from a body read by hand, its errors reported as FastAPI reports a declared body's."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
+                                      for e in exc.errors(include_url=False)]) from None
 
 
 @router.post("/tokenize", response_model=list[list[S.SimpleToken]], responses=_ERRORS, tags=["TEI"],
@@ -311,28 +464,37 @@ def _model_card(state: ServiceState) -> dict[str, Any]:
             "owned_by": "ultrafastbert-serve"}
 
 
-@router.get("/v1/models", response_model=S.OpenAIModelList, responses=_ERRORS, tags=["OpenAI"],
+@router.get("/v1/models", response_model=S.OpenAIModelList, responses=_OPENAI_ERRORS, tags=["OpenAI"],
             summary="OpenAI-compatible model list: the one model this server serves")
-@router.get("/models", response_model=S.OpenAIModelList, responses=_ERRORS, tags=["OpenAI"],
+@router.get("/models", response_model=S.OpenAIModelList, responses=_OPENAI_ERRORS, tags=["OpenAI"],
             include_in_schema=False)
 async def list_models(request: Request) -> Response:
     return JSON({"object": "list", "data": [_model_card(_ready_state(request))]})
 
 
 @router.get("/v1/models/{model_id:path}", response_model=S.OpenAIModel,
-            responses={**_ERRORS, 404: {"model": S.ErrorResponse, "description": "No such model"}},
+            responses={**_OPENAI_ERRORS, 404: {"model": S.OpenAIErrorResponse, "description": "No such model"}},
             tags=["OpenAI"], summary="OpenAI-compatible model lookup")
 async def get_model(model_id: str, request: Request) -> Response:
     state = _ready_state(request)
     if model_id != state.model_name:
         raise E.ServiceError(404, f"model {model_id!r} is not served here (this server serves "
-                                  f"{state.model_name!r})", "not_found")
+                                  f"{state.model_name!r})", "model_not_found", param="model")
     return JSON(_model_card(state))
 
 
-@router.get("/health", tags=["Probes"], summary="Liveness: 200 while the process runs")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/health", tags=["Probes"], summary="Liveness: 200 unless the model failed to start",
+            responses={503: {"model": S.ErrorResponse, "description": "The model failed to start: it cannot serve"}})
+@router.get("/ping", tags=["Probes"], summary="Liveness under SageMaker's name (as TEI)")
+@router.get("/", tags=["Probes"], summary="Liveness on the root (as TEI)")
+async def health(request: Request) -> Response:
+    """200 while the model loads, serves or drains (a liveness probe must not restart a replica that is still
+    warming up or finishing its work); 503 once it has failed to start, since it never will serve."""
+    state = _state(request)
+    if state.phase == Phase.FAILED:
+        return JSON(E.error_body(f"unhealthy: the model failed to start ({state.error})", "unhealthy",
+                                 status=503), status_code=503)
+    return JSON({"status": "ok"})
 
 
 @router.get("/ready", tags=["Probes"], summary="Readiness: 200 once the model is loaded and warm",
@@ -342,7 +504,7 @@ async def ready(request: Request) -> Response:
     if state.ready:
         return JSON({"status": "ready"})
     msg = f"not ready: {state.phase}" + (f" ({state.error})" if state.error else "")
-    return JSON(E.error_body(msg, "unhealthy"), status_code=503)
+    return JSON(E.error_body(msg, "unhealthy", status=503), status_code=503)
 
 
 @router.get("/metrics", tags=["Probes"], summary="Prometheus metrics", response_class=Response)
@@ -375,6 +537,7 @@ def build_info(state: ServiceState) -> dict[str, Any]:
            for i, (e, d) in enumerate(state.neurons_per_token)]
     total_e, total_d = state.neurons_for(1)
     return {
+        **_tei_info(state),
         "version": __version__,
         "state": state.phase,
         "error": state.error,
@@ -389,6 +552,7 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "max_batch_wait_ms": s.max_batch_wait_ms, "max_queued_inputs": s.max_queued_inputs,
             "max_queued_tokens": s.max_queued_tokens, "max_concurrent_requests": s.max_concurrent_requests,
             "max_inputs_per_request": s.max_inputs_per_request,
+            "max_inputs_per_openai_request": s.max_inputs_per_openai_request,
             "max_input_tokens": state.max_input_tokens or s.max_input_tokens, "auto_truncate": s.auto_truncate,
             "payload_limit_bytes": s.payload_limit, "request_timeout_s": s.request_timeout_s,
             "shutdown_grace_s": s.shutdown_grace_s, "shutdown_delay_s": s.shutdown_delay_s,
@@ -399,4 +563,28 @@ def build_info(state: ServiceState) -> dict[str, Any]:
                       or torch.get_num_threads()},
         "auth": {"api_key_required": s.api_key is not None,
                  "metrics_require_key": s.api_key is not None and s.metrics_require_key},
+    }
+
+
+def _tei_info(state: ServiceState) -> dict[str, Any]:
+    """TEI's ``/info`` keys (router/src/lib.rs ``Info``). ``model_type`` has one key in TEI; a model here that also
+    has a classification head reports ``classifier`` beside ``embedding``, since it serves both."""
+    s = state.settings
+    model_type: dict[str, Any] = {}
+    model_id = None
+    if state.loaded is not None:
+        c = state.loaded.config
+        model_id = str(getattr(state.loaded, "name", None) or state.model_name)
+        model_type["embedding"] = {"pooling": c.pooling}
+        if c.labels:
+            model_type["classifier"] = {"id2label": {str(i): lab for i, lab in enumerate(c.labels)},
+                                        "label2id": {lab: i for i, lab in enumerate(c.labels)}}
+    return {
+        "model_id": model_id, "model_sha": None, "model_dtype": s.compute_dtype,
+        "served_model_name": state.model_name, "model_type": model_type,
+        "max_concurrent_requests": s.max_concurrent_requests,
+        "max_input_length": state.max_input_tokens or s.max_input_tokens,
+        "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": s.max_batch_requests,
+        "max_client_batch_size": s.max_inputs_per_request, "auto_truncate": s.auto_truncate,
+        "tokenization_workers": s.tokenizer_workers, "sha": None, "docker_label": None,
     }

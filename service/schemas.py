@@ -40,6 +40,19 @@ def _direction(v: object) -> object:
     return v
 
 
+class _NoPrompt(_Body):
+    prompt_name: str | None = Field(None, description="TEI's sentence-transformers prompt; this server has none "
+                                    "configured, so any value is refused with 422 rather than ignored.")
+
+    @field_validator("prompt_name")
+    @classmethod
+    def _refuse_prompt(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError(f"prompt {v!r} is not available: this model has no prompts (send the text with its "
+                             "prompt prepended instead)")
+        return v
+
+
 class _Truncation(_Body):
     truncate: bool | None = Field(None, description="Truncate long inputs (default: the server's auto-truncate).")
     truncation_direction: Literal["Left", "Right"] = Field(
@@ -55,11 +68,15 @@ class _Truncation(_Body):
 
 
 class OpenAIEmbeddingRequest(_Body):
-    input: Inputs = Field(..., description="A string, a list of strings, token ids, or a list of token id lists.")
-    model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=1)] | None = None
-    user: str | None = None
+    input: Inputs = Field(..., description="A string, a list of strings, token ids, or a list of token id lists "
+                          "(up to max_inputs_per_openai_request, 2,048 by default, as OpenAI allows).")
+    model: str | None = Field(None, description="Accepted and not checked: this server serves one model.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: lists of numbers; base64: each vector's little-endian float32 bytes.")
+    dimensions: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Keep the first N dimensions and renormalise to unit length (at most the model's size).")
+    user: str | None = Field(None, description="An end-user id, as OpenAI takes it; written to the request's "
+                             "access-log line, otherwise unused.")
 
 
 class OpenAIEmbedding(BaseModel):
@@ -83,13 +100,13 @@ class OpenAIEmbeddingResponse(BaseModel):
 # ------------------------------------------------------------------------------------------ TEI
 
 
-class EmbedRequest(_Truncation):
+class EmbedRequest(_Truncation, _NoPrompt):
     inputs: Inputs
     normalize: bool = True
     dimensions: Annotated[int, Field(ge=1)] | None = None
 
 
-class EmbedAllRequest(_Truncation):
+class EmbedAllRequest(_Truncation, _NoPrompt):
     """TEI's ``/embed_all``: every token's final hidden state, unpooled and unnormalised."""
 
     inputs: Inputs
@@ -102,13 +119,28 @@ class ClassifyRequest(_Truncation):
 
 
 class PredictRequest(_Truncation):
-    """TEI's ``/predict``: a string, a batch of strings, or sentence pairs (pairs are not supported here)."""
+    """TEI's ``/predict``: a string ``"a"`` (or ``["a"]``), a pair ``["a", "b"]``, or a batch of singles and pairs
+    ``[["a"], ["b", "c"]]``. The models served here classify single sequences: a pair is refused with 422."""
 
     inputs: Union[Text, list[Text], list[list[Text]]]
     raw_scores: bool = False
 
 
-class TokenizeRequest(_Body):
+class TextClassificationParameters(_Body):
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="Scores: softmax over the labels (default), each logit's sigmoid, or the raw logits.")
+    top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="Only the k best labels per input.")
+
+
+class TextClassificationRequest(_Truncation):
+    """The Hugging Face Inference API's text-classification body (what ``InferenceClient.text_classification``
+    posts): accepted on ``POST /`` and ``/invocations``."""
+
+    inputs: TextInputs
+    parameters: TextClassificationParameters = Field(default_factory=TextClassificationParameters)
+
+
+class TokenizeRequest(_NoPrompt):
     inputs: TextInputs
     add_special_tokens: bool = True
 
@@ -144,5 +176,21 @@ class SimpleToken(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """TEI's error body; ``error_type`` is TEI's name where TEI has the case (``Validation``, ``Empty``, ...)."""
+
     error: str
     error_type: str
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(..., description="invalid_request_error, rate_limit_error or server_error")
+    param: str | None = Field(None, description="The request field at fault, where there is one.")
+    code: str | None = Field(None, description="invalid_api_key, model_not_found, or this server's error kind "
+                             "(empty, validation, too_many_inputs, overloaded, timeout, ...).")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """OpenAI's error body, on the OpenAI routes (``/v1/*`` and their aliases)."""
+
+    error: OpenAIError

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
 
     # --- per-request limits
     max_inputs_per_request: int = Field(32, ge=1, description="Inputs in one request (TEI's client batch size).")
+    max_inputs_per_openai_request: int = Field(
+        2048, ge=1, description="Inputs in one /v1/embeddings request (OpenAI's limit); more than "
+        "max_inputs_per_request are queued a slice at a time, so other requests interleave with them.")
     max_input_tokens: int | None = Field(None, ge=1,
                                          description="Tokens per input (default: the model's max positions).")
     auto_truncate: bool = Field(False, description="Truncate long inputs instead of answering 422.")
@@ -63,6 +66,8 @@ class Settings(BaseSettings):
                                       "(/health and /ready stay open for probes).")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_created: bool = Field(False, description="Also export every counter's and histogram's _created "
+                                  "series (creation timestamps).")
     record_leaves: bool = Field(True, description="Record FFF leaf visits for the leaf-evenness metrics.")
     leaf_half_life_tokens: int = Field(20000, ge=1,
                                        description="Half-life, in tokens, of the decayed leaf-visit counts.")

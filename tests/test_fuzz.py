@@ -2,9 +2,10 @@
 OpenAPI document (schemathesis), and the Unicode and token-id edge cases spelled out.
 
 The promise under test: nothing a client can send produces a 500 or a hang; every refusal is a clean 4xx JSON
-``{"error", "error_type"}``; and the service is still ready and idle afterwards. One real uvicorn on loopback
-serves the whole module (a per-request timeout turns a hang into a failure). Example counts are small so the
-module stays well under a minute on two cores; the strategies lean on the shapes most likely to break things.
+``{"error", "error_type"}`` (OpenAI's ``{"error": {...}}`` on its routes); and the service is still ready and idle
+afterwards. One real uvicorn on loopback serves the whole module (a per-request timeout turns a hang into a
+failure). Example counts are small so the module stays well under a minute on two cores; the strategies lean on
+the shapes most likely to break things.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.errors import is_openai_path
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     reference_embedding,
@@ -25,10 +27,11 @@ from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     tiny_loaded,
 )
 
-POST_ROUTES = ["/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/classify", "/predict", "/tokenize"]
+POST_ROUTES = ["/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/classify", "/predict", "/tokenize", "/",
+               "/invocations"]
 FIELD = {"/v1/embeddings": "input", "/embeddings": "input"}
 OPTIONS = ["truncate", "truncation_direction", "normalize", "dimensions", "top_k", "raw_scores", "model",
-           "encoding_format", "add_special_tokens", "user"]
+           "encoding_format", "add_special_tokens", "user", "parameters", "prompt_name"]
 MAX_INPUTS = 8
 FUZZ = settings(max_examples=40, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -43,13 +46,27 @@ def server(tiny_loaded):
 
 
 def check_answer(r: httpx.Response) -> None:
-    """No 500, always JSON, a 4xx always in the error shape."""
+    """No 500, always JSON, a 4xx always in the error shape of the route's API (OpenAI's on its routes)."""
     assert r.status_code < 500, (r.status_code, r.text[:300])
     body = r.json()
     if r.status_code >= 400:
-        assert set(body) == {"error", "error_type"} and body["error"] and body["error_type"], body
+        if is_openai_path(r.request.url.path):
+            assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        else:
+            assert set(body) == {"error", "error_type"}, body
+        kind, message = error_of(r)
+        assert kind and message, body
     else:
         assert isinstance(body, (list, dict))
+
+
+def error_of(r: httpx.Response) -> tuple[str, str]:
+    """(kind, message) of an error in either shape, the kind lower-cased: TEI's ``error_type`` is ``Validation``
+    where OpenAI's ``code`` is ``validation``."""
+    body = r.json()
+    if isinstance(body.get("error"), dict):
+        return body["error"]["code"].lower(), body["error"]["message"]
+    return body["error_type"].lower(), body["error"]
 
 
 # any character at all, lone surrogates included (json.dumps escapes them as "\ud800")
@@ -171,7 +188,7 @@ def test_unicode_long_input_with_and_without_truncation(server) -> None:
     client, _ = server
     long = "word " * 20_000  # 100k characters, 20k tokens
     r = _embed(client, long)
-    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
     assert "more than the maximum of 128" in r.json()["error"] and "truncate" in r.json()["error"]
     r = _embed(client, long, truncate=True)
     assert r.status_code == 200 and r.headers["x-compute-tokens"] == "128"
@@ -193,14 +210,15 @@ def test_lone_surrogates_are_a_clean_422(server, route, body) -> None:
     client, _ = server
     r = client.post(route, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
-    assert r.json()["error_type"] == "validation" and "surrogate" in r.json()["error"]
+    kind, message = error_of(r)
+    assert kind == "validation" and "surrogate" in message
 
 
 def test_empty_and_undecodable_inputs(server) -> None:
     client, _ = server
     for body in ({"inputs": ""}, {"inputs": []}, {"inputs": ["a", ""]}, {"inputs": [[]]}):
         r = client.post("/embed", json=body)
-        assert r.status_code == 400 and r.json()["error_type"] == "empty", (body, r.text)
+        assert r.status_code == 400 and r.json()["error_type"] == "Empty", (body, r.text)
     r = client.post("/embed", content=b'{"inputs": "\xff\xfe"}', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "UTF-8" in r.json()["error"]
 
@@ -215,7 +233,8 @@ def test_token_ids_outside_the_vocabulary_are_422(server, ids) -> None:
     for route, field in (("/embed", "inputs"), ("/v1/embeddings", "input")):
         r = client.post(route, json={field: ids})
         assert r.status_code == 422, (route, ids, r.text)
-        assert r.json()["error_type"] == "validation" and "outside the vocabulary" in r.json()["error"]
+        kind, message = error_of(r)
+        assert kind == "validation" and "outside the vocabulary" in message
     assert app.state.service.batcher.idle
 
 
@@ -223,7 +242,7 @@ def test_token_ids_outside_the_vocabulary_are_422(server, ids) -> None:
 def test_token_ids_of_the_wrong_type_are_422(server, ids) -> None:
     client, _ = server
     r = client.post("/embed", json={"inputs": ids})
-    assert r.status_code == 422 and r.json()["error_type"] == "validation", (ids, r.text)
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation", (ids, r.text)
 
 
 def test_token_ids_at_the_vocabulary_edges_work(server, tiny_loaded) -> None:

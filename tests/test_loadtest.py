@@ -82,7 +82,7 @@ def test_open_loop_keeps_its_arrival_rate(server: Any) -> None:
 
 
 def test_errors_are_reported_by_status(server: Any) -> None:
-    too_many = Workload(inputs_per_request=40)  # the server's limit is 32 inputs per request
+    too_many = Workload(route="/embed", inputs_per_request=40)  # TEI's routes take 32 (/v1/embeddings: 2,048)
     rep = asyncio.run(closed_loop(server.url, too_many, concurrency=2, duration_s=0.5, warmup_s=0.0))
     assert rep.ok == 0 and set(rep.errors) == {"413"} and rep.errors["413"] == rep.requests > 0
     dead = f"http://127.0.0.1:{free_port()}"

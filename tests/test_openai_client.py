@@ -14,7 +14,7 @@ import openai
 import pytest
 import uvicorn
 
-from service_support import make_app, reference_embedding, tiny_loaded  # noqa: F401
+from service_support import make_app, reference_embedding, serve_in_thread, tiny_loaded  # noqa: F401
 
 API_KEY = "test-key-123"
 
@@ -93,10 +93,55 @@ def test_openai_client_lists_and_retrieves_the_model(server: str) -> None:
 
 
 def test_openai_client_errors_are_status_errors(server: str) -> None:
-    with pytest.raises(openai.AuthenticationError):
+    """Each status gives the client's exception for it, with OpenAI's error fields (message, type, param, code)."""
+    with pytest.raises(openai.AuthenticationError) as e401:
         _client(server, key="wrong").embeddings.create(model="m", input="hello")
-    with pytest.raises(openai.BadRequestError):
+    assert (e401.value.code, e401.value.type) == ("invalid_api_key", "invalid_request_error")
+    assert "API key" in e401.value.message
+    with pytest.raises(openai.BadRequestError) as e400:
         _client(server).embeddings.create(model="m", input=[])
+    assert (e400.value.code, e400.value.param, e400.value.type) == ("empty", "input", "invalid_request_error")
+    with pytest.raises(openai.UnprocessableEntityError) as e422:
+        _client(server).embeddings.create(model="m", input="hello", dimensions=10_000)
+    assert (e422.value.code, e422.value.param) == ("validation", "dimensions") and "10000" in e422.value.message
+    with pytest.raises(openai.APIStatusError) as e413:
+        _client(server).embeddings.create(model="m", input=["a"] * 2049)
+    assert e413.value.status_code == 413 and e413.value.code == "too_many_inputs" and "2048" in e413.value.message
+
+
+def test_openai_client_rate_limit_error_on_a_full_queue(tiny_loaded) -> None:
+    """429 with Retry-After when the queue is full: the client's RateLimitError (it would retry, honouring
+    Retry-After, with max_retries above 0)."""
+    app = make_app(tiny_loaded, max_queued_inputs=1)
+    state = app.state.service
+    gate, entered = threading.Event(), threading.Event()
+    with serve_in_thread(app) as url:
+        original = state.backend.forward
+
+        def held(task, ids, record):
+            entered.set()
+            gate.wait(10)
+            return original(task, ids, record)
+
+        state.backend.forward = held
+        client = _client(url)
+        busy = [threading.Thread(target=client.embeddings.create, kwargs={"model": "m", "input": t})
+                for t in ("in the forward pass", "queued")]
+        try:
+            busy[0].start()
+            assert entered.wait(10)
+            busy[1].start()
+            while state.batcher.queue_depth < 1:
+                time.sleep(0.005)
+            with pytest.raises(openai.RateLimitError) as e429:
+                client.embeddings.create(model="m", input="one too many")
+        finally:
+            gate.set()
+            for t in busy:
+                t.join(30)
+    err = e429.value
+    assert err.code == "overloaded" and err.type == "rate_limit_error" and "queue is full" in err.message
+    assert int(err.response.headers["retry-after"]) >= 1
 
 
 def test_real_server_payload_limit_and_health(server: str) -> None:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import torch
 
+from service.errors import is_openai_path
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     metric,
@@ -142,7 +143,7 @@ def test_overload_burst_sheds_fast_bounds_the_queue_and_recovers(tiny_loaded) ->
     assert len(shed) >= BURST // 2, f"only {len(shed)} of {BURST} shed: the burst was not beyond capacity"
     assert len(ok) >= CAPS["max_queued_inputs"] // 2, "almost nothing was admitted"
     for r, _ in shed:
-        assert r.json()["error_type"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error_type"] == "Overloaded" and int(r.headers["retry-after"]) >= 1
     # admitted requests are answered correctly: equal to each input computed alone
     for _, texts, r, _ in ok:
         for text, vec in zip(texts, r.json()):
@@ -280,7 +281,7 @@ def test_deadline_answers_504_and_the_work_is_never_done(tiny_loaded) -> None:
 
     late, held, waited, rec, samples, batcher = run(main())
     assert late.status_code == 504 and late.headers["content-type"] == "application/json"
-    assert late.json()["error_type"] == "timeout" and "deadline" in late.json()["error"]
+    assert late.json()["error"]["code"] == "timeout" and "deadline" in late.json()["error"]["message"]
     assert 0.4 <= waited < 2.0, waited
     assert rec.contains(zebra) == 0, "the model was called for a request whose deadline had passed"
     assert held.status_code == 504
@@ -318,7 +319,7 @@ def test_failing_batch_fails_only_its_requests_and_is_counted(tiny_loaded) -> No
     for r in (a, b):  # a and b shared the failing batch
         assert r.status_code == 500, r.text
         body = r.json()
-        assert body["error_type"] == "backend"
+        assert body["error_type"] == "Backend"
         assert "inference failed for the batch" in body["error"] and "simulated kernel fault" in body["error"]
     assert metric(samples, "ufb_batch_failures_total", task="embed") == 1
     assert metric(samples, "ufb_failures_total", cause="backend") == 2
@@ -471,10 +472,10 @@ def test_sigterm_on_a_real_process_drains_and_exits_zero(tiny_model_dir, tmp_pat
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         ready = httpx.get(url + "/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json()["error_type"] == "unhealthy", ready.text
+        assert ready.status_code == 503 and ready.json()["error_type"] == "Unhealthy", ready.text
         assert "draining" in ready.json()["error"]
         refused = httpx.post(url + "/embed", json={"inputs": "new work"}, timeout=5)
-        assert refused.status_code == 503 and refused.json()["error_type"] == "unhealthy", refused.text
+        assert refused.status_code == 503 and refused.json()["error_type"] == "Unhealthy", refused.text
         for t in threads:
             t.join(30)
         for i, text in enumerate(texts):  # admitted requests were not cut off, and are right
@@ -528,7 +529,11 @@ def test_api_key_guards_every_inference_route_and_info(tiny_loaded, monkeypatch)
                     r = await (c.get(path, headers=headers) if path in gets
                                else c.post(path, json=body, headers=headers))
                     assert r.status_code == 401, (path, headers, r.status_code)
-                    assert r.json()["error_type"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+                    assert r.headers["www-authenticate"] == "Bearer"
+                    if is_openai_path(path):  # OpenAI's error object on its routes
+                        assert r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+                    else:
+                        assert r.json()["error_type"] == "unauthorized", (path, r.text)
                 r = await (c.get(path, headers=good) if path in gets else c.post(path, json=body, headers=good))
                 assert r.status_code == 200, (path, r.text)
             for path in ("/health", "/ready", "/metrics"):
