@@ -22,7 +22,7 @@ from service_support import metric, metric_samples, reference_embedding, tiny_lo
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 CONNECTIONS = 300  # requests in flight at once, each on its own connection
-WAVES = 3
+WAVES = 2
 CAPS = ["--max-concurrent-requests", "48", "--max-queued-inputs", "48", "--max-batch-requests", "16",
         "--max-batch-wait-ms", "2"]
 # Stated bound on the server's growth over the whole burst: 300 connections' buffers and protocol objects, the
