@@ -118,12 +118,15 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.connections import IdleClosingHTTPProtocol
 
     app = create_app(settings, loaded)
     # a float: int() made a grace under 1 s "0 -> None", i.e. wait for ever
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
-                            log_level=settings.log_level)
+                            log_level=settings.log_level, http=IdleClosingHTTPProtocol,
+                            timeout_keep_alive=settings.keep_alive_timeout_s, backlog=settings.backlog,
+                            headers=[("Keep-Alive", f"timeout={settings.keep_alive_timeout_s}")])
     server = _Server(config, on_exit=app.state.service.begin_shutdown, delay_s=settings.shutdown_delay_s)
     log.info("listening on http://%s:%d", settings.host, settings.port)
     server.run()

@@ -556,6 +556,7 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "max_input_tokens": state.max_input_tokens or s.max_input_tokens, "auto_truncate": s.auto_truncate,
             "payload_limit_bytes": s.payload_limit, "request_timeout_s": s.request_timeout_s,
             "shutdown_grace_s": s.shutdown_grace_s, "shutdown_delay_s": s.shutdown_delay_s,
+            "keep_alive_timeout_s": s.keep_alive_timeout_s,
         },
         "inference": {"workers": s.inference_workers,
                       "torch_threads_per_worker": (state.batcher.limits.threads_per_worker

@@ -24,6 +24,14 @@ class Settings(BaseSettings):
     # --- network
     host: str = Field("127.0.0.1", description="Interface to bind; use 0.0.0.0 inside a container.")
     port: int = Field(8000, ge=0, le=65535)
+    keep_alive_timeout_s: int = Field(
+        75, ge=1, le=3600, description="Close a connection after this long with no request: idle between "
+        "requests, or connected and silent. Keep it above clients' own idle expiry (httpx 5 s, aiohttp 15 s, load "
+        "balancers often 60 s) so the client closes idle connections first: a close by the server can cross a "
+        "request the client just sent on that connection, which then fails with no response (docs/overload.md). "
+        "Advertised in a 'Keep-Alive: timeout=N' response header.")
+    backlog: int = Field(2048, ge=1, description="Connections the kernel queues for accepting (capped by "
+                         "net.core.somaxconn); beyond it a connect waits for a SYN retry, nothing is lost.")
 
     # --- model
     model: Path = Field(DEFAULT_MODEL_PATH, description="Checkpoint folder to serve.")
