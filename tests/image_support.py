@@ -141,7 +141,9 @@ def pip_config() -> tuple[str, list[str], str]:
     mounts = set()
     for key in PIP_PATH_KEYS:
         for word in values.get(key, "").split():
-            path = word.removeprefix("file://")
+            path = word.removeprefix("file://").rstrip("/")
+            if key.endswith("index-url") and path.endswith("/simple"):
+                path = path.removesuffix("/simple")  # a local index's pages link to files beside simple/
             if path.startswith("/") and os.path.exists(path):
                 mounts.add(path)
     text = "[global]\n" + "".join(f"{k} = {v}\n" for k, v in sorted(values.items()))
