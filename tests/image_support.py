@@ -178,8 +178,10 @@ def build(dockerfile: Path, context: Path, tag: str, build_args: dict[str, str],
 
 
 def config(tag: str) -> dict:
-    """The image's config (Env, User, WorkingDir, Entrypoint, Cmd, Healthcheck, ExposedPorts)."""
-    return json.loads(podman("image", "inspect", tag))[0]["Config"]
+    """The image's config (Env, User, WorkingDir, Entrypoint, Cmd, ExposedPorts) and Healthcheck (which podman's
+    inspect shows beside the config)."""
+    image = json.loads(podman("image", "inspect", tag))[0]
+    return {**image["Config"], "Healthcheck": image.get("Healthcheck") or image["Config"].get("Healthcheck")}
 
 
 @contextmanager
