@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 ARGS ?=
 
-.PHONY: setup dev serve test bench clean
+.PHONY: setup dev serve test bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ test: dev
 
 bench: setup
 	$(BIN)/python -m engine.bench $(ARGS)
+
+# The images' lock files (docs/images.md): pyproject.toml's dependencies plus docker/requirements.in, resolved for
+# the images' platform. torch's CPU build is found through TORCH_LINKS (a folder or a page of wheel links).
+TORCH_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
+UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--find-links $(TORCH_LINKS) --custom-compile-command "make lock" pyproject.toml docker/requirements.in
+lock: $(BIN)/python
+	$(PIP) install -q uv==0.13.9
+	$(UV_COMPILE) -o docker/requirements.lock
+	$(UV_COMPILE) --extra ray -o docker/ray/requirements.lock
 
 clean:
 	rm -rf build engine/_cmm*.so *.egg-info $(STAMP) $(DEV_STAMP)
