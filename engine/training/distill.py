@@ -228,7 +228,7 @@ def _grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
 
     Its trees become the first trees of each layer and every other weight is copied, so with the added trees'
     output rows at zero the grown student computes exactly what the earlier one did; the ``grow`` phase then fits
-    the added trees to what the earlier ones miss (:func:`_fit_added_trees`)."""
+    the added trees' output rows to what the earlier ones miss (:func:`_fit_added_trees`)."""
     earlier = load_model(folder)
     want, found = student.config, earlier.config
     if found.ffn != "fff" or want.ffn != "fff" or found.fff_depth != want.fff_depth \
@@ -261,18 +261,16 @@ def _grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
 
 @torch.no_grad()
 def _fit_added_trees(fff: FFF, old_trees: int, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Fit the trees after the first ``old_trees`` to the residual ``y - fff(x)`` in closed form: their splits
-    from the tokens that reach each node, their output rows by least squares (:mod:`engine.training.fff_fit`)."""
+    """Fit the output rows of the trees after the first ``old_trees`` to the residual ``y - fff(x)`` by least
+    squares (:func:`engine.training.fff_fit.fit_output_rows`); their splits stay as initialised (the teacher's
+    neurons). Splits fitted node by node (``split_routing``) cost a cross-covariance over the tokens at every node:
+    hours for several trees of depth 7 on 2 cores, so they are left to end-to-end training."""
     rows = old_trees * fff.n_nodes
     added = FFF(fff.d_in, fff.d_out, fff.depth, fff.trees - old_trees, bias_out=False)
     added.linear_in.weight.copy_(fff.linear_in.weight[rows:])
     added.linear_in.bias.copy_(fff.linear_in.bias[rows:])
     added.linear_out.weight.zero_()
-    residual = y - fff._forward_masked(x)[0]
-    split_routing(added, x, residual)
-    fit_output_rows(added, x, residual)
-    fff.linear_in.weight[rows:] = added.linear_in.weight
-    fff.linear_in.bias[rows:] = added.linear_in.bias
+    fit_output_rows(added, x, y - fff._forward_masked(x)[0])
     fff.linear_out.weight[:, rows:] = added.linear_out.weight
     fff.invalidate()
 
