@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.training import corpus as C
 from engine.training.training_text import CorpusText, seeded
@@ -39,7 +38,8 @@ def _reviews(root: Path) -> Iterator[tuple[str, str]]:
 
 def _questions(root: Path) -> Iterator[tuple[str, str]]:
     for i in range(10):
-        yield f"q{i}", f"How does question {i} about the {TOPICS[i]} work? It works by answering the {TOPICS[i]} questions well."
+        yield f"q{i}", (f"How does question {i} about the {TOPICS[i]} work? "
+                        f"It works by answering the {TOPICS[i]} questions well.")
 
 
 def _sources() -> list[C.Source]:

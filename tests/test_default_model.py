@@ -19,9 +19,37 @@ SENTENCES = [
     "Heavy rain flooded the streets of the old town overnight.",
     "This sequel is a loud, tedious mess with nothing new to say.",
 ]
-# Measured on the shipped model (see MODEL_CARD.md); the bounds leave a margin below the measured values.
-MIN_MEAN_COS = 0.80  # measured 0.854 (per sentence 0.756 .. 0.919); the FFN-removed ablation averages ~0.5
+# Written for this test (in no training text), a few per register the model card evaluates.
+REGISTERS = {
+    "social": ["omg this coffee shop just gave me a free muffin, best monday ever!!",
+               "cant believe the game got cancelled again smh",
+               "anyone else still awake? my brain refuses to shut off tonight lol",
+               "new haircut, who dis"],
+    "product review": ["The battery lasts two days and the screen is bright, but the case scratches easily.",
+                       "Stopped working after a week. Returned it and bought a different brand.",
+                       "Great value for the price; the blender crushes ice without any trouble.",
+                       "The instructions were confusing and two screws were missing from the box."],
+    "question": ["How do I reset my password if I no longer have access to my old email address?",
+                 "What is the difference between a virus and a bacterium?",
+                 "Can I bring a laptop in my carry-on bag on international flights?",
+                 "Why does the moon look bigger near the horizon?"],
+    "technical": ["Set the environment variable before starting the server, or the default port is used.",
+                  "The function returns None when the key is missing instead of raising an exception.",
+                  "Run the migration script once after upgrading the database schema.",
+                  "Each worker thread holds its own connection from the pool until the request completes."],
+    "news": ["The city council approved a new budget that increases funding for public transport.",
+             "Thousands of residents were evacuated as the wildfire spread towards the coast.",
+             "The company reported higher quarterly profits despite weaker sales in Europe.",
+             "Officials said the bridge will remain closed for repairs until next spring."],
+    "fiction": ["She closed the letter without reading the last line, afraid of what it might say.",
+                "The old house creaked in the wind as if it remembered every storm.",
+                "He counted the steps to the door twice before he dared to knock.",
+                "Somewhere below, a dog barked once and the whole village fell silent."],
+}
+# Measured on the shipped model (MODEL_CARD.md); the bounds leave a margin below the measured values.
+MIN_MEAN_COS = 0.80  # the six sentences above: measured 0.854 (per sentence 0.756 .. 0.919); no FFN at all: ~0.5
 MIN_EACH_COS = 0.68
+MIN_REGISTER_MEAN_COS = 0.60  # per register of REGISTERS: measured 0.637 (technical) .. 0.883 (fiction)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +77,8 @@ def test_shipped_folder_is_complete_and_small() -> None:
 def test_shipped_model_is_sparse_and_classifies(shipped) -> None:
     config = shipped.config
     assert config.ffn == "fff" and config.layout == "bert"
-    assert config.fff_trees * (config.fff_depth + 1) <= 16
-    for evaluated, dense in shipped.model.neurons_per_token():
-        assert evaluated <= 16 and dense == 1536
+    for evaluated, dense in shipped.model.neurons_per_token():  # at most a sixteenth of the teacher's neurons
+        assert evaluated == config.fff_trees * (config.fff_depth + 1) and 16 * evaluated <= dense == 1536
     assert config.labels == ["fresh", "rotten"]
     ids, mask = shipped.tokenizer.pad(shipped.tokenizer.encode(
         ["A wonderful, moving and beautifully acted film.", "A boring, tedious and badly written mess."],
@@ -75,6 +102,14 @@ def test_shipped_embeddings_stay_close_to_the_teacher(shipped, minilm_dir: Path)
     cos = (_embed(shipped, SENTENCES) * _embed(teacher, SENTENCES)).sum(-1)
     assert float(cos.mean()) >= MIN_MEAN_COS, cos.tolist()
     assert float(cos.min()) >= MIN_EACH_COS, cos.tolist()
+
+
+def test_shipped_embeddings_stay_close_to_the_teacher_in_every_register(shipped, minilm_dir: Path) -> None:
+    teacher = load_model(minilm_dir)
+    means = {}
+    for register, texts in REGISTERS.items():
+        means[register] = float((_embed(shipped, texts) * _embed(teacher, texts)).sum(-1).mean())
+    assert min(means.values()) >= MIN_REGISTER_MEAN_COS, means
 
 
 def test_serve_defaults_to_the_shipped_model(shipped) -> None:

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
-from engine.training.fff_fit import fit_output_rows, split_routing
 from engine.fff import FFF
 from engine.model import ClassificationHead, UltraFastBert
+from engine.training.fff_fit import fit_output_rows, split_routing
 from engine.training.training_text import CorpusText, TrainingText, seeded
 
 log = logging.getLogger("engine.training.distill")
@@ -91,7 +91,7 @@ class DistillOptions:
     save_dtype: str = "float16"
     corpus: str = "standard"  # a built corpus folder (engine.training.corpus), or text_data.CORPORA
     register_weighting: str = "sqrt"  # corpus folder only: training_text.REGISTER_WEIGHTINGS
-    sampling: str = "fixed"  # engine.training.training_text.SAMPLINGS: end-to-end sequences packed once, or fresh windows
+    sampling: str = "fixed"  # training_text.SAMPLINGS: end-to-end sequences packed once, or fresh windows
     token_noise: float = 0.0  # end-to-end: share of word pieces replaced by pieces drawn from the text's frequencies
     routing_tau: float = 0.0  # > 0: straight-through soft-routing gradient for the FFF splits (both phases)
     texts: list[str] | None = field(default=None, repr=False)  # override the training text (tests)

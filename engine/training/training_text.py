@@ -123,10 +123,11 @@ REGISTER_WEIGHTINGS = ("tokens", "sqrt", "equal")
 class CorpusText:
     """Training batches drawn from a built corpus (:mod:`engine.training.corpus`) through a memory map.
 
-    A batch draws, per sequence, a register (with probability by ``weighting``: ``tokens`` as the text has,
-    ``sqrt`` of its tokens, so small registers are drawn more often than their size alone gives, or ``equal``),
-    a sentence of that register, and a target length; then whole consecutive sentences of the same document while
-    they fit (a longer first sentence is cut). Nothing is held in memory but the index of sentences."""
+    A batch draws a length cap; then, per sequence, a register (with probability by ``weighting``: ``tokens`` as the
+    text has, ``sqrt`` of its tokens, so small registers are drawn more often than their size alone gives, or
+    ``equal``), a sentence of that register, and a target length between half the cap and the cap; then whole
+    consecutive sentences of the same document while they fit (a longer first sentence is cut). Nothing is held in
+    memory but the index of sentences."""
 
     def __init__(self, corpus: str, max_length: int, seed: int, *, cls_id: int, sep_id: int,
                  weighting: str = "sqrt", token_noise: float = 0.0, vocab_size: int | None = None) -> None:
@@ -194,10 +195,13 @@ class CorpusText:
 
     def batch(self, size: int, gen: torch.Generator) -> list[list[int]]:
         """``size`` token sequences ([CLS] ... [SEP]), drawn with ``gen``."""
+        # One length cap per batch, each sequence's target between half of it and it: lengths still vary from
+        # MIN_SEQUENCE to max_length across batches, but a padded batch wastes little on padding.
+        cap = int(torch.randint(MIN_SEQUENCE, self.max_length + 1, (1,), generator=gen))
         seqs = []
         for _ in range(size):
             start = self._sentence(gen)
-            target = int(torch.randint(MIN_SEQUENCE, self.max_length + 1, (1,), generator=gen))
+            target = int(torch.randint(max(MIN_SEQUENCE, cap // 2), cap + 1, (1,), generator=gen))
             seqs.append(self._window(start, target))
         if self.token_noise:
             seqs = [self._noised(s, gen) for s in seqs]
