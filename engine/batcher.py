@@ -7,7 +7,7 @@ Why this shape (TEI's router/queue/backend split and its token budget):
 * Inputs, not requests, are the unit of batching. A request's inputs may land in different batches; each
   carries its request and position so results are routed back exactly.
 * A batch is bounded by a **token budget** counted in real tokens, and by a cap on the number of sequences.
-  The model computes packed batches (no padding, :func:`engine.model.pack`), so a mix of lengths costs no more
+  The model computes packed batches (no padding, :func:`engine.packing.pack`), so a mix of lengths costs no more
   than sorted lengths would: inputs are taken oldest first (:func:`first_fit`), which is the fair order and the
   one that keeps tail latency down (docs/serving.md).
 * The worker waits a little (``max_wait_s``) for a batch to grow only when it is busy; an input that arrives
@@ -31,150 +31,23 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
 import torch
 
-from engine.model import DEFAULT_MAX_PADDING_RATIO
+from engine.backend import Backend, Outputs, Task
+from engine.errors import (
+    BatcherError,
+    DeadlineExceeded,
+    EmptyInput,
+    InferenceFailed,
+    InputTooLong,
+    InvalidInput,
+    Overloaded,
+    ShuttingDown,
+)
 
 log = logging.getLogger(__name__)
-
-
-class Task(str, Enum):
-    """What a batch computes; inputs of different tasks never share a forward pass."""
-
-    EMBED = "embed"
-    CLASSIFY = "classify"
-    EMBED_ALL = "embed_all"  # every token's final hidden state (TEI's /embed_all): one [len, H] tensor per input
-
-
-# ---------------------------------------------------------------------------------------------------- errors
-
-
-class BatcherError(Exception):
-    """Base of every error the batcher hands to its callers; ``cause`` is a short stable label."""
-
-    cause = "error"
-
-
-class EmptyInput(BatcherError):
-    cause = "empty"
-
-
-class InvalidInput(BatcherError):
-    """Something about one input the client sent (out-of-vocabulary id, too long, ...)."""
-
-    cause = "validation"
-
-    def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-class InputTooLong(InvalidInput):
-    def __init__(self, index: int, n_tokens: int, max_length: int) -> None:
-        super().__init__(
-            f"input {index} has {n_tokens} tokens, more than the maximum of {max_length}; "
-            "shorten it or set truncate=true", index)
-        self.n_tokens = n_tokens
-        self.max_length = max_length
-
-
-class Overloaded(BatcherError):
-    cause = "overloaded"
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(BatcherError):
-    cause = "timeout"
-
-
-class ShuttingDown(BatcherError):
-    cause = "shutting_down"
-
-
-class InferenceFailed(BatcherError):
-    cause = "backend"
-
-
-# ---------------------------------------------------------------------------------------------------- backend
-
-
-# A batch's outputs: one row per input ([B, dim]), or for Task.EMBED_ALL one [len_i, dim] tensor per input.
-Outputs = torch.Tensor | list[torch.Tensor]
-
-
-class Backend(Protocol):
-    """What the batcher needs from a model; :class:`ModelBackend` adapts ``engine.checkpoint.LoadedModel``."""
-
-    vocab_size: int
-    max_input_tokens: int
-
-    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
-                 direction: str) -> list[list[int]]: ...
-
-    def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]: ...
-
-
-class ModelBackend:
-    """Runs batches through a loaded model; the batcher's inference workers call :meth:`forward`, possibly at once
-    (the model is only read, and FFF leaves are recorded per thread)."""
-
-    COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
-
-    def __init__(self, loaded: Any, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
-        if compute_dtype not in self.COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {self.COMPUTE_DTYPES}, got {compute_dtype}")
-        self.compute_dtype = compute_dtype
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.config = loaded.config
-        self.vocab_size = int(getattr(self.tokenizer, "vocab_size", self.config.vocab_size))
-        self.max_input_tokens = int(self.config.max_position_embeddings)
-        shape = self.model.tree_shape() if hasattr(self.model, "tree_shape") else None
-        self.tree_shape: tuple[int, int] | None = tuple(shape) if shape else None  # type: ignore[assignment]
-        self._recording: bool | None = None
-        self._recording_lock = threading.Lock()
-        self.max_padding_ratio = max_padding_ratio
-
-    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
-                 direction: str) -> list[list[int]]:
-        from engine.tokenizer import InputTooLongError  # local: keep the batcher importable without it
-
-        try:
-            return self.tokenizer.encode(list(texts), max_length=max_length, truncate=truncate,
-                                         direction=direction)
-        except InputTooLongError as exc:
-            raise InputTooLong(exc.index, exc.n_tokens, exc.max_length) from None
-
-    def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]:
-        """Rows of the output follow ``ids``; leaves (per layer, [real tokens, K]) come in no set order."""
-        record = record_leaves and self.tree_shape is not None
-        if record != self._recording:
-            with self._recording_lock:  # workers share the model: switch once (switching drops recorded leaves)
-                if record != self._recording:
-                    self.model.set_record_leaves(record)
-                    self._recording = record
-        # bfloat16: autocast runs linears and attention in bf16 (AMX / AVX-512-BF16 where the CPU has them);
-        # LayerNorms, pooling and the FFF kernel's activations stay fp32.
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
-        with torch.inference_mode(), autocast:
-            out: Outputs
-            if task is Task.EMBED:
-                out = self.model.embed_ids(ids, normalize=False, max_padding_ratio=self.max_padding_ratio)
-            elif task is Task.EMBED_ALL:
-                out = self.model.token_states_ids(ids, max_padding_ratio=self.max_padding_ratio)
-            else:
-                out = self.model.classify_ids(ids, max_padding_ratio=self.max_padding_ratio)
-        out = out.float() if isinstance(out, torch.Tensor) else [t.float() for t in out]
-        return out, (self.model.last_leaves() if record else None)
 
 
 # ---------------------------------------------------------------------------------------------------- data

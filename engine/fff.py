@@ -35,7 +35,7 @@ from engine import cmm as cmm_ops
 from engine.derived import Derived
 
 IMPLS = ("kernel", "reference", "masked")
-# csrc/register.cpp ``fff_forward``: :meth:`FFF.forward`'s serving case in one call (None without the extension)
+# csrc/python/fast_path.cpp ``fff_forward``: :meth:`FFF.forward`'s serving case in one call (None without the extension)
 _FFF_FORWARD = getattr(cmm_ops.extension(), "fff_forward", None)
 
 

@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Encoding
+from tokenizers import Encoding, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")

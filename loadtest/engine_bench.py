@@ -5,7 +5,7 @@ load uses and tokenizes them (the service tokenizes too). With ``max_batch_token
 ``batch_size`` in order; otherwise batches of at most ``batch_size`` inputs and ``max_batch_tokens`` tokens are
 taken oldest first, exactly as the service's batcher takes them from a queue of ``pool`` inputs
 (:func:`engine.batcher.first_fit`). Each batch is one forward pass through
-:class:`engine.batcher.ModelBackend`, the exact call the batcher's worker makes, leaf recording included.
+:class:`engine.backend.ModelBackend`, the exact call the batcher's worker makes, leaf recording included.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def calibrate_pool(loaded: Any, *, target_mean_size: float, batch_size: int, max
                    max_pool: int, seed: int = 0, source: str = "auto", samples: int = 400) -> tuple[int, float]:
     """The pool size whose batches (same policy, same texts, no model run) have the mean size closest to
     ``target_mean_size`` -- e.g. the service's, read from /metrics. Returns (pool, its mean batch size)."""
-    from engine.batcher import ModelBackend
+    from engine.backend import ModelBackend
 
     backend = ModelBackend(loaded)
     ids = backend.tokenize(TextMix(seed=seed, source=source).texts(samples), max_length=backend.max_input_tokens,
@@ -156,7 +156,7 @@ def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float =
     service's setting of that name."""
     import torch
 
-    from engine.batcher import ModelBackend, Task
+    from engine.backend import ModelBackend, Task
     from engine.checkpoint import load_model
     from loadtest.runner import percentile
 

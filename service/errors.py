@@ -2,7 +2,7 @@
 
 Why centralised: the promise is "never a 500 for anything a client can send", which only holds if every path
 (validation, routing, batcher, middleware) ends in the same mapping. Batcher errors keep their own classes in
-``engine.batcher`` (the engine must not know HTTP); this module decides their status codes.
+``engine.errors`` (the engine must not know HTTP); this module decides their status codes.
 
 Each error has a status and a ``kind`` (lowercase, stable: the ``cause`` label of ``ufb_failures_total``). The
 body follows the caller's API: OpenAI's ``{"error": {"message", "type", "param", "code"}}`` on the OpenAI routes
@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import batcher as b
+from engine import errors as b
 from service.responses import JSON
 
 log = logging.getLogger("service.errors")

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
-from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from engine.batcher import Batcher, BatchStats
 

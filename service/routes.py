@@ -21,7 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from engine.batcher import EmptyInput, InputTooLong, Overloaded, Result, Task, check_vocabulary
+from engine.backend import Task
+from engine.batcher import Result, check_vocabulary
+from engine.errors import EmptyInput, InputTooLong, Overloaded
 from engine.tokenizer import Tokenizer
 from service import __version__
 from service import errors as E

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from engine.batcher import Batcher, BatcherLimits, ModelBackend, Task, worker_threads
+from engine.backend import ModelBackend, Task
+from engine.batcher import Batcher, BatcherLimits, worker_threads
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from engine.batcher import (
-    Batcher,
-    BatcherLimits,
-    BatchStats,
+from engine.backend import Task
+from engine.batcher import Batcher, BatcherLimits, BatchStats, first_fit
+from engine.errors import (
     DeadlineExceeded,
     EmptyInput,
     InferenceFailed,
@@ -25,8 +24,6 @@ from engine.batcher import (
     InvalidInput,
     Overloaded,
     ShuttingDown,
-    Task,
-    first_fit,
 )
 
 

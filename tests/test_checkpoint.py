@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import CheckpointError, LoadedModel, build_tiny_model, convert_hf_bert, load_model, save_model
+from engine.checkpoint import CheckpointError, LoadedModel, convert_hf_bert, load_model, save_model
 
 torch.set_num_threads(2)
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from docker_support import REHEARSE_SCRIPT, rehearse
+
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def test_expand_variables() -> None:
 def test_the_real_dockerignore_lets_sources_and_the_model_through_and_nothing_built() -> None:
     patterns = rehearse.ignore_patterns(ROOT / "docker" / "Dockerfile", ROOT)
     assert patterns
-    passes = ["pyproject.toml", "setup.py", "README.md", "csrc/cmm_cpu.cpp", "engine/cmm.py", "service/app.py",
+    passes = ["pyproject.toml", "setup.py", "README.md", "csrc/cpu/cmm_cpu.cpp", "engine/cmm.py", "service/app.py",
               "loadtest/cli.py", "models/ultrafastbert-minilm-l6/model.safetensors"]
     blocked = ["engine/_cmm.cpython-311-x86_64-linux-gnu.so", "engine/__pycache__/cmm.cpython-311.pyc",
                "tests/test_cmm.py", ".venv/bin/python", "runs/k2d7/model/model.safetensors", "models/other/x.bin",

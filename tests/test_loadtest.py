@@ -31,7 +31,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> An
 
 @pytest.fixture(scope="module")
 def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    from engine.checkpoint import build_tiny_model
+    from tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-dense", ffn="dense")
 

@@ -6,10 +6,11 @@ import asyncio
 import math
 
 import torch
-
-from engine.batcher import BatchStats, Task
-from service.metrics import ServiceMetrics, leaf_evenness
 from service_support import make_app, metric, metric_samples, running, tiny_loaded  # noqa: F401
+
+from engine.backend import Task
+from engine.batcher import BatchStats
+from service.metrics import ServiceMetrics, leaf_evenness
 
 
 def run(coro):

@@ -11,7 +11,8 @@ import torch
 from engine import cmm as C
 from engine.config import ModelConfig
 from engine.fff import FFF
-from engine.model import UltraFastBert, length_groups
+from engine.model import UltraFastBert
+from engine.packing import length_groups
 from engine.tokenizer import InputTooLongError, Tokenizer
 
 torch.set_num_threads(2)
@@ -252,7 +253,7 @@ def test_length_groups_bound_padding_and_keep_every_input() -> None:
 
 
 def test_pack_lays_out_groups_and_rejects_empty_input() -> None:
-    from engine.model import pack
+    from engine.packing import pack
 
     flat, packing = pack([[7, 8, 9], [5], [1, 2, 3, 4]], max_padding_ratio=1.0)
     assert packing.order.tolist() == [1, 0, 2]  # by length
@@ -487,7 +488,7 @@ def test_compiled_stamp_changes_exactly_when_the_python_stamp_does() -> None:
 @pytest.mark.skipif(not C.KERNEL.compiled, reason="needs the compiled extension")
 @pytest.mark.parametrize("bias_out", [False, True])
 def test_fff_forward_in_one_call_serves_exactly_the_serving_case(bias_out: bool) -> None:
-    """FFF.forward's serving case runs as one extension call (csrc/register.cpp fff_forward). It must give the
+    """FFF.forward's serving case runs as one extension call (csrc/python/fast_path.cpp fff_forward). It must give the
     Python path's bits, record leaves as it does, and decline (NotImplemented) whenever the Python path has to
     decide: before the first packing, after any parameter change, in training mode, for other impls, inputs and
     weight dtypes, and with a Python-made stamp. Declining must never raise."""

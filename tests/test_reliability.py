@@ -24,8 +24,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
-from service.errors import is_openai_path
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     metric,
@@ -35,6 +33,8 @@ from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     serve_in_thread,
     tiny_loaded,
 )
+
+from service.errors import is_openai_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
@@ -410,7 +410,7 @@ SITECUSTOMIZE = """
 import os, time
 delay = float(os.environ.get("UFB_TEST_FORWARD_DELAY_S", "0"))
 if delay:
-    import engine.batcher as _b
+    import engine.backend as _b
     _forward = _b.ModelBackend.forward
     def forward(self, *a, **k):
         time.sleep(delay)

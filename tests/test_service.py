@@ -10,8 +10,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-from service.app import create_app
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     metric,
@@ -22,6 +20,8 @@ from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     settings,
     tiny_loaded,
 )
+
+from service.app import create_app
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 
@@ -586,7 +586,7 @@ def test_compute_dtype_bfloat16_serves_close_to_float32(tiny_loaded, monkeypatch
 
 
 def test_model_backend_refuses_an_unsupported_compute_dtype(tiny_loaded) -> None:
-    from engine.batcher import ModelBackend
+    from engine.backend import ModelBackend
 
     with pytest.raises(ValueError, match="compute_dtype"):
         ModelBackend(tiny_loaded, compute_dtype=torch.float16)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from engine import text_data
+from engine.training import text_data
 
 
 @pytest.fixture(scope="module")

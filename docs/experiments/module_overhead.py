@@ -4,7 +4,7 @@ Side by side in one process, float16 weights, UltraFastBERT-1x11 shape (width 76
 11 alternating rounds of 5,000 calls:
 
 * the bare op (``engine.cmm.cmm``);
-* the module as shipped: its serving case is one extension call (``fff_forward`` in ``csrc/register.cpp``);
+* the module as shipped: its serving case is one extension call (``fff_forward`` in ``csrc/python/fast_path.cpp``);
 * the module's Python path (``engine.fff._FFF_FORWARD`` set to None for the round), which checks the packed weights
   with the extension's ``tensor_stamp``;
 * the same Python path with the stamp read from Python (``engine.derived.python_stamp``: ``data_ptr()``,

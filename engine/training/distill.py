@@ -33,17 +33,18 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
-from engine.training.fff_fit import fit_output_rows, split_routing
 from engine.fff import FFF
 from engine.model import ClassificationHead, UltraFastBert
+from engine.training.fff_fit import fit_output_rows, split_routing
 from engine.training.training_text import CorpusText, TrainingText, seeded
 
 log = logging.getLogger("engine.training.distill")

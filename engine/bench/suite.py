@@ -294,7 +294,3 @@ def main(argv: list[str] | None = None) -> None:
     elif args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()
