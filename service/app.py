@@ -16,8 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from service import __version__
-from service import errors
+from service import __version__, errors
 from service.metrics import ServiceMetrics
 from service.middleware import OPEN_PATHS, ApiKey, BodyLimit, Observe
 from service.routes import ClientGone, router

@@ -122,7 +122,7 @@ class PredictRequest(_Truncation):
     """TEI's ``/predict``: a string ``"a"`` (or ``["a"]``), a pair ``["a", "b"]``, or a batch of singles and pairs
     ``[["a"], ["b", "c"]]``. The models served here classify single sequences: a pair is refused with 422."""
 
-    inputs: Union[Text, list[Text], list[list[Text]]]
+    inputs: Text | list[Text] | list[list[Text]]
     raw_scores: bool = False
 
 
@@ -146,7 +146,7 @@ class TokenizeRequest(_NoPrompt):
 
 
 class DecodeRequest(_Body):
-    ids: Union[TokenIds, list[TokenIds]] = Field(..., description="One token id list, or a list of them.")
+    ids: TokenIds | list[TokenIds] = Field(..., description="One token id list, or a list of them.")
     skip_special_tokens: bool = True
 
 

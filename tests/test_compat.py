@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     reference_embedding,

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-
 from service_support import make_app, reference_embedding, reference_logits, serve_in_thread, tiny_loaded  # noqa: F401
 
 # Not "hf_..."-shaped: huggingface_hub sends requests with such a token to Hugging Face's router, not the URL given.

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import torch
+from service_support import metric, metric_samples, reference_embedding, tiny_loaded  # noqa: F401
 
 from loadtest.servers import LocalServer, rss_of
-from service_support import metric, metric_samples, reference_embedding, tiny_loaded  # noqa: F401
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 CONNECTIONS = 300  # requests in flight at once, each on its own connection

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.training import corpus as C
 from engine.training.training_text import CorpusText, seeded

@@ -13,12 +13,20 @@ from typing import Any
 
 import httpx
 import yaml
-
 from docker_support import rehearse
-from service.settings import Settings
-from prometheus_support import (DASHBOARD, dashboard, dashboard_exprs, dashboard_failures, drive_dashboard_traffic,
-                                free_port, needs_prometheus, running_prometheus)
+from prometheus_support import (
+    DASHBOARD,
+    dashboard,
+    dashboard_exprs,
+    dashboard_failures,
+    drive_dashboard_traffic,
+    free_port,
+    needs_prometheus,
+    running_prometheus,
+)
 from service_support import make_app, running, tiny_loaded  # noqa: F401 - fixture
+
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

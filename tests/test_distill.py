@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from service_support import running, settings
 
 from engine.checkpoint import load_model
 from engine.training.distill import DistillOptions, distill
 from service.app import create_app
-from service_support import running, settings
 
 WORDS = ("the film was a quiet triumph of light and memory; every scene felt alive and honest yet the plot "
          "dragged on while the actors seemed lost in a script nobody had finished writing before shooting began "
@@ -211,8 +211,8 @@ def test_grow_keeps_the_earlier_trees_and_fits_the_added_ones(tiny_teacher: Path
     """``grow_from``: the grown student starts as the earlier one (added trees' output rows at zero), the added
     trees are then fitted to what the earlier trees miss (every layer's error goes down), and end-to-end training
     follows; an interrupted grown run resumes to the same state."""
-    from engine.training.distill import _grow_from_student
     from engine.checkpoint import convert_hf_bert
+    from engine.training.distill import _grow_from_student
 
     earlier = load_model(distilled)
     grown = convert_hf_bert(tiny_teacher, trees=4, depth=2, name="g")

@@ -18,14 +18,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from service.errors import is_openai_path
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     reference_embedding,
     serve_in_thread,
     tiny_loaded,
 )
+
+from service.errors import is_openai_path
 
 POST_ROUTES = ["/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/classify", "/predict", "/tokenize", "/",
                "/invocations"]

@@ -13,7 +13,6 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-
 from service_support import make_app, reference_embedding, serve_in_thread, tiny_loaded  # noqa: F401
 
 API_KEY = "test-key-123"

@@ -37,13 +37,19 @@ import yaml
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 serve = pytest.importorskip("ray.serve")
 
+from prometheus_support import (  # noqa: E402
+    dashboard_failures,
+    drive_dashboard_traffic,
+    free_port,
+    needs_prometheus,
+    running_prometheus,
+)
+from service_support import make_app, metric_samples, running  # noqa: E402
+
 from service.ray_serve import discovery  # noqa: E402
 from service.ray_serve.launch import PROXY_TIMEOUT_MARGIN_S  # noqa: E402
 from service.ray_serve.options import DEPLOYMENT_NAME, REPLICA_HEADER, TARGETS_PATH, RayOptions  # noqa: E402
 from service.settings import DEFAULT_MODEL_PATH, Settings  # noqa: E402
-from prometheus_support import (dashboard_failures, drive_dashboard_traffic, free_port,  # noqa: E402
-                                needs_prometheus, running_prometheus)
-from service_support import make_app, metric_samples, running  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY_DIR = ROOT / "docker" / "ray"
@@ -110,10 +116,9 @@ def test_build_app_routes_arguments_and_refuses_unknown_ones(tmp_path: Path) -> 
 
 
 def test_cli_serve_ray_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.logs
     import service.ray_serve.launch as launch
     from service.cli import main
-
-    import service.logs
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(launch, "serve_on_ray", lambda settings, options: seen.update(s=settings, o=options) or 0)

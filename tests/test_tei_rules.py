@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from prometheus_support import free_port, needs_prometheus, running_prometheus
 from service_support import make_app, serve_in_thread, tiny_loaded  # noqa: F401
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.tokenizer import Tokenizer
 from engine.training.training_text import TrainingText, seeded

@@ -33,7 +33,6 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     from ray import serve
 
     from service.ray_serve.deployment import build_app
-
     from service.ray_serve.proxy import CALLBACK, CALLBACK_ENV
 
     # a local cluster started here inherits this, so its proxies answer a dead replica's requests with JSON 502
