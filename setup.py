@@ -22,8 +22,13 @@ with_cuda = bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("UFB
 
 common = {"include_dirs": [str(Path("csrc").resolve())], "extra_link_args": ["-fopenmp"]}
 if with_cuda:
-    extension = CUDAExtension(name="engine._cmm", sources=sources + cuda_sources, define_macros=[("UFB_WITH_CUDA", None)],
-                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]}, **common)
+    extension = CUDAExtension(
+        name="engine._cmm",
+        sources=sources + cuda_sources,
+        define_macros=[("UFB_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+        **common,
+    )
 else:
     extension = CppExtension(name="engine._cmm", sources=sources, extra_compile_args=cxx, **common)
 

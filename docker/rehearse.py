@@ -41,8 +41,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEM_DIRS = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "etc", "var", "tmp", "dev", "proc", "sys", "run",
-               "root", "boot"}
+SYSTEM_DIRS = {
+    "usr",
+    "bin",
+    "sbin",
+    "lib",
+    "lib32",
+    "lib64",
+    "etc",
+    "var",
+    "tmp",
+    "dev",
+    "proc",
+    "sys",
+    "run",
+    "root",
+    "boot",
+}
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SKIPPED_COMMANDS = ("apt-get", "apt", "groupadd", "useradd")
 HANDLED = ("RUN", "ENV", "WORKDIR", "USER", "COPY", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "CMD")  # + ARG, FROM, LABEL
@@ -92,11 +107,13 @@ def parse_dockerfile(text: str) -> list[Instruction]:
 
 def expand(text: str, variables: dict[str, str]) -> str:
     """``$VAR`` and ``${VAR}`` (and ``${VAR:-default}``) from the build's ARG/ENV values; unknown ones expand empty."""
+
     def sub(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(3)
         default = m.group(2)
         value = variables.get(name, "")
         return value if value or default is None else default
+
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", sub, text)
 
 
@@ -149,8 +166,9 @@ def excluded(rel: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
 
 
 class Rehearsal:
-    def __init__(self, dockerfile: Path, context: Path, scratch: Path, build_args: dict[str, str],
-                 timeout_s: float) -> None:
+    def __init__(
+        self, dockerfile: Path, context: Path, scratch: Path, build_args: dict[str, str], timeout_s: float
+    ) -> None:
         self.dockerfile, self.context, self.scratch = dockerfile, context, scratch
         self.root = scratch / "root"
         self.instructions = parse_dockerfile(dockerfile.read_text())
@@ -245,8 +263,12 @@ class Rehearsal:
         self.standin_bin.mkdir(parents=True)
         for alias in ("python", "python3", wanted):
             (self.standin_bin / alias).symlink_to(found)
-        version = subprocess.run([str(found), "-c", "import platform; print(platform.python_version())"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        version = subprocess.run(
+            [str(found), "-c", "import platform; print(platform.python_version())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         self.report["stand_ins"].append(f"{image}: host {found} (Python {version})")  # type: ignore[union-attr]
         self.log(f"base image {image}: stand-in {found} (Python {version})")
 
@@ -282,8 +304,9 @@ class Rehearsal:
         self.log(f"RUN (line {ins.line}): {script}")
         cwd = self.host(stage.workdir)
         cwd.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["/bin/sh", "-c", script], cwd=cwd, env=self._env_for_commands(stage),
-                              timeout=self.timeout_s)
+        done = subprocess.run(
+            ["/bin/sh", "-c", script], cwd=cwd, env=self._env_for_commands(stage), timeout=self.timeout_s
+        )
         if done.returncode != 0:
             raise RehearsalError(f"line {ins.line}: RUN failed with status {done.returncode}: {script}")
 
@@ -292,13 +315,13 @@ class Rehearsal:
         if words[0] in ("apt-get", "apt"):
             if "install" not in words:
                 return
-            packages = [w for w in words[words.index("install") + 1:] if not w.startswith("-")]
-            missing = [p for p in packages
-                       if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+            packages = [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
+            missing = [p for p in packages if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
             if missing:
                 raise RehearsalError(f"line {ins.line}: the image installs {missing}, which this host lacks")
             skipped.append(f"line {ins.line}: apt-get install {' '.join(packages)} (present on the host)")
             return
+
         def flag(name: str) -> str | None:
             return words[words.index(name) + 1] if name in words else None
 
@@ -320,7 +343,8 @@ class Rehearsal:
             if w in ("--index-url", "-i", "--extra-index-url"):
                 skip_next = True
                 self.report["skipped"].append(  # type: ignore[union-attr]
-                    f"line {ins.line}: pip {w} (no network; this machine's offline index serves the pinned versions)")
+                    f"line {ins.line}: pip {w} (no network; this machine's offline index serves the pinned versions)"
+                )
                 continue
             if w.startswith(("--index-url=", "--extra-index-url=")):
                 continue
@@ -363,8 +387,10 @@ class Rehearsal:
             copied = self._copy_tree(origin, target, dest.endswith("/") or len(sources) > 1, rel_base)
             if copied == 0:
                 raise RehearsalError(f"line {ins.line}: COPY {src}: every file is excluded by the dockerignore")
-            self.log(f"COPY (line {ins.line}) {src} -> {dest}: {copied} files"
-                     + (f", owner {owner[0]}:{owner[1]}" if owner else ""))
+            self.log(
+                f"COPY (line {ins.line}) {src} -> {dest}: {copied} files"
+                + (f", owner {owner[0]}:{owner[1]}" if owner else "")
+            )
         if owner is not None:
             for path in [target, *target.rglob("*")] if target.is_dir() else [target]:
                 os.chown(path, *owner, follow_symlinks=False)
@@ -441,8 +467,9 @@ class Rehearsal:
         self.report["user"] = {"uid": uid, "gid": gid, "switched": as_user}
         self.log(f"docker run: {shlex.join(argv)} as {uid}:{gid} in {cwd}, UFB_PORT={port}")
         logfile = (self.scratch / "service.log").open("w")
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=logfile, stderr=subprocess.STDOUT,
-                                start_new_session=True, **user_kwargs)  # type: ignore[arg-type]
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True, **user_kwargs
+        )  # type: ignore[arg-type]
         try:
             self._probe(proc, env, port, cwd, user_kwargs)
         except BaseException:
@@ -453,8 +480,9 @@ class Rehearsal:
             raise
         logfile.close()
 
-    def _probe(self, proc: subprocess.Popen[bytes], env: dict[str, str], port: int, cwd: Path,
-               user_kwargs: dict[str, object]) -> None:
+    def _probe(
+        self, proc: subprocess.Popen[bytes], env: dict[str, str], port: int, cwd: Path, user_kwargs: dict[str, object]
+    ) -> None:
         health = self.report.get("healthcheck")
         if not health:
             raise RehearsalError("the image has no HEALTHCHECK")
@@ -465,13 +493,13 @@ class Rehearsal:
             if proc.poll() is not None:
                 raise RehearsalError(f"the service exited with status {proc.returncode} before it was healthy")
             attempts += 1
-            check = subprocess.run(command, cwd=cwd, env=env, capture_output=True, timeout=30,
-                                   **user_kwargs)  # type: ignore[arg-type]
+            check = subprocess.run(command, cwd=cwd, env=env, capture_output=True, timeout=30, **user_kwargs)  # type: ignore[arg-type]
             if check.returncode == 0:
                 break
             if time.monotonic() > deadline:
-                raise RehearsalError(f"HEALTHCHECK still failing after {attempts} attempts: "
-                                     f"{check.stderr.decode()[-400:]}")
+                raise RehearsalError(
+                    f"HEALTHCHECK still failing after {attempts} attempts: {check.stderr.decode()[-400:]}"
+                )
             time.sleep(1.0)
         self.report["health"] = {"passed": True, "attempts": attempts}
         self.log(f"HEALTHCHECK passed (attempt {attempts})")
@@ -490,8 +518,11 @@ class Rehearsal:
             time.sleep(0.5)
         with urllib.request.urlopen(f"{base}/info", timeout=10) as r:
             info = json.load(r)
-        self.report["info"] = {"version": info.get("version"), "model": (info.get("model") or {}).get("name"),
-                               "kernel": info.get("kernel")}
+        self.report["info"] = {
+            "version": info.get("version"),
+            "model": (info.get("model") or {}).get("name"),
+            "kernel": info.get("kernel"),
+        }
         body = json.dumps({"input": ["a rehearsal of the docker image"]}).encode()
         request = urllib.request.Request(f"{base}/v1/embeddings", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as r:
@@ -521,8 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="ufb-rehearsal-"))
     scratch.mkdir(parents=True, exist_ok=True)
     scratch.chmod(0o755)  # the image's user must reach the root inside it
-    rehearsal = Rehearsal(args.dockerfile.resolve(), args.context.resolve(), scratch,
-                          dict(a.split("=", 1) for a in args.build_arg), args.timeout)
+    rehearsal = Rehearsal(
+        args.dockerfile.resolve(),
+        args.context.resolve(),
+        scratch,
+        dict(a.split("=", 1) for a in args.build_arg),
+        args.timeout,
+    )
     try:
         report = rehearsal.run()
         report["ok"] = True

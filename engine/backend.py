@@ -36,11 +36,11 @@ class Backend(Protocol):
     vocab_size: int
     max_input_tokens: int
 
-    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
-                 direction: str) -> list[list[int]]: ...
+    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool, direction: str) -> list[list[int]]: ...
 
-    def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]: ...
+    def forward(
+        self, task: Task, ids: Sequence[Sequence[int]], record_leaves: bool
+    ) -> tuple[Outputs, list[torch.Tensor] | None]: ...
 
 
 class ModelBackend:
@@ -49,8 +49,12 @@ class ModelBackend:
 
     COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
-    def __init__(self, loaded: Any, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        loaded: Any,
+        max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
         if compute_dtype not in self.COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {self.COMPUTE_DTYPES}, got {compute_dtype}")
         self.compute_dtype = compute_dtype
@@ -65,18 +69,17 @@ class ModelBackend:
         self._recording_lock = threading.Lock()
         self.max_padding_ratio = max_padding_ratio
 
-    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
-                 direction: str) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool, direction: str) -> list[list[int]]:
         from engine.tokenizer import InputTooLongError  # local: keep the batcher importable without it
 
         try:
-            return self.tokenizer.encode(list(texts), max_length=max_length, truncate=truncate,
-                                         direction=direction)
+            return self.tokenizer.encode(list(texts), max_length=max_length, truncate=truncate, direction=direction)
         except InputTooLongError as exc:
             raise InputTooLong(exc.index, exc.n_tokens, exc.max_length) from None
 
-    def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]:
+    def forward(
+        self, task: Task, ids: Sequence[Sequence[int]], record_leaves: bool
+    ) -> tuple[Outputs, list[torch.Tensor] | None]:
         """Rows of the output follow ``ids``; leaves (per layer, [real tokens, K]) come in no set order."""
         record = record_leaves and self.tree_shape is not None
         if record != self._recording:

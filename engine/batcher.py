@@ -174,9 +174,13 @@ def _resolve(fut: asyncio.Future[Any], value: Any = None, exc: BaseException | N
 class Batcher:
     """Queue + inference worker thread(s). Create it, ``start()`` it, ``await submit(...)`` from the event loop."""
 
-    def __init__(self, backend: Backend, limits: BatcherLimits | None = None,
-                 observer: BatchObserver | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        limits: BatcherLimits | None = None,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backend = backend
         self.limits = limits or BatcherLimits()
         self.observer = observer
@@ -195,8 +199,9 @@ class Batcher:
         self._accepting = False
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._tok_pool = ThreadPoolExecutor(max_workers=max(1, self.limits.tokenizer_workers),
-                                            thread_name_prefix="ufb-tokenize")
+        self._tok_pool = ThreadPoolExecutor(
+            max_workers=max(1, self.limits.tokenizer_workers), thread_name_prefix="ufb-tokenize"
+        )
 
     # -------------------------------------------------------------- lifecycle
 
@@ -205,8 +210,10 @@ class Batcher:
             return
         self._accepting = True
         n = max(1, self.limits.inference_workers)
-        self._threads = [threading.Thread(target=self._worker, name="ufb-inference" + (f"-{i}" if n > 1 else ""),
-                                          daemon=True) for i in range(n)]
+        self._threads = [
+            threading.Thread(target=self._worker, name="ufb-inference" + (f"-{i}" if n > 1 else ""), daemon=True)
+            for i in range(n)
+        ]
         for t in self._threads:
             t.start()
 
@@ -271,8 +278,11 @@ class Batcher:
     def peaks(self) -> dict[str, int]:
         """High-water marks of queue depth (inputs), queued tokens and admitted requests since the last reset."""
         with self._cond:
-            return {"queue_depth": self._peak_queue_depth, "queued_tokens": self._peak_queued_tokens,
-                    "admitted": self._peak_admitted}
+            return {
+                "queue_depth": self._peak_queue_depth,
+                "queued_tokens": self._peak_queued_tokens,
+                "admitted": self._peak_admitted,
+            }
 
     def reset_peaks(self) -> None:
         with self._cond:
@@ -286,9 +296,16 @@ class Batcher:
         """Other tokenizer work (e.g. /tokenize) shares the bounded pool instead of the loop's default one."""
         return await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn, *args)
 
-    async def submit(self, task: Task, *, texts: Sequence[str] | None = None,
-                     token_ids: Sequence[Sequence[int]] | None = None, truncate: bool = False,
-                     direction: str = "right", deadline: float | None = None) -> Result:
+    async def submit(
+        self,
+        task: Task,
+        *,
+        texts: Sequence[str] | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        truncate: bool = False,
+        direction: str = "right",
+        deadline: float | None = None,
+    ) -> Result:
         """Tokenize (off the loop), enqueue, and wait for every input's output.
 
         ``deadline`` is on this batcher's clock (``time.monotonic`` by default). Cancelling the awaiting task
@@ -303,8 +320,9 @@ class Batcher:
             if self._admitted >= self.limits.max_concurrent_requests:
                 raise Overloaded(f"too many concurrent requests (limit {self.limits.max_concurrent_requests})")
             if len(self._pending) + n > self.limits.max_queued_inputs:
-                raise Overloaded(f"the queue is full ({len(self._pending)} inputs waiting, "
-                                 f"limit {self.limits.max_queued_inputs})")
+                raise Overloaded(
+                    f"the queue is full ({len(self._pending)} inputs waiting, limit {self.limits.max_queued_inputs})"
+                )
             self._admitted += 1
             self._peak_admitted = max(self._peak_admitted, self._admitted)
         try:
@@ -313,9 +331,15 @@ class Batcher:
             with self._cond:
                 self._admitted -= 1
 
-    async def _submit_admitted(self, task: Task, texts: Sequence[str] | None,
-                               token_ids: Sequence[Sequence[int]] | None, truncate: bool, direction: str,
-                               deadline: float | None) -> Result:
+    async def _submit_admitted(
+        self,
+        task: Task,
+        texts: Sequence[str] | None,
+        token_ids: Sequence[Sequence[int]] | None,
+        truncate: bool,
+        direction: str,
+        deadline: float | None,
+    ) -> Result:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         max_len = self.limits.max_input_tokens
@@ -323,8 +347,9 @@ class Batcher:
             if any(t == "" for t in texts):
                 raise EmptyInput(f"input {next(i for i, t in enumerate(texts) if t == '')} is an empty string")
             ids = await loop.run_in_executor(
-                self._tok_pool, lambda: self.backend.tokenize(texts, max_length=max_len, truncate=truncate,
-                                                              direction=direction))
+                self._tok_pool,
+                lambda: self.backend.tokenize(texts, max_length=max_len, truncate=truncate, direction=direction),
+            )
         else:
             ids = self._check_ids(token_ids or (), truncate, direction)
         tokenization_s = time.perf_counter() - t0
@@ -334,19 +359,30 @@ class Batcher:
 
         fut: asyncio.Future[Result] = loop.create_future()
         counts = [len(x) for x in ids]
-        req = _Request(task=task, n=len(ids), loop=loop, future=fut, deadline=deadline, enqueued=now,
-                       token_counts=counts, tokenization_s=tokenization_s,
-                       rows=[None] * len(ids), remaining=len(ids))
+        req = _Request(
+            task=task,
+            n=len(ids),
+            loop=loop,
+            future=fut,
+            deadline=deadline,
+            enqueued=now,
+            token_counts=counts,
+            tokenization_s=tokenization_s,
+            rows=[None] * len(ids),
+            remaining=len(ids),
+        )
         total = sum(counts)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the service is shutting down")
             if len(self._pending) + req.n > self.limits.max_queued_inputs:
-                raise Overloaded(f"the queue is full ({len(self._pending)} inputs waiting, "
-                                 f"limit {self.limits.max_queued_inputs})")
+                raise Overloaded(
+                    f"the queue is full ({len(self._pending)} inputs waiting, limit {self.limits.max_queued_inputs})"
+                )
             if self._queued_tokens + total > self.limits.max_queued_tokens:
-                raise Overloaded(f"the queue is full ({self._queued_tokens} tokens waiting, "
-                                 f"limit {self.limits.max_queued_tokens})")
+                raise Overloaded(
+                    f"the queue is full ({self._queued_tokens} tokens waiting, limit {self.limits.max_queued_tokens})"
+                )
             for i, x in enumerate(ids):
                 seq = next(self._seq)
                 self._pending[seq] = _Item(req, i, list(x), seq)
@@ -375,7 +411,7 @@ class Batcher:
             if len(seq) > max_len:
                 if not truncate:
                     raise InputTooLong(i, len(seq), max_len)
-                seq = seq[:max_len] if direction == "right" else seq[len(seq) - max_len:]
+                seq = seq[:max_len] if direction == "right" else seq[len(seq) - max_len :]
             out.append(list(seq))
         return out
 
@@ -434,8 +470,10 @@ class Batcher:
         oldest = next(iter(self._pending.values()))
         until = oldest.req.enqueued + self.limits.max_wait_s
         while not self._stopping:
-            if (len(self._pending) >= self.limits.max_batch_requests
-                    or self._queued_tokens >= self.limits.max_batch_tokens):
+            if (
+                len(self._pending) >= self.limits.max_batch_requests
+                or self._queued_tokens >= self.limits.max_batch_tokens
+            ):
                 return
             remaining = until - self._clock()
             if remaining <= 0:
@@ -444,8 +482,11 @@ class Batcher:
 
     def _expire_locked(self) -> None:
         now = self._clock()
-        dead = {it.req for it in self._pending.values()
-                if it.req.finished or (it.req.deadline is not None and now >= it.req.deadline)}
+        dead = {
+            it.req
+            for it in self._pending.values()
+            if it.req.finished or (it.req.deadline is not None and now >= it.req.deadline)
+        }
         for req in dead:
             self._drop_items_locked(req)
             if not req.finished:
@@ -457,8 +498,12 @@ class Batcher:
             return []
         task = next(iter(self._pending.values())).req.task
         cands = [it for it in self._pending.values() if it.req.task is task]  # arrival order
-        chosen = [cands[i] for i in first_fit([len(it.ids) for it in cands], self.limits.max_batch_requests,
-                                              self.limits.max_batch_tokens)]
+        chosen = [
+            cands[i]
+            for i in first_fit(
+                [len(it.ids) for it in cands], self.limits.max_batch_requests, self.limits.max_batch_tokens
+            )
+        ]
         for it in chosen:
             del self._pending[it.seq]
             self._queued_tokens -= len(it.ids)
@@ -490,8 +535,10 @@ class Batcher:
                 for req in failed:
                     self._drop_items_locked(req)
             for req in failed:
-                self._fail(req, InferenceFailed(f"inference failed for the batch this request was in: "
-                                                f"{type(exc).__name__}: {exc}"))
+                self._fail(
+                    req,
+                    InferenceFailed(f"inference failed for the batch this request was in: {type(exc).__name__}: {exc}"),
+                )
             return
         stats.inference_s = time.perf_counter() - t0
         try:
@@ -526,14 +573,18 @@ class Batcher:
                     done.append(req)
         for req, index in broken:
             log.error("the model produced non-finite values for input %d of a request", index)
-            self._fail(req, InferenceFailed(f"the model produced non-finite values (NaN or infinity) for input "
-                                            f"{index}"))
+            self._fail(
+                req, InferenceFailed(f"the model produced non-finite values (NaN or infinity) for input {index}")
+            )
         for req in done:
             rows: list[torch.Tensor] = req.rows  # type: ignore[assignment]  # every slot is filled by now
-            result = Result(outputs=rows if req.task is Task.EMBED_ALL else torch.stack(rows),
-                            token_counts=req.token_counts, tokenization_s=req.tokenization_s,
-                            queue_s=(req.first_start or end) - req.enqueued,
-                            inference_s=end - (req.first_start or end))
+            result = Result(
+                outputs=rows if req.task is Task.EMBED_ALL else torch.stack(rows),
+                token_counts=req.token_counts,
+                tokenization_s=req.tokenization_s,
+                queue_s=(req.first_start or end) - req.enqueued,
+                inference_s=end - (req.first_start or end),
+            )
             req.loop.call_soon_threadsafe(_resolve, req.future, result)
 
     def _end_inflight(self, batch: list[_Item]) -> None:
@@ -548,7 +599,7 @@ class Batcher:
         if not leaves or not shape:
             return None
         trees, depth = shape
-        n_leaves = 2 ** depth
+        n_leaves = 2**depth
         offsets = torch.arange(trees, dtype=torch.long) * n_leaves
         counts = []
         for layer in leaves:

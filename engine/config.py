@@ -77,31 +77,53 @@ class ModelConfig:
         need(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         need(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         need(self.hidden_act in ACTIVATIONS, f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive integer, got {value!r}")
-        need(self.hidden_size % self.num_heads == 0,
-             f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name} must be a positive integer, got {value!r}",
+            )
+        need(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+        )
         if self.ffn == "fff":
-            need(isinstance(self.fff_trees, int) and self.fff_trees >= 1,
-                 f"fff_trees must be >= 1, got {self.fff_trees!r}")
-            need(isinstance(self.fff_depth, int) and 0 <= self.fff_depth <= 20,
-                 f"fff_depth must be in 0..20, got {self.fff_depth!r}")
+            need(
+                isinstance(self.fff_trees, int) and self.fff_trees >= 1,
+                f"fff_trees must be >= 1, got {self.fff_trees!r}",
+            )
+            need(
+                isinstance(self.fff_depth, int) and 0 <= self.fff_depth <= 20,
+                f"fff_depth must be in 0..20, got {self.fff_depth!r}",
+            )
         for problem in LAYOUTS[self.layout].problems(self):
             need(False, problem)
         need(self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        need(0 <= self.pad_token_id < self.vocab_size,
-             f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
+        need(
+            0 <= self.pad_token_id < self.vocab_size,
+            f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})",
+        )
         if self.labels is not None:
-            need(len(self.labels) >= 1 and all(isinstance(x, str) and x for x in self.labels),
-                 "labels must be a non-empty list of non-empty strings")
+            need(
+                len(self.labels) >= 1 and all(isinstance(x, str) and x for x in self.labels),
+                "labels must be a non-empty list of non-empty strings",
+            )
             need(len(set(self.labels)) == len(self.labels), f"labels must be unique, got {self.labels}")
-        need(self.classifier_dim is None or (isinstance(self.classifier_dim, int) and self.classifier_dim > 0),
-             f"classifier_dim must be None or a positive integer, got {self.classifier_dim!r}")
-        need(self.classifier_activation in CLASSIFIER_ACTIVATIONS,
-             f"classifier_activation must be one of {CLASSIFIER_ACTIVATIONS}, got {self.classifier_activation!r}")
+        need(
+            self.classifier_dim is None or (isinstance(self.classifier_dim, int) and self.classifier_dim > 0),
+            f"classifier_dim must be None or a positive integer, got {self.classifier_dim!r}",
+        )
+        need(
+            self.classifier_activation in CLASSIFIER_ACTIVATIONS,
+            f"classifier_activation must be one of {CLASSIFIER_ACTIVATIONS}, got {self.classifier_activation!r}",
+        )
 
     # ------------------------------------------------------------------ derived values
 

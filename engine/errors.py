@@ -28,7 +28,9 @@ class InputTooLong(InvalidInput):
     def __init__(self, index: int, n_tokens: int, max_length: int) -> None:
         super().__init__(
             f"input {index} has {n_tokens} tokens, more than the maximum of {max_length}; "
-            "shorten it or set truncate=true", index)
+            "shorten it or set truncate=true",
+            index,
+        )
         self.n_tokens = n_tokens
         self.max_length = max_length
 

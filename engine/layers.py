@@ -36,8 +36,9 @@ class Embeddings(nn.Module, ABC):
     norm: nn.LayerNorm
 
     @abstractmethod
-    def add_positions(self, x: torch.Tensor, positions: torch.Tensor,
-                      token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def add_positions(
+        self, x: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """Word embeddings ``x`` plus the layout's position (and token type) terms at ``positions``."""
 
     def reset_layout_parameters(self) -> None:
@@ -48,8 +49,9 @@ class Embeddings(nn.Module, ABC):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.forward_packed(input_ids, positions, token_type_ids)
 
-    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_packed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Ids with the position of each in its own sequence (``[N]`` packed, or ``[T]`` broadcast over a padded
         batch) -> embeddings; token type 0 unless given."""
         return self.norm(self.add_positions(self.word_embeddings(input_ids), positions, token_type_ids))
@@ -86,7 +88,7 @@ class SelfAttention(nn.Module, ABC):
         qkv = self.qkv_heads(x)
         parts = []
         for g in packing.groups:
-            rows = qkv[g.start:g.end]
+            rows = qkv[g.start : g.end]
             block = rows if g.gather is None else rows.index_select(0, g.gather)
             q, k, v = block.view(g.n, g.t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)

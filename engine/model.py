@@ -77,8 +77,10 @@ class UltraFastBert(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``[B, T, H]``; rows at padded positions are meaningless."""
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} "
-                             f"and {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} "
+                f"and {tuple(attention_mask.shape)}"
+            )
         self._check_length(input_ids.shape[1])
         keep = attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids)
@@ -94,8 +96,9 @@ class UltraFastBert(nn.Module):
 
     def _check_length(self, longest: int) -> None:
         if longest > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {longest} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
 
     def _classification_head(self) -> ClassificationHead:
         if self.head is None:
@@ -133,8 +136,9 @@ class UltraFastBert(nn.Module):
             x = self.final_norm(x)
         return x
 
-    def pooled_ids(self, ids: Sequence[Sequence[int]], *, cls: bool,
-                   max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> torch.Tensor:
+    def pooled_ids(
+        self, ids: Sequence[Sequence[int]], *, cls: bool, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO
+    ) -> torch.Tensor:
         """CLS or mean-pooled final hidden states ``[B, H]`` of unpadded token id lists, in input order."""
         input_ids, packing = pack(ids, max_padding_ratio)
         hidden = self.forward_packed(input_ids, packing)
@@ -145,16 +149,21 @@ class UltraFastBert(nn.Module):
             pooled = sums / packing.lengths.to(hidden.dtype).unsqueeze(1)
         return pooled.new_empty(pooled.shape).index_copy_(0, packing.order, pooled)
 
-    def embed_ids(self, ids: Sequence[Sequence[int]], normalize: bool | None = None,
-                  max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> torch.Tensor:
+    def embed_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        normalize: bool | None = None,
+        max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO,
+    ) -> torch.Tensor:
         """:meth:`embed` of unpadded token id lists, ``[B, H]`` in input order; what the service runs."""
         pooled = self.pooled_ids(ids, cls=self.config.pooling == "cls", max_padding_ratio=max_padding_ratio)
         if self.config.normalize if normalize is None else normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
         return pooled
 
-    def token_states_ids(self, ids: Sequence[Sequence[int]],
-                         max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> list[torch.Tensor]:
+    def token_states_ids(
+        self, ids: Sequence[Sequence[int]], max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO
+    ) -> list[torch.Tensor]:
         """Final hidden states of every token, one ``[len_i, H]`` tensor per input in input order (TEI's
         ``/embed_all``: no pooling, no normalisation, special tokens included)."""
         input_ids, packing = pack(ids, max_padding_ratio)
@@ -164,8 +173,9 @@ class UltraFastBert(nn.Module):
             out[i] = parts[j]
         return out
 
-    def classify_ids(self, ids: Sequence[Sequence[int]],
-                     max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> torch.Tensor:
+    def classify_ids(
+        self, ids: Sequence[Sequence[int]], max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO
+    ) -> torch.Tensor:
         """:meth:`classify` of unpadded token id lists, ``[B, num_labels]`` in input order."""
         head = self._classification_head()
         return head(self.pooled_ids(ids, cls=False, max_padding_ratio=max_padding_ratio))

@@ -63,8 +63,9 @@ def length_groups(lengths: Sequence[int], max_padding_ratio: float) -> list[list
     return groups
 
 
-def pack(ids: Sequence[Sequence[int]],
-         max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> tuple[torch.Tensor, Packing]:
+def pack(
+    ids: Sequence[Sequence[int]], max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO
+) -> tuple[torch.Tensor, Packing]:
     """Token id lists -> ``[N]`` packed ids and their :class:`Packing` (every sequence must be non-empty)."""
     if not ids or any(len(x) == 0 for x in ids):
         raise ValueError("pack() needs at least one sequence and no empty ones")
@@ -78,7 +79,7 @@ def pack(ids: Sequence[Sequence[int]],
     attention: list[AttentionGroup] = []
     seq = 0
     for g in groups:
-        n, lens = len(g), lengths[seq:seq + len(g)]
+        n, lens = len(g), lengths[seq : seq + len(g)]
         t, start = max(lens), starts[seq]
         end = start + sum(lens)
         if all(x == t for x in lens):
@@ -93,8 +94,12 @@ def pack(ids: Sequence[Sequence[int]],
             attention.append(AttentionGroup(start, end, n, t, gather, scatter, mask))
         seq += n
     lengths_t = torch.tensor(lengths)
-    packing = Packing(order=torch.tensor(order), lengths=lengths_t, starts=torch.tensor(starts),
-                      positions=torch.cat([torch.arange(x) for x in lengths]),
-                      seq_index=torch.repeat_interleave(torch.arange(len(order)), lengths_t),
-                      groups=tuple(attention))
+    packing = Packing(
+        order=torch.tensor(order),
+        lengths=lengths_t,
+        starts=torch.tensor(starts),
+        positions=torch.cat([torch.arange(x) for x in lengths]),
+        seq_index=torch.repeat_interleave(torch.arange(len(order)), lengths_t),
+        groups=tuple(attention),
+    )
     return torch.tensor(flat, dtype=torch.long), packing

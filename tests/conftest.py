@@ -16,15 +16,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` (CI) runs all three. A new test module must be added here; collection fails until it is.
 TIERS = {
     # the engine in-process: kernel, model, checkpoints, batcher, training (no HTTP)
-    "test_batcher": "engine", "test_checkpoint": "engine", "test_cmm": "engine", "test_corpus": "engine",
-    "test_default_model": "engine", "test_distill": "engine", "test_fff_fit": "engine", "test_layering": "engine",
-    "test_model": "engine", "test_text_data": "engine", "test_training_text": "engine",
+    "test_batcher": "engine",
+    "test_checkpoint": "engine",
+    "test_cmm": "engine",
+    "test_corpus": "engine",
+    "test_default_model": "engine",
+    "test_distill": "engine",
+    "test_fff_fit": "engine",
+    "test_layering": "engine",
+    "test_model": "engine",
+    "test_text_data": "engine",
+    "test_training_text": "engine",
     # the HTTP service in-process (ASGI transport, no server process)
-    "test_compat": "service", "test_fuzz": "service", "test_metrics": "service", "test_service": "service",
+    "test_compat": "service",
+    "test_fuzz": "service",
+    "test_metrics": "service",
+    "test_service": "service",
     # real processes: uvicorn servers and the CLI, Ray, the Docker rehearsal, real Prometheus, signals
-    "test_compat_clients": "system", "test_connections": "system", "test_deploy": "system",
-    "test_docker_rehearsal": "system", "test_loadtest": "system", "test_openai_client": "system",
-    "test_ray": "system", "test_reliability": "system", "test_tei_rules": "system",
+    "test_compat_clients": "system",
+    "test_connections": "system",
+    "test_deploy": "system",
+    "test_docker_rehearsal": "system",
+    "test_loadtest": "system",
+    "test_openai_client": "system",
+    "test_ray": "system",
+    "test_reliability": "system",
+    "test_tei_rules": "system",
 }
 
 

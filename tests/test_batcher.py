@@ -91,8 +91,9 @@ def run(coro):
 
 
 def test_concurrent_requests_get_their_own_results_and_batches_form() -> None:
-    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=256, max_batch_requests=16, max_wait_s=0.005,
-                                               max_input_tokens=64))
+    batcher, backend, rec = make(
+        BatcherLimits(max_batch_tokens=256, max_batch_requests=16, max_wait_s=0.005, max_input_tokens=64)
+    )
 
     async def main() -> None:
         texts = [["x" * ((i * 7) % 40 + 1), "y" * (i % 5)] for i in range(80)]
@@ -428,8 +429,9 @@ def test_stop_fails_queued_requests() -> None:
 def test_batches_take_inputs_oldest_first_within_the_token_budget() -> None:
     """Packed batches cost their real tokens whatever the mix of lengths: inputs go in arrival order, and a later
     short input may fill the room a long one left (first fit); the skipped long input leads the next batch."""
-    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=40, max_batch_requests=8, max_input_tokens=64,
-                                               max_wait_s=0.0))
+    batcher, backend, rec = make(
+        BatcherLimits(max_batch_tokens=40, max_batch_requests=8, max_input_tokens=64, max_wait_s=0.0)
+    )
 
     async def main() -> None:
         backend.gate.clear()
@@ -451,14 +453,17 @@ def test_batches_take_inputs_oldest_first_within_the_token_budget() -> None:
     assert all(b.tokens == sum(b.lengths) <= 40 for b in rec.batches)
 
 
-@pytest.mark.parametrize(("lengths", "size", "tokens", "expected"), [
-    ([], 8, 100, []),
-    ([500], 8, 100, [0]),  # the oldest runs even alone over the budget
-    ([500, 1], 8, 100, [0]),  # ... and alone: nothing fits beside it
-    ([10, 95, 20, 70, 5], 8, 100, [0, 2, 3]),  # first fit in arrival order, not best fit
-    ([1] * 10, 4, 100, [0, 1, 2, 3]),
-    ([50, 50, 1], 8, 100, [0, 1]),
-])
+@pytest.mark.parametrize(
+    ("lengths", "size", "tokens", "expected"),
+    [
+        ([], 8, 100, []),
+        ([500], 8, 100, [0]),  # the oldest runs even alone over the budget
+        ([500, 1], 8, 100, [0]),  # ... and alone: nothing fits beside it
+        ([10, 95, 20, 70, 5], 8, 100, [0, 2, 3]),  # first fit in arrival order, not best fit
+        ([1] * 10, 4, 100, [0, 1, 2, 3]),
+        ([50, 50, 1], 8, 100, [0, 1]),
+    ],
+)
 def test_first_fit(lengths: list[int], size: int, tokens: int, expected: list[int]) -> None:
     assert first_fit(lengths, size, tokens) == expected
 
@@ -507,16 +512,20 @@ def test_several_inference_workers_run_batches_side_by_side() -> None:
 
     backend, rec = BarrierBackend(), Recorder()
     threads_before = torch.get_num_threads()
-    batcher = Batcher(backend, BatcherLimits(max_input_tokens=64, max_batch_requests=2, inference_workers=2,
-                                             threads_per_worker=1), observer=rec)
+    batcher = Batcher(
+        backend,
+        BatcherLimits(max_input_tokens=64, max_batch_requests=2, inference_workers=2, threads_per_worker=1),
+        observer=rec,
+    )
     batcher.start()
 
     async def main():
         texts = [f"request number {i}" for i in range(24)]
         results = await asyncio.gather(*(batcher.submit(Task.EMBED, texts=[t]) for t in texts))
         for t, r in zip(texts, results):
-            torch.testing.assert_close(r.outputs, expected(backend.tokenize([t], max_length=64, truncate=False,
-                                                                            direction="right")))
+            torch.testing.assert_close(
+                r.outputs, expected(backend.tokenize([t], max_length=64, truncate=False, direction="right"))
+            )
 
     try:
         run(main())
@@ -532,8 +541,10 @@ def test_several_inference_workers_run_batches_side_by_side() -> None:
 def test_requests_split_across_workers_get_every_row_once() -> None:
     """Multi-input requests whose inputs land in batches of different workers still resolve once, with every row
     in its place (the per-request bookkeeping is shared between workers)."""
-    batcher = Batcher(FakeBackend(), BatcherLimits(max_input_tokens=64, max_batch_requests=3, inference_workers=2,
-                                                   threads_per_worker=1))
+    batcher = Batcher(
+        FakeBackend(),
+        BatcherLimits(max_input_tokens=64, max_batch_requests=3, inference_workers=2, threads_per_worker=1),
+    )
     batcher.start()
     threads_before = torch.get_num_threads()
 

@@ -230,7 +230,7 @@ def test_fp16_conversion_of_every_finite_value(isa: str) -> None:
     """All 63,488 finite float16 values (subnormals, signed zeros, extremes) go through one w_out row: the kernel
     must widen each exactly. y = GELU(a) * w, one rounding, so y == y[0] * w bit for bit with w[0] = 1. (The sign of
     a zero cannot be seen: the kernel's sums start from +0.)"""
-    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     values = bits.view(torch.float16)
     values = values[torch.isfinite(values)]
     w = torch.cat([torch.ones(1, dtype=torch.float16), values])
@@ -309,8 +309,13 @@ def test_output_bias_is_added_as_rows_are_written(isa: str, weights: torch.dtype
     """``b_out`` (BERT-layout FFFs keep their teacher FFN's output bias) starts each output row's sum in the
     kernel: the result equals the same call without it plus the bias, and the reference with it, for odd widths
     (vector tails), zero and one tokens, several trees, and a batch large enough for the two-pass descent."""
-    for n, d_in, d_out, depth, trees in [(0, 16, 7, 2, 1), (1, 33, 7, 3, 1), (7, 64, 33, 5, 4),
-                                         (300, 97, 100, 5, 2), (1031, 768, 768, 11, 1)]:
+    for n, d_in, d_out, depth, trees in [
+        (0, 16, 7, 2, 1),
+        (1, 33, 7, 3, 1),
+        (7, 64, 33, 5, 4),
+        (300, 97, 100, 5, 2),
+        (1031, 768, 768, 11, 1),
+    ]:
         x, w_in, b_in, w_out = make_problem(n, d_in, d_out, depth, trees, seed=n + d_out)
         w_in, w_out = w_in.to(weights), w_out.to(weights)
         bias = torch.randn(d_out, generator=torch.Generator().manual_seed(n)) * 3
@@ -332,16 +337,21 @@ def test_output_bias_through_the_op_the_binding_and_torch_compile() -> None:
     y_op, _ = torch.ops.ufb.cmm(x, w_in, b_in, w_out, 4, False, bias)
     y_eager, _ = _cmm.cmm_eager(x, w_in, b_in, w_out, 4, False, bias)
     assert torch.equal(y_op, y_eager)
-    assert torch.equal(_cmm.cmm_eager(x, w_in, b_in, w_out, 4, False, None)[0], torch.ops.ufb.cmm(x, w_in, b_in,
-                                                                                                   w_out, 4, False)[0])
+    assert torch.equal(
+        _cmm.cmm_eager(x, w_in, b_in, w_out, 4, False, None)[0], torch.ops.ufb.cmm(x, w_in, b_in, w_out, 4, False)[0]
+    )
 
     def ffn(t: torch.Tensor) -> torch.Tensor:
         return C.cmm(t * 1.0, w_in, b_in, w_out, 4, b_out=bias)[0]
 
     compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), y_op, atol=FP32_TOL, rtol=0)
-    for bad, message in [(torch.randn(47), "b_out must be \\[d_out\\]"), (torch.randn(48, 1), "b_out must be"),
-                         (torch.randn(48).double(), "contiguous float32"), (torch.randn(96)[::2], "contiguous")]:
+    for bad, message in [
+        (torch.randn(47), "b_out must be \\[d_out\\]"),
+        (torch.randn(48, 1), "b_out must be"),
+        (torch.randn(48).double(), "contiguous float32"),
+        (torch.randn(96)[::2], "contiguous"),
+    ]:
         for call in (torch.ops.ufb.cmm, _cmm.cmm_eager):
             with pytest.raises(RuntimeError, match=message):
                 call(x, w_in, b_in, w_out, 4, False, bad)
@@ -505,11 +515,13 @@ def pinned_split():
         _cmm.force_split(-1)
 
 
-@pytest.mark.parametrize("n,depth,trees", [(1, 1, 1), (7, 5, 4), (128, 5, 1), (1031, 11, 1), (4099, 11, 1),
-                                           (300, 7, 2), (2000, 3, 1)])
+@pytest.mark.parametrize(
+    "n,depth,trees", [(1, 1, 1), (7, 5, 4), (128, 5, 1), (1031, 11, 1), (4099, 11, 1), (300, 7, 2), (2000, 3, 1)]
+)
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_two_pass_descent_is_bit_identical_to_one_pass(n: int, depth: int, trees: int, wdtype: torch.dtype,
-                                                      isa: str, pinned_split) -> None:
+def test_two_pass_descent_is_bit_identical_to_one_pass(
+    n: int, depth: int, trees: int, wdtype: torch.dtype, isa: str, pinned_split
+) -> None:
     """Large batches descend in two passes with the tokens re-ordered in between: every split level must give
     the one-pass result exactly (each token's sums are formed in the same order), routing included."""
     x, w_in, b_in, w_out = make_problem(n, 96, 40, depth, trees, seed=n + depth)

@@ -130,8 +130,15 @@ def test_dockerfile_is_multistage_non_root_with_healthcheck_and_default_model() 
             continue
         for src in (w.rstrip("/") for w in words[:-1] if not w.startswith("--")):
             path = ROOT / src
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
-                                                    and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc")]
+            files = (
+                [path]
+                if path.is_file()
+                else [
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc")
+                ]
+            )
             assert files, f"COPY source {src} is missing"
             blocked = [str(f.relative_to(ROOT)) for f in files if rehearse.excluded(str(f.relative_to(ROOT)), patterns)]
             assert not blocked, f"excluded from the build context: {blocked[:5]}"
@@ -178,16 +185,28 @@ def test_grafana_provisioning_matches_compose_and_dashboard() -> None:
 def test_dashboard_covers_the_issue_and_uses_standard_quantiles() -> None:
     exprs = dashboard_exprs()
     joined = "\n".join(exprs)
-    for needed in ["ufb_requests_total", 'status=~"4..|5.."', "ufb_request_duration_seconds_bucket",
-                   "ufb_queue_duration_seconds_bucket", "ufb_batch_inference_duration_seconds", "ufb_batch_size",
-                   "ufb_batch_tokens", "ufb_queue_depth", "ufb_tokens_total", "ufb_ffn_neurons_evaluated_total",
-                   "ufb_fff_leaf_entropy_ratio", "ufb_fff_leaves_used_ratio"]:
+    for needed in [
+        "ufb_requests_total",
+        'status=~"4..|5.."',
+        "ufb_request_duration_seconds_bucket",
+        "ufb_queue_duration_seconds_bucket",
+        "ufb_batch_inference_duration_seconds",
+        "ufb_batch_size",
+        "ufb_batch_tokens",
+        "ufb_queue_depth",
+        "ufb_tokens_total",
+        "ufb_ffn_neurons_evaluated_total",
+        "ufb_fff_leaf_entropy_ratio",
+        "ufb_fff_leaves_used_ratio",
+    ]:
         assert needed in joined, needed
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le, route) (rate(ufb_request_duration_seconds_bucket[" in joined
     for e in exprs:
         if "histogram_quantile" in e:
-            assert re.fullmatch(r"histogram_quantile\(0\.\d+, sum by \(le(, \w+)?\) \(rate\(\w+_bucket\[\S+\]\)\)\)", e), e
+            assert re.fullmatch(
+                r"histogram_quantile\(0\.\d+, sum by \(le(, \w+)?\) \(rate\(\w+_bucket\[\S+\]\)\)\)", e
+            ), e
 
 
 def test_every_dashboard_metric_exists_in_our_metrics(tiny_loaded: Any) -> None:  # noqa: F811

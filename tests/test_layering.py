@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def loaded_modules(*imports: str) -> list[str]:
     """Module names a fresh interpreter holds after importing ``imports``."""
     code = "import json, sys\n" + "".join(f"import {m}\n" for m in imports) + "print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -53,16 +54,24 @@ def test_serving_loads_nothing_from_training_or_the_benchmark() -> None:
 
 def test_no_engine_module_names_service_and_no_serving_module_names_training() -> None:
     engine_files = sorted((ROOT / "engine").rglob("*.py"))
-    serving_files = [p for p in engine_files
-                     if not any(part in ("training", "bench") for part in p.relative_to(ROOT / "engine").parts)]
+    serving_files = [
+        p
+        for p in engine_files
+        if not any(part in ("training", "bench") for part in p.relative_to(ROOT / "engine").parts)
+    ]
     # service/cli.py registers the training subcommands (engine/training/cli.py imports training lazily);
     # everything else in service/ is the serving path.
     serving_files += [p for p in sorted((ROOT / "service").rglob("*.py")) if p.name != "cli.py"]
     assert len(serving_files) > 20
-    offenders = [f"{p.relative_to(ROOT)}: {name}" for p in engine_files for name in imported_names(p)
-                 if within(name, "service")]
-    offenders += [f"{p.relative_to(ROOT)}: {name}" for p in serving_files for name in imported_names(p)
-                  if within(name, "engine.training") or within(name, "engine.bench")]
+    offenders = [
+        f"{p.relative_to(ROOT)}: {name}" for p in engine_files for name in imported_names(p) if within(name, "service")
+    ]
+    offenders += [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in serving_files
+        for name in imported_names(p)
+        if within(name, "engine.training") or within(name, "engine.bench")
+    ]
     assert offenders == []
 
 

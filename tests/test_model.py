@@ -18,11 +18,23 @@ from engine.tokenizer import InputTooLongError, Tokenizer
 torch.set_num_threads(2)
 
 
-def tiny_model(layout: str, ffn: str = "fff", trees: int = 2, depth: int = 3, labels=None, seed: int = 0,
-               vocab: int = 120) -> UltraFastBert:
-    config = ModelConfig(layout=layout, vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, ffn=ffn,
-                         fff_trees=trees, fff_depth=depth, intermediate_size=64, max_position_embeddings=64,
-                         labels=labels, classifier_dim=48 if labels and layout == "crammed" else None)
+def tiny_model(
+    layout: str, ffn: str = "fff", trees: int = 2, depth: int = 3, labels=None, seed: int = 0, vocab: int = 120
+) -> UltraFastBert:
+    config = ModelConfig(
+        layout=layout,
+        vocab_size=vocab,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        ffn=ffn,
+        fff_trees=trees,
+        fff_depth=depth,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        labels=labels,
+        classifier_dim=48 if labels and layout == "crammed" else None,
+    )
     model = UltraFastBert(config)
     model.init_weights(seed)
     return model.eval()
@@ -58,7 +70,7 @@ def test_fff_impls_agree(trees: int, depth: int) -> None:
         torch.testing.assert_close(out[impl][0], out["masked"][0], atol=1e-5, rtol=1e-5)
         assert torch.equal(out[impl][1], out["masked"][1])
     assert out["kernel"][1].shape == (35, trees)
-    assert int(out["kernel"][1].max()) < 2 ** depth
+    assert int(out["kernel"][1].max()) < 2**depth
 
 
 def test_fff_masked_matches_explicit_descent() -> None:
@@ -90,7 +102,7 @@ def test_fff_training_gradients_reach_visited_neurons_only() -> None:
     fff(x).sum().backward()
     touched = (fff.linear_in.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
     leaf = int(fff.last_leaves[0, 0])
-    node, path = leaf + 2 ** 3 - 1, []
+    node, path = leaf + 2**3 - 1, []
     while True:
         path.append(node)
         if node == 0:
@@ -119,14 +131,15 @@ def test_fff_straight_through_routing_keeps_the_forward_and_gives_splits_a_gradi
     expected = torch.ones_like(reach)
     for node in range(1, fff.n_nodes):
         parent = (node - 1) // 2
-        expected[:, :, node] = expected[:, :, parent] * (right[:, :, parent] if node % 2 == 0 else
-                                                         1 - right[:, :, parent])
+        expected[:, :, node] = expected[:, :, parent] * (
+            right[:, :, parent] if node % 2 == 0 else 1 - right[:, :, parent]
+        )
     assert torch.allclose(reach, expected, atol=1e-6)
     for level in range(4):
-        assert torch.allclose(reach[:, :, 2**level - 1: 2 ** (level + 1) - 1].sum(2), torch.ones(40, 2))
+        assert torch.allclose(reach[:, :, 2**level - 1 : 2 ** (level + 1) - 1].sum(2), torch.ones(40, 2))
     fff.routing_tau = 1e-4
     _, leaves = fff.path_activations(x)
-    near_hard = fff._soft_reach(logits)[:, :, fff.n_nodes // 2:]  # leaf level
+    near_hard = fff._soft_reach(logits)[:, :, fff.n_nodes // 2 :]  # leaf level
     assert (near_hard.argmax(2) == leaves).float().mean() > 0.95
 
     x1 = torch.randn(1, 12)
@@ -192,10 +205,10 @@ def test_embedding_is_the_same_alone_and_in_a_padded_batch(layout: str, ffn: str
         logits = model.classify(ids, mask)
         for row in range(4):
             n = int(mask[row].sum())
-            alone = model.embed(ids[row: row + 1, :n], mask[row: row + 1, :n])
-            torch.testing.assert_close(batch[row: row + 1], alone, atol=1e-5, rtol=1e-5)
-            alone_logits = model.classify(ids[row: row + 1, :n], mask[row: row + 1, :n])
-            torch.testing.assert_close(logits[row: row + 1], alone_logits, atol=1e-5, rtol=1e-5)
+            alone = model.embed(ids[row : row + 1, :n], mask[row : row + 1, :n])
+            torch.testing.assert_close(batch[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+            alone_logits = model.classify(ids[row : row + 1, :n], mask[row : row + 1, :n])
+            torch.testing.assert_close(logits[row : row + 1], alone_logits, atol=1e-5, rtol=1e-5)
     assert logits.shape == (4, 3)
 
 
@@ -215,12 +228,18 @@ def test_packed_path_equals_the_padded_model(layout: str, ffn: str, lengths: lis
         for cls in (False, True):
             model.config.pooling = "cls" if cls else "mean"
             for ratio in (1.0, 1.25, 100.0):  # one group per length .. everything in one padded group
-                torch.testing.assert_close(model.embed_ids(lists, max_padding_ratio=ratio), model.embed(ids, mask),
-                                           atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(model.embed_ids(lists, normalize=False, max_padding_ratio=ratio),
-                                           model.embed(ids, mask, normalize=False), atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(model.classify_ids(lists, max_padding_ratio=ratio),
-                                           model.classify(ids, mask), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    model.embed_ids(lists, max_padding_ratio=ratio), model.embed(ids, mask), atol=1e-5, rtol=1e-5
+                )
+                torch.testing.assert_close(
+                    model.embed_ids(lists, normalize=False, max_padding_ratio=ratio),
+                    model.embed(ids, mask, normalize=False),
+                    atol=1e-5,
+                    rtol=1e-5,
+                )
+                torch.testing.assert_close(
+                    model.classify_ids(lists, max_padding_ratio=ratio), model.classify(ids, mask), atol=1e-5, rtol=1e-5
+                )
 
 
 def test_packed_path_records_every_real_token_leaf_once() -> None:
@@ -363,18 +382,26 @@ def test_tokenizer_pad_and_vocab_txt_fallback(tokenizer: Tokenizer, minilm_dir: 
     from_vocab = Tokenizer.from_folder(tmp_path)
     texts = ["Hello, World! Ünïcode café", "tokenization of unusualwords"]
     assert from_vocab.encode(texts, max_length=64, truncate=False) == tokenizer.encode(
-        texts, max_length=64, truncate=False)
+        texts, max_length=64, truncate=False
+    )
     assert from_vocab.vocab_size == tokenizer.vocab_size == 30522
 
 
 def test_tokenizer_is_thread_safe(tokenizer: Tokenizer) -> None:
     texts = [f"sentence number {i} " + "word " * (i % 40) for i in range(64)]
-    expected = [tokenizer.encode([t], max_length=16 + i % 5, truncate=True, direction="left" if i % 2 else "right")
-                for i, t in enumerate(texts)]
+    expected = [
+        tokenizer.encode([t], max_length=16 + i % 5, truncate=True, direction="left" if i % 2 else "right")
+        for i, t in enumerate(texts)
+    ]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        got = list(pool.map(lambda it: tokenizer.encode([it[1]], max_length=16 + it[0] % 5, truncate=True,
-                                                        direction="left" if it[0] % 2 else "right"),
-                            list(enumerate(texts)) * 4))
+        got = list(
+            pool.map(
+                lambda it: tokenizer.encode(
+                    [it[1]], max_length=16 + it[0] % 5, truncate=True, direction="left" if it[0] % 2 else "right"
+                ),
+                list(enumerate(texts)) * 4,
+            )
+        )
     assert got == expected * 4
 
 
@@ -473,8 +500,14 @@ def test_compiled_stamp_changes_exactly_when_the_python_stamp_does() -> None:
     def shrink_b() -> None:
         b.data = b.data[:1]  # same first element, same data pointer, fewer elements
 
-    events = [(lambda: None, False), (lambda: a.detach().sum(), False), (change_a_in_place, True),
-              (replace_b_storage, True), (swap_a, True), (shrink_b, True)]
+    events = [
+        (lambda: None, False),
+        (lambda: a.detach().sum(), False),
+        (change_a_in_place, True),
+        (replace_b_storage, True),
+        (swap_a, True),
+        (shrink_b, True),
+    ]
     for event, changes in events:
         native, plain = both()
         event()
@@ -528,7 +561,8 @@ def test_fff_forward_in_one_call_serves_exactly_the_serving_case(bias_out: bool)
         assert torch.equal(_cmm.fff_forward(fff, x[::2]), want[::2])  # strided rows
     # each parameter, changed in place, makes the single call decline until the Python path repacks
     for param in [fff.linear_in.weight, fff.linear_in.bias, fff.linear_out.weight] + (
-            [fff.linear_out.bias] if bias_out else []):
+        [fff.linear_out.bias] if bias_out else []
+    ):
         with torch.no_grad():
             param.mul_(1.5)
         with torch.inference_mode():
@@ -540,10 +574,11 @@ def test_fff_forward_in_one_call_serves_exactly_the_serving_case(bias_out: bool)
     with torch.inference_mode():
         assert _cmm.fff_forward(fff, x) is NotImplemented
         fresh = fff(x)
-        for undo, change in [(lambda: fff.train(False), lambda: fff.train(True)),
-                             (lambda: setattr(fff, "impl", "kernel"), lambda: setattr(fff, "impl", "reference")),
-                             (lambda: setattr(fff, "weight_dtype", torch.float32),
-                              lambda: setattr(fff, "weight_dtype", torch.bfloat16))]:
+        for undo, change in [
+            (lambda: fff.train(False), lambda: fff.train(True)),
+            (lambda: setattr(fff, "impl", "kernel"), lambda: setattr(fff, "impl", "reference")),
+            (lambda: setattr(fff, "weight_dtype", torch.float32), lambda: setattr(fff, "weight_dtype", torch.bfloat16)),
+        ]:
             change()
             assert _cmm.fff_forward(fff, x) is NotImplemented
             undo()
@@ -564,8 +599,9 @@ def test_fff_forward_in_one_call_serves_exactly_the_serving_case(bias_out: bool)
     with torch.inference_mode():
         fff(x)
         seen: dict[str, object] = {}
-        worker = threading.Thread(target=lambda: seen.update(
-            served=_cmm.fff_forward(fff, x[:2]), ident=threading.get_ident()))
+        worker = threading.Thread(
+            target=lambda: seen.update(served=_cmm.fff_forward(fff, x[:2]), ident=threading.get_ident())
+        )
         worker.start()
         worker.join()
     assert isinstance(seen["served"], torch.Tensor)
@@ -653,8 +689,9 @@ def test_leaves_are_recorded_per_thread_when_workers_share_a_model() -> None:
                 model.embed_ids(inputs[k])
                 got = model.last_leaves()
                 if got is None or any(not torch.equal(a, b) for a, b in zip(got, want[k])):
-                    errors.append(f"worker {k} read leaves of shape "
-                                  f"{None if got is None else [tuple(g.shape) for g in got]}")
+                    errors.append(
+                        f"worker {k} read leaves of shape {None if got is None else [tuple(g.shape) for g in got]}"
+                    )
                     return
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in inputs]

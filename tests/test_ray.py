@@ -73,9 +73,11 @@ TEXTS = [
 
 
 def test_single_process_service_does_not_import_ray() -> None:
-    code = ("import sys, service.app, service.cli, service.ray_serve.options\n"
-            "service.cli.build_parser().parse_args(['serve', '--ray-replicas', '2'])\n"
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    code = (
+        "import sys, service.app, service.cli, service.ray_serve.options\n"
+        "service.cli.build_parser().parse_args(['serve', '--ray-replicas', '2'])\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"the single-process service imported ray: {out.stdout[:300]}"
@@ -89,7 +91,11 @@ def test_options_become_deployment_options() -> None:
     assert opts["max_ongoing_requests"] == 64 and opts["graceful_shutdown_timeout_s"] == 35.0
     auto = RayOptions(_env_file=None, replicas=2, max_replicas=6, target_ongoing_requests=8)  # type: ignore[call-arg]
     assert auto.deployment_options()["autoscaling_config"] == {
-        "min_replicas": 1, "max_replicas": 6, "initial_replicas": 2, "target_ongoing_requests": 8.0}
+        "min_replicas": 1,
+        "max_replicas": 6,
+        "initial_replicas": 2,
+        "target_ongoing_requests": 8.0,
+    }
     assert "num_replicas" not in auto.deployment_options()
     for bad in ({"min_replicas": 3, "max_replicas": 2}, {"replicas": 5, "max_replicas": 4}, {"replicas": 0}):
         with pytest.raises(ValueError):
@@ -99,8 +105,16 @@ def test_options_become_deployment_options() -> None:
 def test_build_app_routes_arguments_and_refuses_unknown_ones(tmp_path: Path) -> None:
     from service.ray_serve.deployment import build_app
 
-    app = build_app({"model": str(tmp_path), "max_batch_tokens": 1024, "api_key": "k", "replicas": 2,
-                     "cpus_per_replica": 0.5, "metrics_port": 9100})
+    app = build_app(
+        {
+            "model": str(tmp_path),
+            "max_batch_tokens": 1024,
+            "api_key": "k",
+            "replicas": 2,
+            "cpus_per_replica": 0.5,
+            "metrics_port": 9100,
+        }
+    )
     deployment = app._bound_deployment  # the public API has no getter for a bound deployment
     assert deployment.name == DEPLOYMENT_NAME and deployment.num_replicas == 2
     assert deployment.ray_actor_options["num_cpus"] == 0.5
@@ -125,8 +139,25 @@ def test_cli_serve_ray_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service.logs, "setup_logging", lambda *a: None)  # leave pytest's logging alone
     for var in [v for v in os.environ if v.startswith("UFB_")]:
         monkeypatch.delenv(var)
-    assert main(["serve", "--ray", "--ray-replicas", "2", "--ray-cpus-per-replica", "0.5", "--ray-max-replicas",
-                 "4", "--max-batch-tokens", "2048", "--port", "8123"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--ray",
+                "--ray-replicas",
+                "2",
+                "--ray-cpus-per-replica",
+                "0.5",
+                "--ray-max-replicas",
+                "4",
+                "--max-batch-tokens",
+                "2048",
+                "--port",
+                "8123",
+            ]
+        )
+        == 0
+    )
     assert seen["s"].max_batch_tokens == 2048 and seen["s"].port == 8123
     assert seen["o"].replicas == 2 and seen["o"].cpus_per_replica == 0.5 and seen["o"].max_replicas == 4
     monkeypatch.setenv("UFB_RAY_METRICS_PORT", "9300")  # every --ray-* flag has its UFB_RAY_* twin
@@ -137,8 +168,9 @@ def test_cli_serve_ray_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["serve", "--ray", "--ray-min-replicas", "3", "--ray-max-replicas", "2"]) == 2
 
 
-def test_cli_serve_names_the_bad_setting_in_one_line(capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_serve_names_the_bad_setting_in_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from service.cli import main
 
     for var in [v for v in os.environ if v.startswith("UFB_")]:
@@ -152,8 +184,14 @@ def test_cli_serve_names_the_bad_setting_in_one_line(capsys: pytest.CaptureFixtu
 
 def test_cli_serve_ray_with_a_missing_model_fails_in_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UFB_", "RAY_ADDRESS"))}
-    out = subprocess.run([sys.executable, "-m", "service", "serve", "--ray", "--model", str(tmp_path / "nope")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--ray", "--model", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 2
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "does not exist" in lines[0], lines
@@ -235,19 +273,27 @@ class FakeKV:
 def test_discovery_lists_live_replicas_and_drops_stale_or_dead_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     kv = FakeKV()
     monkeypatch.setattr(discovery, "_kv", lambda: kv)
-    regs = [discovery.Registration("app", r, f"SERVE_REPLICA::app#D#{r}", f"10.0.0.{i}:9100",
-                                   {"replica": r, "deployment": "D", "application": "app"}, period_s=60)
-            for i, r in enumerate(["a", "b", "c"])]
+    regs = [
+        discovery.Registration(
+            "app",
+            r,
+            f"SERVE_REPLICA::app#D#{r}",
+            f"10.0.0.{i}:9100",
+            {"replica": r, "deployment": "D", "application": "app"},
+            period_s=60,
+        )
+        for i, r in enumerate(["a", "b", "c"])
+    ]
     for reg in regs:
         reg.start()
     other = discovery.Registration("other", "z", "x", "10.9.9.9:1", {}, 60)
     other.start()  # another application: not listed
     alive = {"SERVE_REPLICA::app#D#a": True, "SERVE_REPLICA::app#D#b": None, "SERVE_REPLICA::app#D#c": False}
     groups = discovery.live_targets("app", alive=alive.get)
-    assert groups == [{"targets": ["10.0.0.0:9100"], "labels": {"replica": "a", "deployment": "D",
-                                                                "application": "app"}},
-                      {"targets": ["10.0.0.1:9100"], "labels": {"replica": "b", "deployment": "D",
-                                                                "application": "app"}}]
+    assert groups == [
+        {"targets": ["10.0.0.0:9100"], "labels": {"replica": "a", "deployment": "D", "application": "app"}},
+        {"targets": ["10.0.0.1:9100"], "labels": {"replica": "b", "deployment": "D", "application": "app"}},
+    ]
     assert discovery._key("app", "c") not in {k for _, k in kv.data}  # the dead one's entry is deleted
     later = time.time() + 3 * 60 + 1  # past the TTL (3 heartbeats): gone even if Ray cannot tell
     assert discovery.live_targets("app", now=lambda: later, alive=lambda _: None) == []
@@ -339,12 +385,34 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
     log_path = tmp_path_factory.mktemp("ray") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UFB_", "RAY_"))}
     # token auth off for this throw-away cluster: the joining driver then needs no token file in $HOME
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "service", "serve", "--ray", "--ray-address", "local", "--port", str(port),
-           "--ray-replicas", str(REPLICAS), "--ray-cpus-per-replica", "0.5", "--ray-app-name", APP_NAME,
-           "--ray-metrics-host", "127.0.0.1", "--ray-heartbeat-s", "1", "--shutdown-grace-s", "5",
-           "--request-timeout-s", str(REQUEST_TIMEOUT_S)]
+    env.update(
+        RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--ray",
+        "--ray-address",
+        "local",
+        "--port",
+        str(port),
+        "--ray-replicas",
+        str(REPLICAS),
+        "--ray-cpus-per-replica",
+        "0.5",
+        "--ray-app-name",
+        APP_NAME,
+        "--ray-metrics-host",
+        "127.0.0.1",
+        "--ray-heartbeat-s",
+        "1",
+        "--shutdown-grace-s",
+        "5",
+        "--request-timeout-s",
+        str(REQUEST_TIMEOUT_S),
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     service = RayService(f"http://127.0.0.1:{port}", proc, log_path)
@@ -372,8 +440,9 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
                 proc.wait()
 
 
-async def _post_all(client: httpx.AsyncClient, route: str, bodies: list[dict[str, Any]],
-                    concurrency: int = 8) -> list[httpx.Response]:
+async def _post_all(
+    client: httpx.AsyncClient, route: str, bodies: list[dict[str, Any]], concurrency: int = 8
+) -> list[httpx.Response]:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(body: dict[str, Any]) -> httpx.Response:
@@ -450,8 +519,13 @@ def test_every_ufb_metric_is_on_every_replica(ray_service: RayService, default_l
             return _families((await c.get("/metrics")).text)
 
     expected = asyncio.run(single_process_families())
-    assert {"ufb_ffn_neurons_evaluated", "ufb_ffn_neurons_dense", "ufb_fff_leaf_entropy_ratio",
-            "ufb_fff_leaves_used_ratio", "ufb_requests"} <= expected
+    assert {
+        "ufb_ffn_neurons_evaluated",
+        "ufb_ffn_neurons_dense",
+        "ufb_fff_leaf_entropy_ratio",
+        "ufb_fff_leaves_used_ratio",
+        "ufb_requests",
+    } <= expected
     groups = _targets(ray_service.url)
     assert len({g["labels"]["replica"] for g in groups}) == REPLICAS
     for g in groups:
@@ -467,8 +541,9 @@ def _families(exposition: str) -> set[str]:
 
 
 @needs_prometheus
-def test_real_prometheus_finds_every_replica_and_evaluates_the_dashboard(ray_service: RayService,
-                                                                          tmp_path: Path) -> None:
+def test_real_prometheus_finds_every_replica_and_evaluates_the_dashboard(
+    ray_service: RayService, tmp_path: Path
+) -> None:
     prom_port = free_port()
     cfg = yaml.safe_load((RAY_DIR / "prometheus.yml").read_text())
     for job in cfg["scrape_configs"]:
@@ -513,8 +588,9 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(ray_service: RayS
                     t0 = time.monotonic()
                     try:
                         r = await c.post("/v1/embeddings", json={"input": text})
-                        records.append((t0, time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER),
-                                        r.text[:300]))
+                        records.append(
+                            (t0, time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER), r.text[:300])
+                        )
                     except httpx.HTTPError as exc:  # a timeout here would be a hang
                         records.append((t0, time.monotonic(), type(exc).__name__, None, str(exc)))
 
@@ -524,8 +600,9 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(ray_service: RayS
             killed_at.append(time.monotonic())
             ray.kill(handle, no_restart=True)
             deadline = time.monotonic() + 90
-            while ((await asyncio.to_thread(_replica_states)).get("RUNNING", 0) != REPLICAS
-                   or len(await asyncio.to_thread(_targets, ray_service.url)) != REPLICAS):
+            while (await asyncio.to_thread(_replica_states)).get("RUNNING", 0) != REPLICAS or len(
+                await asyncio.to_thread(_targets, ray_service.url)
+            ) != REPLICAS:
                 assert time.monotonic() < deadline, f"not replaced in 90 s: {_replica_states()}"
                 await asyncio.sleep(0.5)
             await asyncio.sleep(2.0)  # the new replica takes traffic

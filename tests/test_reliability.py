@@ -103,8 +103,9 @@ def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
 # ---------------------------------------------------------------------------------------------- overload
 
 BURST = 300
-CAPS = dict(max_queued_inputs=16, max_queued_tokens=192, max_concurrent_requests=24, max_batch_requests=8,
-            max_batch_wait_ms=2)
+CAPS = dict(
+    max_queued_inputs=16, max_queued_tokens=192, max_concurrent_requests=24, max_batch_requests=8, max_batch_wait_ms=2
+)
 # Stated bound. An admitted request waits behind at most max_queued_inputs inputs (2 batches of 8, 20 ms each
 # by construction) plus its own batch, i.e. ~0.1 s of model time; the rest is the event loop parsing and
 # answering all 300 requests in-process. Measured: ~1 s on an idle 2-core machine, 3.7 s worst seen with a
@@ -175,8 +176,11 @@ def _raw_post(url: str, path: str, body: dict, rcvbuf: int | None = None) -> soc
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.connect((host, int(port)))
     data = json.dumps(body).encode()
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return s
 
 
@@ -246,8 +250,9 @@ def test_slow_reader_does_not_stall_others(tiny_loaded) -> None:
                 r = c.post("/embed", json={"inputs": text_of(i)})
                 latencies.append(time.perf_counter() - t0)
                 assert r.status_code == 200
-                assert torch.allclose(torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, text_of(i)),
-                                      atol=1e-5, rtol=0)
+                assert torch.allclose(
+                    torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, text_of(i)), atol=1e-5, rtol=0
+                )
         assert reader.is_alive(), "the slow reader finished: the test did not hold a slow response open"
         assert max(latencies) < 2.0, f"others were stalled: max {max(latencies):.2f}s"
         stop.set()
@@ -364,11 +369,26 @@ def _corrupt(base: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
 def test_cli_refuses_broken_model_folders_in_one_line(tiny_model_dir, tmp_path) -> None:
     cases = _corrupt(tiny_model_dir, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("UFB_")}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(folder),
-                                     "--port", "1"],  # never bound: the start must fail before that
-                                    cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-             for name, (folder, _) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--model",
+                str(folder),
+                "--port",
+                "1",
+            ],  # never bound: the start must fail before that
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (folder, _) in cases.items()
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         folder, word = cases[name]
@@ -434,10 +454,31 @@ def test_sigterm_on_a_real_process_drains_and_exits_zero(tiny_model_dir, tmp_pat
     grace = 10.0
     env = {k: v for k, v in os.environ.items() if not k.startswith("UFB_")}
     env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO_ROOT)]), UFB_TEST_FORWARD_DELAY_S="0.4")
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(tiny_model_dir),
-                             "--port", str(port), "--max-batch-requests", "1", "--shutdown-grace-s", str(grace),
-                             "--shutdown-delay-s", "1.0", "--log-level", "info"],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--max-batch-requests",
+            "1",
+            "--shutdown-grace-s",
+            str(grace),
+            "--shutdown-delay-s",
+            "1.0",
+            "--log-level",
+            "info",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         end = time.monotonic() + 90
         while True:
@@ -480,8 +521,9 @@ def test_sigterm_on_a_real_process_drains_and_exits_zero(tiny_model_dir, tmp_pat
             t.join(30)
         for i, text in enumerate(texts):  # admitted requests were not cut off, and are right
             assert results[i].status_code == 200, results[i].text
-            assert torch.allclose(torch.tensor(results[i].json()[0]), reference_embedding(tiny_loaded, text),
-                                  atol=1e-5, rtol=0)
+            assert torch.allclose(
+                torch.tensor(results[i].json()[0]), reference_embedding(tiny_loaded, text), atol=1e-5, rtol=0
+            )
         rc = proc.wait(timeout=grace + 5)
         took = time.monotonic() - t_term
         log = proc.communicate()[0]
@@ -526,8 +568,9 @@ def test_api_key_guards_every_inference_route_and_info(tiny_loaded, monkeypatch)
             for path in posts + gets:
                 body = bodies.get(path, {"inputs": "a"})
                 for headers in ({}, {"Authorization": "Bearer k3y-0f-the-tesT"}, {"Authorization": "k3y"}):
-                    r = await (c.get(path, headers=headers) if path in gets
-                               else c.post(path, json=body, headers=headers))
+                    r = await (
+                        c.get(path, headers=headers) if path in gets else c.post(path, json=body, headers=headers)
+                    )
                     assert r.status_code == 401, (path, headers, r.status_code)
                     assert r.headers["www-authenticate"] == "Bearer"
                     if is_openai_path(path):  # OpenAI's error object on its routes

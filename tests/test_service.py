@@ -53,8 +53,9 @@ def test_concurrent_requests_match_single_computation(tiny_loaded) -> None:
                 else:
                     jobs.append(("embed", texts, c.post("/embed", json={"inputs": texts})))
             responses = await asyncio.gather(*(j[2] for j in jobs))
-            return [(kind, texts, r.status_code, r.json(), r.headers) for (kind, texts, _), r in
-                    zip(jobs, responses)], (await c.get("/metrics")).text
+            return [
+                (kind, texts, r.status_code, r.json(), r.headers) for (kind, texts, _), r in zip(jobs, responses)
+            ], (await c.get("/metrics")).text
 
     results, metrics_text = run(main())
     labels = tiny_loaded.config.labels
@@ -110,11 +111,11 @@ def test_routes_shapes_headers_and_neurons(tiny_loaded) -> None:
             body = r.json()
             assert body["object"] == "list" and body["model"] == tiny_loaded.name
             assert body["usage"] == {"prompt_tokens": len(ids), "total_tokens": len(ids)}
-            assert torch.allclose(torch.tensor(body["data"][0]["embedding"]),
-                                  reference_embedding(tiny_loaded, ids), atol=1e-5)
+            assert torch.allclose(
+                torch.tensor(body["data"][0]["embedding"]), reference_embedding(tiny_loaded, ids), atol=1e-5
+            )
 
-            r = await c.post("/embeddings", json={"input": ["a", "b"], "encoding_format": "base64",
-                                                  "dimensions": 16})
+            r = await c.post("/embeddings", json={"input": ["a", "b"], "encoding_format": "base64", "dimensions": 16})
             data = r.json()["data"]
             assert [d["index"] for d in data] == [0, 1]
             vec = np.frombuffer(base64.b64decode(data[1]["embedding"]), dtype="<f4")
@@ -136,8 +137,7 @@ def test_routes_shapes_headers_and_neurons(tiny_loaded) -> None:
             assert toks[0]["special"] and toks[0]["text"] == "[CLS]"
             assert toks[1] == {"id": toks[1]["id"], "text": "Hello", "special": False, "start": 0, "stop": 5}
 
-            left = (await c.post("/embed", json={"inputs": "x " * 300, "truncate": True,
-                                                 "truncation_direction": "Left"}))
+            left = await c.post("/embed", json={"inputs": "x " * 300, "truncate": True, "truncation_direction": "Left"})
             assert left.status_code == 200 and int(left.headers["x-compute-tokens"]) == 128
 
             info = (await c.get("/info")).json()
@@ -168,11 +168,13 @@ def test_embed_all_gives_every_tokens_final_hidden_state(tiny_loaded) -> None:
 
     async def main():
         async with running(app) as c:
-            jobs = [c.post("/embed_all", json={"inputs": texts}), c.post("/embed_all", json={"inputs": ids}),
-                    c.post("/embed", json={"inputs": texts, "normalize": False}),
-                    c.post("/tokenize", json={"inputs": texts}),
-                    c.post("/embed_all", json={"inputs": "x " * 300, "truncate": True,
-                                               "truncation_direction": "Left"})]
+            jobs = [
+                c.post("/embed_all", json={"inputs": texts}),
+                c.post("/embed_all", json={"inputs": ids}),
+                c.post("/embed", json={"inputs": texts, "normalize": False}),
+                c.post("/tokenize", json={"inputs": texts}),
+                c.post("/embed_all", json={"inputs": "x " * 300, "truncate": True, "truncation_direction": "Left"}),
+            ]
             return await asyncio.gather(*jobs), (await c.get("/metrics")).text
 
     (states, by_ids, pooled, tokens, left), metrics_text = run(main())
@@ -211,17 +213,27 @@ BAD_REQUESTS = [
     ("/embed", {"json": {"inputs": ["ok", ""]}}, 400, "empty"),
     ("/v1/embeddings", {"json": {"input": [[]]}}, 400, "empty"),
     ("/embed", {"json": {"inputs": ["a"] * 33}}, 413, "too_many_inputs"),
-    ("/embed", {"content": b"x" * (10 * 1024 * 1024), "headers": {"content-type": "application/json"}},
-     413, "payload_too_large"),
-    ("/embed", {"content": _chunks(3_000_000), "headers": {"content-type": "application/json"}},
-     413, "payload_too_large"),
+    (
+        "/embed",
+        {"content": b"x" * (10 * 1024 * 1024), "headers": {"content-type": "application/json"}},
+        413,
+        "payload_too_large",
+    ),
+    (
+        "/embed",
+        {"content": _chunks(3_000_000), "headers": {"content-type": "application/json"}},
+        413,
+        "payload_too_large",
+    ),
     ("/embed", {"content": b'{"inputs": "a"', "headers": {"content-type": "application/json"}}, 422, "validation"),
-    ("/embed", {"content": b"not json at all", "headers": {"content-type": "application/json"}}, 422,
-     "validation"),
-    ("/embed", {"content": b'{"inputs": "caf\xe9"}', "headers": {"content-type": "application/json"}}, 422,
-     "validation"),
-    ("/embed", {"content": b"\xff\xfe\x00\x01", "headers": {"content-type": "application/json"}}, 422,
-     "validation"),
+    ("/embed", {"content": b"not json at all", "headers": {"content-type": "application/json"}}, 422, "validation"),
+    (
+        "/embed",
+        {"content": b'{"inputs": "caf\xe9"}', "headers": {"content-type": "application/json"}},
+        422,
+        "validation",
+    ),
+    ("/embed", {"content": b"\xff\xfe\x00\x01", "headers": {"content-type": "application/json"}}, 422, "validation"),
     ("/embed", {"json": {"inputs": 5}}, 422, "validation"),
     ("/embed", {"json": {"inputs": True}}, 422, "validation"),
     ("/embed", {"json": {"inputs": [1, "a"]}}, 422, "validation"),
@@ -305,8 +317,12 @@ def test_api_key(tiny_loaded) -> None:
 
     async def main():
         async with running(app) as c:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                            {"Authorization": "Basic s3cret"}):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": "s3cret"},
+                {"Authorization": "Basic s3cret"},
+            ):
                 r = await c.post("/embed", json={"inputs": "a"}, headers=headers)
                 assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
                 assert r.headers["www-authenticate"] == "Bearer"
@@ -454,8 +470,9 @@ def test_client_disconnect_withdraws_queued_work(tiny_loaded) -> None:
             assert await asyncio.to_thread(entered.wait, 10)
 
             gone = asyncio.Event()
-            messages = [{"type": "http.request", "body": json.dumps({"inputs": "zebra zebra"}).encode(),
-                         "more_body": False}]
+            messages = [
+                {"type": "http.request", "body": json.dumps({"inputs": "zebra zebra"}).encode(), "more_body": False}
+            ]
 
             async def receive():
                 if messages:
@@ -468,10 +485,20 @@ def test_client_disconnect_withdraws_queued_work(tiny_loaded) -> None:
             async def send(message):
                 sent.append(message)
 
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/embed", "raw_path": b"/embed", "root_path": "",
-                     "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
-                     "client": ("127.0.0.1", 1), "server": ("t", 80)}
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/embed",
+                "raw_path": b"/embed",
+                "root_path": "",
+                "query_string": b"",
+                "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
+                "client": ("127.0.0.1", 1),
+                "server": ("t", 80),
+            }
             call = asyncio.ensure_future(app(scope, receive, send))
             batcher = app.state.service.batcher
             while batcher.queue_depth == 0:
@@ -515,6 +542,7 @@ def test_internal_error_is_a_json_500(tiny_loaded) -> None:
 
     async def main():
         async with running(app) as c:
+
             def broken(n_tokens):
                 raise RuntimeError("a bug, not the client's fault")
 
@@ -532,12 +560,14 @@ def test_cli_refuses_a_missing_model_in_one_line(tmp_path) -> None:
     import sys
 
     missing = tmp_path / "no-such-model"
-    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--model", str(missing)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--model", str(missing)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--port", "nope"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", "nope"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
@@ -604,8 +634,9 @@ def test_two_inference_workers_serve_correct_results_and_show_in_info(tiny_loade
             rs = await asyncio.gather(*(c.post("/embed", json={"inputs": t}) for t in texts))
             for t, r in zip(texts, rs):
                 assert r.status_code == 200
-                torch.testing.assert_close(torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, t),
-                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, t), atol=1e-5, rtol=1e-5
+                )
 
     try:
         run(main())
@@ -635,9 +666,16 @@ def test_tokenize_renders_in_slices_that_join_into_the_whole_body(tiny_loaded, m
         body = response.json()
         assert len(body) == len(texts)
         for text, row, enc in zip(texts, body, tiny_loaded.tokenizer.encodings(texts, special)):
-            expected = [{"id": tid, "text": tok if sp else text[a:b], "special": bool(sp),
-                         "start": None if sp else a, "stop": None if sp else b}
-                        for tid, tok, (a, b), sp in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)]
+            expected = [
+                {
+                    "id": tid,
+                    "text": tok if sp else text[a:b],
+                    "special": bool(sp),
+                    "start": None if sp else a,
+                    "stop": None if sp else b,
+                }
+                for tid, tok, (a, b), sp in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)
+            ]
             assert row == expected, text
     assert [len(r) for r in without.json()][1:3] == [3, 0]
     assert len(with_special.json()[0]) > 20 and len(with_special.json()[1]) == 5  # [CLS] a b c [SEP]: one slice
@@ -655,10 +693,14 @@ def test_decode_and_models(tiny_loaded) -> None:
             assert decoded == [tiny_loaded.tokenizer.decode(x) for x in ids] == ["hello world", "a b"]
             one = (await c.post("/decode", json={"ids": ids[0], "skip_special_tokens": False})).json()
             assert one == ["[CLS] hello world [SEP]"]
-            for body, status, kind in [({"ids": []}, 400, "empty"), ({"ids": [[]]}, 400, "empty"),
-                                       ({"ids": [[1, 10**9]]}, 422, "validation"),
-                                       ({"ids": [-1]}, 422, "validation"), ({"ids": ["a"]}, 422, "validation"),
-                                       ({"ids": [[1]] * 33}, 413, "too_many_inputs")]:
+            for body, status, kind in [
+                ({"ids": []}, 400, "empty"),
+                ({"ids": [[]]}, 400, "empty"),
+                ({"ids": [[1, 10**9]]}, 422, "validation"),
+                ({"ids": [-1]}, 422, "validation"),
+                ({"ids": ["a"]}, 422, "validation"),
+                ({"ids": [[1]] * 33}, 413, "too_many_inputs"),
+            ]:
                 r = await c.post("/decode", json=body)
                 assert r.status_code == status and kind_of(r) == kind, (body, r.text)
 
@@ -671,7 +713,10 @@ def test_decode_and_models(tiny_loaded) -> None:
             missing = await c.get("/v1/models/gpt-4")
             assert missing.status_code == 404 and missing.json()["error"] == {
                 "message": "model 'gpt-4' is not served here (this server serves 'my-ufb')",
-                "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
 
     run(main())
 
@@ -688,11 +733,15 @@ def test_json_responses_carry_exactly_the_values_starlette_would() -> None:
 
     vectors = torch.randn(3, 384, generator=torch.Generator().manual_seed(0)) * torch.logspace(-8, 8, 384)
     contents = [
-        {"object": "list", "data": [{"object": "embedding", "embedding": v, "index": i}
-                                    for i, v in enumerate(vectors.tolist())],
-         "model": "ufb-tiny", "usage": {"prompt_tokens": 7, "total_tokens": 7}},
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors.tolist())],
+            "model": "ufb-tiny",
+            "usage": {"prompt_tokens": 7, "total_tokens": 7},
+        },
         [[{"label": "fresh ✓", "score": 0.9}, {"label": "rotten", "score": 0.1}]],
-        ["[CLS]", "é", "日本", "\u2028", "\"quoted\"", "\\"], [0.0, -0.0, 1e-45, 1.5e-5, 3.4e38, 1, True, None],
+        ["[CLS]", "é", "日本", "\u2028", '"quoted"', "\\"],
+        [0.0, -0.0, 1e-45, 1.5e-5, 3.4e38, 1, True, None],
         {"error": "tab\there", "error_type": "validation"},
     ]
     for content in contents:

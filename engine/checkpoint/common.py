@@ -80,8 +80,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if header_len > 100_000_000:
             raise CheckpointError(f"weights file {path} is not a safetensors file (implausible header length)")
         if header_len > size - 8:
-            raise CheckpointError(f"weights file {path} is truncated: its header needs {header_len} bytes, "
-                                  f"the file has {size - 8} after the length prefix")
+            raise CheckpointError(
+                f"weights file {path} is truncated: its header needs {header_len} bytes, "
+                f"the file has {size - 8} after the length prefix"
+            )
         try:
             header = json.loads(f.read(header_len))
             end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
@@ -117,8 +119,11 @@ def fill_model(model: UltraFastBert, tensors: dict[str, torch.Tensor], source: s
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: found {tuple(tensors[k].shape)}, the config implies {tuple(expected[k].shape)}"
-             for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    wrong = [
+        f"{k}: found {tuple(tensors[k].shape)}, the config implies {tuple(expected[k].shape)}"
+        for k in expected
+        if k in tensors and tensors[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensor(s): {_short(missing)}")
@@ -127,9 +132,11 @@ def fill_model(model: UltraFastBert, tensors: dict[str, torch.Tensor], source: s
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {_short(wrong)}")
     if problems:
-        raise CheckpointError(f"{source} does not match its config ({model.config.layout} layout, "
-                              f"{model.config.num_layers} layers, hidden {model.config.hidden_size}, ffn "
-                              f"{model.config.ffn}): " + "; ".join(problems))
+        raise CheckpointError(
+            f"{source} does not match its config ({model.config.layout} layout, "
+            f"{model.config.num_layers} layers, hidden {model.config.hidden_size}, ffn "
+            f"{model.config.ffn}): " + "; ".join(problems)
+        )
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {tensor.dtype}, expected floating point")

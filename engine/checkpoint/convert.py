@@ -54,8 +54,11 @@ def convert_hf_bert(
     teacher_config = hf_bert.config_from(read_json(folder / "config.json"), folder)
     tensors = hf_bert.tensors_from(folder)
     fields = teacher_config.to_dict()
-    fields.update(ffn=ffn, name=name or f"{folder.name}-{ffn}",
-                  extra={"teacher": str(folder), "init": init if ffn == "fff" else None})
+    fields.update(
+        ffn=ffn,
+        name=name or f"{folder.name}-{ffn}",
+        extra={"teacher": str(folder), "init": init if ffn == "fff" else None},
+    )
     if ffn == "fff":
         if trees is None or depth is None:
             raise ValueError("convert_hf_bert with ffn='fff' needs trees and depth")
@@ -76,8 +79,9 @@ def convert_hf_bert(
     return LoadedModel(model, tokenizer, config, folder, config.name, hf_bert.NAME, torch.float32)
 
 
-def _fill_model_partial(model: UltraFastBert, tensors: dict[str, torch.Tensor],
-                        ffn_tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _fill_model_partial(
+    model: UltraFastBert, tensors: dict[str, torch.Tensor], ffn_tensors: dict[str, torch.Tensor], source: Path
+) -> None:
     """Like :func:`fill_model`, but the FFN parameters (absent from ``tensors``) are left to the caller."""
     for i in range(model.config.num_layers):
         for part in ("dense_in.weight", "dense_in.bias", "dense_out.weight", "dense_out.bias"):

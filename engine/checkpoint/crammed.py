@@ -40,15 +40,24 @@ CRAMMED_RULES: Rules = [
     (r"pooler\.dense\.(weight|bias)", r"head.dense.\1"),
     (r"head\.(weight|bias)", r"head.classifier.\1"),
 ]
-CRAMMED_IGNORED = (r"decoder\..*|prediction_head\..*|encoder\.layers\.\d+\.attn\.self_attention\.norm_factor"
-                   r"|encoder\.embedding\.pos_embedding\.pe")
+CRAMMED_IGNORED = (
+    r"decoder\..*|prediction_head\..*|encoder\.layers\.\d+\.attn\.self_attention\.norm_factor"
+    r"|encoder\.embedding\.pos_embedding\.pe"
+)
 
 # Options of the published architecture this engine implements; anything else is refused, not guessed.
 CRAMMED_REQUIRED: dict[str, Any] = {
-    "norm": "LayerNorm", "nonlin": "GELU", "use_bias": False, "final_norm": True,
-    "embedding.pos_embedding": "scaled-sinusoidal", "embedding.normalization": True,
-    "attention.type": "self-attention", "attention.qkv_bias": False, "attention.rotary_embedding": False,
-    "attention.causal_attention": False, "attention.skip_output_projection": False,
+    "norm": "LayerNorm",
+    "nonlin": "GELU",
+    "use_bias": False,
+    "final_norm": True,
+    "embedding.pos_embedding": "scaled-sinusoidal",
+    "embedding.normalization": True,
+    "attention.type": "self-attention",
+    "attention.qkv_bias": False,
+    "attention.rotary_embedding": False,
+    "attention.causal_attention": False,
+    "attention.skip_output_projection": False,
     "attention.sequence_op": "torch-softmax",
 }
 
@@ -82,8 +91,9 @@ def config_from(cfg: dict[str, Any], cfg_path: Path, folder: Path) -> ModelConfi
     for key, want in CRAMMED_REQUIRED.items():
         have = get(key, want)
         if have != want and not (want is False and not have):
-            raise CheckpointError(f"{cfg_path}: unsupported crammedBERT option arch.{key}={have!r} "
-                                  f"(this engine implements {want!r})")
+            raise CheckpointError(
+                f"{cfg_path}: unsupported crammedBERT option arch.{key}={have!r} (this engine implements {want!r})"
+            )
     hidden = get("hidden_size")
     if get("embedding.embedding_dim", hidden) != hidden:
         raise CheckpointError(f"{cfg_path}: embedding_dim must equal hidden_size")
@@ -109,14 +119,14 @@ def config_from(cfg: dict[str, Any], cfg_path: Path, folder: Path) -> ModelConfi
         "fff_trees": get("intermed_size", 1) if intermed_type == "fff" else 1,
         "fff_depth": get("intermed_depth", 0) if intermed_type == "fff" else 0,
         # The dense equivalent of an FFF is the crammedBERT baseline's 4 * hidden (3072 for hidden 768).
-        "intermediate_size": 4 * hidden if intermed_type == "fff" and isinstance(hidden, int)
-        else get("intermed_size"),
+        "intermediate_size": 4 * hidden if intermed_type == "fff" and isinstance(hidden, int) else get("intermed_size"),
         "max_position_embeddings": get("embedding.max_seq_length", 128),
         "layer_norm_eps": float(get("norm_eps", 1e-12)),
         "pad_token_id": get("embedding.pad_token_id", 0),
         "labels": labels,
         "classifier_dim": get("classification_head.head_dim", 1024)
-        if labels and get("classification_head.include_ff_layer", True) else None,
+        if labels and get("classification_head.include_ff_layer", True)
+        else None,
         "name": folder.name,
     }
     return make_config(fields, cfg_path)

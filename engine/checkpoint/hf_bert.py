@@ -88,7 +88,7 @@ def tensors_from(folder: Path) -> dict[str, torch.Tensor]:
     raw = read_safetensors(path)
     cleaned = {}
     for name, tensor in raw.items():
-        name = name[len("bert."):] if name.startswith("bert.") else name
+        name = name[len("bert.") :] if name.startswith("bert.") else name
         name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
         cleaned[name] = tensor
     return rename(cleaned, HF_BERT_RULES, HF_BERT_IGNORED)

@@ -44,8 +44,9 @@ def _format_of(folder: Path) -> Format:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"model folder {folder} has neither {CONFIG_FILE} nor config.json")
     model_type = read_json(folder / "config.json").get("model_type")
-    raise CheckpointError(f"{folder / 'config.json'}: unsupported model_type {model_type!r} "
-                          "(expected 'crammedBERT' or 'bert')")
+    raise CheckpointError(
+        f"{folder / 'config.json'}: unsupported model_type {model_type!r} (expected 'crammedBERT' or 'bert')"
+    )
 
 
 def load_model(
@@ -62,7 +63,9 @@ def load_model(
     config, model = fmt.load(folder)
     tokenizer = load_tokenizer(folder)
     if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                              f"vocabulary is {config.vocab_size}: config and tokenizer do not match")
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocabulary is {config.vocab_size}: config and tokenizer do not match"
+        )
     finish(model, weight_dtype, ffn_impl)
     return LoadedModel(model, tokenizer, config, folder, config.name, fmt.NAME, weight_dtype)

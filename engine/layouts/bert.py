@@ -31,8 +31,9 @@ class BertEmbeddings(Embeddings):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def add_positions(self, x: torch.Tensor, positions: torch.Tensor,
-                      token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def add_positions(
+        self, x: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         x = x + self.position_embeddings(positions)
         if token_type_ids is None:
             return x + self.token_type_embeddings.weight[0]

@@ -41,8 +41,9 @@ class CrammedEmbeddings(Embeddings):
         self.register_buffer("sinusoids", sinusoids(config.max_position_embeddings, h), persistent=False)
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def add_positions(self, x: torch.Tensor, positions: torch.Tensor,
-                      token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def add_positions(
+        self, x: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         return x + self.position_scale * self.sinusoids[positions]
 
     @torch.no_grad()
@@ -85,5 +86,4 @@ def problems(config: ModelConfig) -> list[str]:
     return []
 
 
-LAYOUT = Layout(name="crammed", embeddings=CrammedEmbeddings, layer=CrammedLayer, final_norm=True,
-                problems=problems)
+LAYOUT = Layout(name="crammed", embeddings=CrammedEmbeddings, layer=CrammedLayer, final_norm=True, problems=problems)
