@@ -191,8 +191,8 @@ class FFF(nn.Module):
     def path_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, K * n_nodes]`` GELU activations of the visited nodes (zero elsewhere), and the ``[N, K]`` leaves.
 
-        The layer's output is ``linear_out`` of these, which is what lets ``engine.training.fff_fit`` solve for the output
-        rows in closed form."""
+        The layer's output is ``linear_out`` of these, which is what lets ``engine.training.fff_fit`` solve for the
+        output rows in closed form."""
         n = x.shape[0]
         logits = self.linear_in(x).view(n, self.trees, self.n_nodes)
         with torch.no_grad():

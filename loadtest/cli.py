@@ -258,7 +258,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
             turns = {n: _turn_ratios(results[n][i], results[base][i]) for n in names[:-1]}
             rows[-1]["rps_ratio_turns"] = turns
             rows[-1]["rps_ratio_paired"] = {n: _median(t) for n, t in turns.items()}
-    stat = "median of %d alternating runs" % a.repeat if a.repeat > 1 else "one run each"
+    stat = f"median of {a.repeat} alternating runs" if a.repeat > 1 else "one run each"
     # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> value, format)
     columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = []
     for n in names:
@@ -489,7 +489,8 @@ def cmd_overhead(a: argparse.Namespace) -> int:
             s.text(),
             f"  service batches: {sh['batches']:.0f}, mean size {sh['mean_size']:.2f}, tokens "
             f"{sh['mean_tokens']:.0f}, forward "
-            f"{sh['inference_s_per_batch'] * 1e3:.1f} ms/batch, server CPU {sh['process_cpu_s'] / s.duration_s:.2f} cores",
+            f"{sh['inference_s_per_batch'] * 1e3:.1f} ms/batch, "
+            f"server CPU {sh['process_cpu_s'] / s.duration_s:.2f} cores",
             e.text(),
             f"  -> overhead {o * 100:.1f} % (service {s.inputs_per_s:.2f} vs engine {e.inputs_per_s:.2f} inputs/s, "
             f"mean batch {sh['mean_size']:.1f} vs {e.mean_batch_size:.1f})",

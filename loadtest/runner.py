@@ -24,14 +24,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loadtest.corpus import TextMix
+
 try:
     import aiohttp
 except ImportError:  # optional (the 'loadtest' extra): everything but sending load works without it
     aiohttp = None  # type: ignore[assignment]
 
 MISSING_AIOHTTP = "the load generator needs aiohttp: pip install 'ultrafastbert-serve[loadtest]' (or aiohttp)"
-
-from loadtest.corpus import TextMix
 
 ROUTES = ("/v1/embeddings", "/embed", "/predict", "/classify")
 

@@ -7,7 +7,7 @@ clients that send extra options keep working.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -26,8 +26,8 @@ def _valid_unicode(v: str) -> str:
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 TokenIds = list[StrictInt]
 # A string, a list of strings, one list of token ids, or a list of lists of token ids (OpenAI and TEI).
-Inputs = Union[Text, list[Text], TokenIds, list[TokenIds]]
-TextInputs = Union[Text, list[Text]]
+Inputs = Text | list[Text] | TokenIds | list[TokenIds]
+TextInputs = Text | list[Text]
 
 
 class _Body(BaseModel):

@@ -1,5 +1,5 @@
-"""How end-to-end distillation batches are drawn (engine.training.training_text): fixed packed sequences, fresh windows of
-consecutive sentences, and token noise; every draw repeatable from its generator."""
+"""How end-to-end distillation batches are drawn (engine.training.training_text): fixed packed sequences, fresh
+windows of consecutive sentences, and token noise; every draw repeatable from its generator."""
 
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ async def main() -> None:
         elapsed = time.perf_counter() - t
         stop.set()
         print(
-            f"{ROUTE}: {r.status_code}, {n / 1e6:.1f} MB in {elapsed:.2f} s, worst /health {await prober * 1e3:.0f} ms; "
+            f"{ROUTE}: {r.status_code}, {n / 1e6:.1f} MB in {elapsed:.2f} s, "
+            f"worst /health {await prober * 1e3:.0f} ms; "
             f"after: VmHWM, VmRSS kB {memory_kb()}"
         )
 
