@@ -19,19 +19,23 @@ TIERS = {
     "test_batcher": "engine",
     "test_checkpoint": "engine",
     "test_cmm": "engine",
+    "test_cmm_paths": "engine",
     "test_corpus": "engine",
     "test_default_model": "engine",
     "test_distill": "engine",
     "test_fff_fit": "engine",
     "test_layering": "engine",
     "test_model": "engine",
+    "test_model_inference": "engine",
     "test_text_data": "engine",
+    "test_tokenizer": "engine",
     "test_training_text": "engine",
     # the HTTP service in-process (ASGI transport, no server process)
     "test_compat": "service",
     "test_fuzz": "service",
     "test_metrics": "service",
     "test_service": "service",
+    "test_service_load": "service",
     # real processes: uvicorn servers and the CLI, Ray, the Docker rehearsal, real Prometheus, signals
     "test_compat_clients": "system",
     "test_connections": "system",
@@ -40,7 +44,9 @@ TIERS = {
     "test_loadtest": "system",
     "test_openai_client": "system",
     "test_ray": "system",
+    "test_ray_config": "system",
     "test_reliability": "system",
+    "test_shutdown": "system",
     "test_tei_rules": "system",
 }
 

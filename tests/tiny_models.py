@@ -1,8 +1,11 @@
-"""Random-weight model folders for tests: :func:`build_tiny_model` writes one in our format with a real tokenizer."""
+"""Random-weight models for tests: :func:`tiny_model` in memory (with :func:`random_batch` inputs), and
+:func:`build_tiny_model`, a model folder in our format with a real tokenizer."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from engine.checkpoint import CheckpointError, LoadedModel, save_model
 from engine.config import ModelConfig
@@ -61,3 +64,36 @@ def build_tiny_model(
     model.init_weights(seed)
     loaded = LoadedModel(model.eval(), tokenizer, config, Path(path), config.name)
     return save_model(loaded, path)
+
+
+def tiny_model(
+    layout: str, ffn: str = "fff", trees: int = 2, depth: int = 3, labels=None, seed: int = 0, vocab: int = 120
+) -> UltraFastBert:
+    config = ModelConfig(
+        layout=layout,
+        vocab_size=vocab,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        ffn=ffn,
+        fff_trees=trees,
+        fff_depth=depth,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        labels=labels,
+        classifier_dim=48 if labels and layout == "crammed" else None,
+    )
+    model = UltraFastBert(config)
+    model.init_weights(seed)
+    return model.eval()
+
+
+def random_batch(lengths: list[int], vocab: int = 120, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), width), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        ids[row, n:] = 0
+    return ids, mask
