@@ -64,7 +64,7 @@ class ModelBackend:
         self.vocab_size = int(getattr(self.tokenizer, "vocab_size", self.config.vocab_size))
         self.max_input_tokens = int(self.config.max_position_embeddings)
         shape = self.model.tree_shape() if hasattr(self.model, "tree_shape") else None
-        self.tree_shape: tuple[int, int] | None = tuple(shape) if shape else None  # type: ignore[assignment]
+        self.tree_shape: tuple[int, int] | None = tuple(shape) if shape else None
         self._recording: bool | None = None
         self._recording_lock = threading.Lock()
         self.max_padding_ratio = max_padding_ratio

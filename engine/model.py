@@ -15,6 +15,7 @@ classification head) with its packed entry points :meth:`~UltraFastBert.embed_id
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.fff import FFF
-from engine.layers import SelfAttention
+from engine.layers import EncoderLayer, SelfAttention
 from engine.layouts import get_layout
 from engine.packing import DEFAULT_MAX_PADDING_RATIO, Packing, pack
 
@@ -64,7 +65,9 @@ class UltraFastBert(nn.Module):
         layout = get_layout(config.layout)
         self.embeddings = layout.embeddings(config)
         self.layers = nn.ModuleList(layout.layer(config) for _ in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if layout.final_norm else None
+        self.final_norm: nn.LayerNorm | None = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if layout.final_norm else None
+        )
         self.head = ClassificationHead(config) if config.labels is not None else None
 
     # ------------------------------------------------------------------ forward passes
@@ -130,7 +133,7 @@ class UltraFastBert(nn.Module):
         """Final hidden states ``[N, H]`` of packed tokens (see :func:`pack`)."""
         self._check_length(int(packing.lengths.max()))
         x = self.embeddings.forward_packed(input_ids, packing.positions)
-        for layer in self.layers:
+        for layer in cast("list[EncoderLayer]", self.layers):
             x = layer.forward_packed(x, packing)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -229,7 +232,7 @@ class UltraFastBert(nn.Module):
         fffs = self.fffs()
         if not fffs or any(f.last_leaves is None for f in fffs):
             return None
-        return [f.last_leaves for f in fffs]
+        return [cast(torch.Tensor, f.last_leaves) for f in fffs]
 
     # ------------------------------------------------------------------ initialisation
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -73,7 +74,7 @@ def convert_hf_bert(
     if ffn == "fff":
         gen = torch.Generator().manual_seed(seed)
         for i, layer in enumerate(model.layers):
-            _init_fff(layer.ffn, ffn_tensors, i, init, gen)
+            _init_fff(cast(FFF, layer.ffn), ffn_tensors, i, init, gen)
     finish(model, torch.float32, None)
     tokenizer = load_tokenizer(folder)
     return LoadedModel(model, tokenizer, config, folder, config.name, hf_bert.NAME, torch.float32)

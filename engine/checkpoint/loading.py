@@ -25,7 +25,7 @@ class Format(Protocol):
     def load(self, folder: Path) -> tuple[ModelConfig, UltraFastBert]: ...
 
 
-FORMATS: tuple[Format, ...] = (ufb, crammed, hf_bert)  # type: ignore[assignment]  # modules as Format
+FORMATS: tuple[Format, ...] = (ufb, crammed, hf_bert)  # modules satisfy Format
 
 
 def detect_format(folder: Path) -> str:

@@ -33,6 +33,8 @@ class CrammedEmbeddings(Embeddings):
     """Word embeddings + fixed sinusoids times one learned scalar, then LayerNorm. The table is rebuilt, never
     stored."""
 
+    sinusoids: torch.Tensor  # a non-persistent buffer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h = config.hidden_size
