@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TIERS = {
     # the engine in-process: kernel, model, checkpoints, batcher, training (no HTTP)
     "test_batcher": "engine",
+    "test_batcher_workers": "engine",
     "test_checkpoint": "engine",
     "test_cmm": "engine",
     "test_cmm_paths": "engine",
