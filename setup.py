@@ -7,6 +7,7 @@ csrc/cuda/ are compiled only where torch has CUDA and nvcc is present.
 import os
 from pathlib import Path
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -18,7 +19,9 @@ if os.environ.get("UFB_KERNEL_DEBUG"):
 
 sources = ["csrc/ops.cpp", "csrc/cpu/cmm_op.cpp", "csrc/cpu/cmm_cpu.cpp", "csrc/python/fast_path.cpp"]
 cuda_sources = sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))
-with_cuda = bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("UFB_NO_CUDA") is None
+# CUDA sources need a CUDA build of torch and the CUDA toolkit; UFB_NO_CUDA=1 builds the CPU extension regardless.
+has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+with_cuda = bool(cuda_sources) and has_cuda and not os.environ.get("UFB_NO_CUDA")
 
 common = {"include_dirs": [str(Path("csrc").resolve())], "extra_link_args": ["-fopenmp"]}
 if with_cuda:
