@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 ARGS ?=
 
-.PHONY: setup dev serve test bench lock clean
+.PHONY: setup dev serve test test-quick lint coverage bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 # Runtime: torch, the service's libraries, and the compiled kernel. Redone only when the build inputs change
 # (the stamp), so a second `make serve` starts in seconds instead of recompiling the kernel.
 STAMP := $(VENV)/.ufb-installed
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(shell find csrc -type f)
 	$(PIP) install -q "torch==2.13.0" setuptools wheel ninja
 	$(PIP) install -q --no-build-isolation -e .
 	$(BIN)/python -c "from engine.cmm import KERNEL; print(KERNEL.describe())"
@@ -35,8 +35,21 @@ dev: $(DEV_STAMP)
 serve: setup
 	$(BIN)/ultrafastbert serve $(ARGS)
 
+# Every tier (engine, service, system: tests/conftest.py TIERS); what CI runs.
 test: dev
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the engine and the in-process service, no server processes, Ray or Docker.
+test-quick: dev
+	$(BIN)/python -m pytest -q -m "engine or service" $(ARGS)
+
+lint: dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+coverage: dev
+	$(BIN)/python -m pytest -q --cov=engine --cov=service --cov-report=term $(ARGS)
 
 bench: setup
 	$(BIN)/python -m engine.bench $(ARGS)

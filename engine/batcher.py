@@ -7,7 +7,7 @@ Why this shape (TEI's router/queue/backend split and its token budget):
 * Inputs, not requests, are the unit of batching. A request's inputs may land in different batches; each
   carries its request and position so results are routed back exactly.
 * A batch is bounded by a **token budget** counted in real tokens, and by a cap on the number of sequences.
-  The model computes packed batches (no padding, :func:`engine.model.pack`), so a mix of lengths costs no more
+  The model computes packed batches (no padding, :func:`engine.packing.pack`), so a mix of lengths costs no more
   than sorted lengths would: inputs are taken oldest first (:func:`first_fit`), which is the fair order and the
   one that keeps tail latency down (docs/serving.md).
 * The worker waits a little (``max_wait_s``) for a batch to grow only when it is busy; an input that arrives
@@ -31,150 +31,23 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
 import torch
 
-from engine.model import DEFAULT_MAX_PADDING_RATIO
+from engine.backend import Backend, Outputs, Task
+from engine.errors import (
+    BatcherError,
+    DeadlineExceeded,
+    EmptyInput,
+    InferenceFailed,
+    InputTooLong,
+    InvalidInput,
+    Overloaded,
+    ShuttingDown,
+)
 
 log = logging.getLogger(__name__)
-
-
-class Task(str, Enum):
-    """What a batch computes; inputs of different tasks never share a forward pass."""
-
-    EMBED = "embed"
-    CLASSIFY = "classify"
-    EMBED_ALL = "embed_all"  # every token's final hidden state (TEI's /embed_all): one [len, H] tensor per input
-
-
-# ---------------------------------------------------------------------------------------------------- errors
-
-
-class BatcherError(Exception):
-    """Base of every error the batcher hands to its callers; ``cause`` is a short stable label."""
-
-    cause = "error"
-
-
-class EmptyInput(BatcherError):
-    cause = "empty"
-
-
-class InvalidInput(BatcherError):
-    """Something about one input the client sent (out-of-vocabulary id, too long, ...)."""
-
-    cause = "validation"
-
-    def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-class InputTooLong(InvalidInput):
-    def __init__(self, index: int, n_tokens: int, max_length: int) -> None:
-        super().__init__(
-            f"input {index} has {n_tokens} tokens, more than the maximum of {max_length}; "
-            "shorten it or set truncate=true", index)
-        self.n_tokens = n_tokens
-        self.max_length = max_length
-
-
-class Overloaded(BatcherError):
-    cause = "overloaded"
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(BatcherError):
-    cause = "timeout"
-
-
-class ShuttingDown(BatcherError):
-    cause = "shutting_down"
-
-
-class InferenceFailed(BatcherError):
-    cause = "backend"
-
-
-# ---------------------------------------------------------------------------------------------------- backend
-
-
-# A batch's outputs: one row per input ([B, dim]), or for Task.EMBED_ALL one [len_i, dim] tensor per input.
-Outputs = torch.Tensor | list[torch.Tensor]
-
-
-class Backend(Protocol):
-    """What the batcher needs from a model; :class:`ModelBackend` adapts ``engine.checkpoint.LoadedModel``."""
-
-    vocab_size: int
-    max_input_tokens: int
-
-    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
-                 direction: str) -> list[list[int]]: ...
-
-    def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]: ...
-
-
-class ModelBackend:
-    """Runs batches through a loaded model; the batcher's inference workers call :meth:`forward`, possibly at once
-    (the model is only read, and FFF leaves are recorded per thread)."""
-
-    COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
-
-    def __init__(self, loaded: Any, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
-        if compute_dtype not in self.COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {self.COMPUTE_DTYPES}, got {compute_dtype}")
-        self.compute_dtype = compute_dtype
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.config = loaded.config
-        self.vocab_size = int(getattr(self.tokenizer, "vocab_size", self.config.vocab_size))
-        self.max_input_tokens = int(self.config.max_position_embeddings)
-        shape = self.model.tree_shape() if hasattr(self.model, "tree_shape") else None
-        self.tree_shape: tuple[int, int] | None = tuple(shape) if shape else None  # type: ignore[assignment]
-        self._recording: bool | None = None
-        self._recording_lock = threading.Lock()
-        self.max_padding_ratio = max_padding_ratio
-
-    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool,
-                 direction: str) -> list[list[int]]:
-        from engine.tokenizer import InputTooLongError  # local: keep the batcher importable without it
-
-        try:
-            return self.tokenizer.encode(list(texts), max_length=max_length, truncate=truncate,
-                                         direction=direction)
-        except InputTooLongError as exc:
-            raise InputTooLong(exc.index, exc.n_tokens, exc.max_length) from None
-
-    def forward(self, task: Task, ids: Sequence[Sequence[int]],
-                record_leaves: bool) -> tuple[Outputs, list[torch.Tensor] | None]:
-        """Rows of the output follow ``ids``; leaves (per layer, [real tokens, K]) come in no set order."""
-        record = record_leaves and self.tree_shape is not None
-        if record != self._recording:
-            with self._recording_lock:  # workers share the model: switch once (switching drops recorded leaves)
-                if record != self._recording:
-                    self.model.set_record_leaves(record)
-                    self._recording = record
-        # bfloat16: autocast runs linears and attention in bf16 (AMX / AVX-512-BF16 where the CPU has them);
-        # LayerNorms, pooling and the FFF kernel's activations stay fp32.
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
-        with torch.inference_mode(), autocast:
-            out: Outputs
-            if task is Task.EMBED:
-                out = self.model.embed_ids(ids, normalize=False, max_padding_ratio=self.max_padding_ratio)
-            elif task is Task.EMBED_ALL:
-                out = self.model.token_states_ids(ids, max_padding_ratio=self.max_padding_ratio)
-            else:
-                out = self.model.classify_ids(ids, max_padding_ratio=self.max_padding_ratio)
-        out = out.float() if isinstance(out, torch.Tensor) else [t.float() for t in out]
-        return out, (self.model.last_leaves() if record else None)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -301,9 +174,13 @@ def _resolve(fut: asyncio.Future[Any], value: Any = None, exc: BaseException | N
 class Batcher:
     """Queue + inference worker thread(s). Create it, ``start()`` it, ``await submit(...)`` from the event loop."""
 
-    def __init__(self, backend: Backend, limits: BatcherLimits | None = None,
-                 observer: BatchObserver | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        limits: BatcherLimits | None = None,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backend = backend
         self.limits = limits or BatcherLimits()
         self.observer = observer
@@ -322,8 +199,9 @@ class Batcher:
         self._accepting = False
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._tok_pool = ThreadPoolExecutor(max_workers=max(1, self.limits.tokenizer_workers),
-                                            thread_name_prefix="ufb-tokenize")
+        self._tok_pool = ThreadPoolExecutor(
+            max_workers=max(1, self.limits.tokenizer_workers), thread_name_prefix="ufb-tokenize"
+        )
 
     # -------------------------------------------------------------- lifecycle
 
@@ -332,8 +210,10 @@ class Batcher:
             return
         self._accepting = True
         n = max(1, self.limits.inference_workers)
-        self._threads = [threading.Thread(target=self._worker, name="ufb-inference" + (f"-{i}" if n > 1 else ""),
-                                          daemon=True) for i in range(n)]
+        self._threads = [
+            threading.Thread(target=self._worker, name="ufb-inference" + (f"-{i}" if n > 1 else ""), daemon=True)
+            for i in range(n)
+        ]
         for t in self._threads:
             t.start()
 
@@ -398,8 +278,11 @@ class Batcher:
     def peaks(self) -> dict[str, int]:
         """High-water marks of queue depth (inputs), queued tokens and admitted requests since the last reset."""
         with self._cond:
-            return {"queue_depth": self._peak_queue_depth, "queued_tokens": self._peak_queued_tokens,
-                    "admitted": self._peak_admitted}
+            return {
+                "queue_depth": self._peak_queue_depth,
+                "queued_tokens": self._peak_queued_tokens,
+                "admitted": self._peak_admitted,
+            }
 
     def reset_peaks(self) -> None:
         with self._cond:
@@ -413,9 +296,16 @@ class Batcher:
         """Other tokenizer work (e.g. /tokenize) shares the bounded pool instead of the loop's default one."""
         return await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn, *args)
 
-    async def submit(self, task: Task, *, texts: Sequence[str] | None = None,
-                     token_ids: Sequence[Sequence[int]] | None = None, truncate: bool = False,
-                     direction: str = "right", deadline: float | None = None) -> Result:
+    async def submit(
+        self,
+        task: Task,
+        *,
+        texts: Sequence[str] | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        truncate: bool = False,
+        direction: str = "right",
+        deadline: float | None = None,
+    ) -> Result:
         """Tokenize (off the loop), enqueue, and wait for every input's output.
 
         ``deadline`` is on this batcher's clock (``time.monotonic`` by default). Cancelling the awaiting task
@@ -430,8 +320,9 @@ class Batcher:
             if self._admitted >= self.limits.max_concurrent_requests:
                 raise Overloaded(f"too many concurrent requests (limit {self.limits.max_concurrent_requests})")
             if len(self._pending) + n > self.limits.max_queued_inputs:
-                raise Overloaded(f"the queue is full ({len(self._pending)} inputs waiting, "
-                                 f"limit {self.limits.max_queued_inputs})")
+                raise Overloaded(
+                    f"the queue is full ({len(self._pending)} inputs waiting, limit {self.limits.max_queued_inputs})"
+                )
             self._admitted += 1
             self._peak_admitted = max(self._peak_admitted, self._admitted)
         try:
@@ -440,9 +331,15 @@ class Batcher:
             with self._cond:
                 self._admitted -= 1
 
-    async def _submit_admitted(self, task: Task, texts: Sequence[str] | None,
-                               token_ids: Sequence[Sequence[int]] | None, truncate: bool, direction: str,
-                               deadline: float | None) -> Result:
+    async def _submit_admitted(
+        self,
+        task: Task,
+        texts: Sequence[str] | None,
+        token_ids: Sequence[Sequence[int]] | None,
+        truncate: bool,
+        direction: str,
+        deadline: float | None,
+    ) -> Result:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         max_len = self.limits.max_input_tokens
@@ -450,8 +347,9 @@ class Batcher:
             if any(t == "" for t in texts):
                 raise EmptyInput(f"input {next(i for i, t in enumerate(texts) if t == '')} is an empty string")
             ids = await loop.run_in_executor(
-                self._tok_pool, lambda: self.backend.tokenize(texts, max_length=max_len, truncate=truncate,
-                                                              direction=direction))
+                self._tok_pool,
+                lambda: self.backend.tokenize(texts, max_length=max_len, truncate=truncate, direction=direction),
+            )
         else:
             ids = self._check_ids(token_ids or (), truncate, direction)
         tokenization_s = time.perf_counter() - t0
@@ -461,19 +359,30 @@ class Batcher:
 
         fut: asyncio.Future[Result] = loop.create_future()
         counts = [len(x) for x in ids]
-        req = _Request(task=task, n=len(ids), loop=loop, future=fut, deadline=deadline, enqueued=now,
-                       token_counts=counts, tokenization_s=tokenization_s,
-                       rows=[None] * len(ids), remaining=len(ids))
+        req = _Request(
+            task=task,
+            n=len(ids),
+            loop=loop,
+            future=fut,
+            deadline=deadline,
+            enqueued=now,
+            token_counts=counts,
+            tokenization_s=tokenization_s,
+            rows=[None] * len(ids),
+            remaining=len(ids),
+        )
         total = sum(counts)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the service is shutting down")
             if len(self._pending) + req.n > self.limits.max_queued_inputs:
-                raise Overloaded(f"the queue is full ({len(self._pending)} inputs waiting, "
-                                 f"limit {self.limits.max_queued_inputs})")
+                raise Overloaded(
+                    f"the queue is full ({len(self._pending)} inputs waiting, limit {self.limits.max_queued_inputs})"
+                )
             if self._queued_tokens + total > self.limits.max_queued_tokens:
-                raise Overloaded(f"the queue is full ({self._queued_tokens} tokens waiting, "
-                                 f"limit {self.limits.max_queued_tokens})")
+                raise Overloaded(
+                    f"the queue is full ({self._queued_tokens} tokens waiting, limit {self.limits.max_queued_tokens})"
+                )
             for i, x in enumerate(ids):
                 seq = next(self._seq)
                 self._pending[seq] = _Item(req, i, list(x), seq)
@@ -502,7 +411,7 @@ class Batcher:
             if len(seq) > max_len:
                 if not truncate:
                     raise InputTooLong(i, len(seq), max_len)
-                seq = seq[:max_len] if direction == "right" else seq[len(seq) - max_len:]
+                seq = seq[:max_len] if direction == "right" else seq[len(seq) - max_len :]
             out.append(list(seq))
         return out
 
@@ -561,8 +470,10 @@ class Batcher:
         oldest = next(iter(self._pending.values()))
         until = oldest.req.enqueued + self.limits.max_wait_s
         while not self._stopping:
-            if (len(self._pending) >= self.limits.max_batch_requests
-                    or self._queued_tokens >= self.limits.max_batch_tokens):
+            if (
+                len(self._pending) >= self.limits.max_batch_requests
+                or self._queued_tokens >= self.limits.max_batch_tokens
+            ):
                 return
             remaining = until - self._clock()
             if remaining <= 0:
@@ -571,8 +482,11 @@ class Batcher:
 
     def _expire_locked(self) -> None:
         now = self._clock()
-        dead = {it.req for it in self._pending.values()
-                if it.req.finished or (it.req.deadline is not None and now >= it.req.deadline)}
+        dead = {
+            it.req
+            for it in self._pending.values()
+            if it.req.finished or (it.req.deadline is not None and now >= it.req.deadline)
+        }
         for req in dead:
             self._drop_items_locked(req)
             if not req.finished:
@@ -584,8 +498,12 @@ class Batcher:
             return []
         task = next(iter(self._pending.values())).req.task
         cands = [it for it in self._pending.values() if it.req.task is task]  # arrival order
-        chosen = [cands[i] for i in first_fit([len(it.ids) for it in cands], self.limits.max_batch_requests,
-                                              self.limits.max_batch_tokens)]
+        chosen = [
+            cands[i]
+            for i in first_fit(
+                [len(it.ids) for it in cands], self.limits.max_batch_requests, self.limits.max_batch_tokens
+            )
+        ]
         for it in chosen:
             del self._pending[it.seq]
             self._queued_tokens -= len(it.ids)
@@ -617,8 +535,10 @@ class Batcher:
                 for req in failed:
                     self._drop_items_locked(req)
             for req in failed:
-                self._fail(req, InferenceFailed(f"inference failed for the batch this request was in: "
-                                                f"{type(exc).__name__}: {exc}"))
+                self._fail(
+                    req,
+                    InferenceFailed(f"inference failed for the batch this request was in: {type(exc).__name__}: {exc}"),
+                )
             return
         stats.inference_s = time.perf_counter() - t0
         try:
@@ -653,14 +573,18 @@ class Batcher:
                     done.append(req)
         for req, index in broken:
             log.error("the model produced non-finite values for input %d of a request", index)
-            self._fail(req, InferenceFailed(f"the model produced non-finite values (NaN or infinity) for input "
-                                            f"{index}"))
+            self._fail(
+                req, InferenceFailed(f"the model produced non-finite values (NaN or infinity) for input {index}")
+            )
         for req in done:
             rows: list[torch.Tensor] = req.rows  # type: ignore[assignment]  # every slot is filled by now
-            result = Result(outputs=rows if req.task is Task.EMBED_ALL else torch.stack(rows),
-                            token_counts=req.token_counts, tokenization_s=req.tokenization_s,
-                            queue_s=(req.first_start or end) - req.enqueued,
-                            inference_s=end - (req.first_start or end))
+            result = Result(
+                outputs=rows if req.task is Task.EMBED_ALL else torch.stack(rows),
+                token_counts=req.token_counts,
+                tokenization_s=req.tokenization_s,
+                queue_s=(req.first_start or end) - req.enqueued,
+                inference_s=end - (req.first_start or end),
+            )
             req.loop.call_soon_threadsafe(_resolve, req.future, result)
 
     def _end_inflight(self, batch: list[_Item]) -> None:
@@ -675,7 +599,7 @@ class Batcher:
         if not leaves or not shape:
             return None
         trees, depth = shape
-        n_leaves = 2 ** depth
+        n_leaves = 2**depth
         offsets = torch.arange(trees, dtype=torch.long) * n_leaves
         counts = []
         for layer in leaves:

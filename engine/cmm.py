@@ -59,8 +59,12 @@ def _load_kernel() -> KernelInfo:
     try:
         from engine import _cmm  # noqa: F401  (importing registers torch.ops.ufb.*)
     except Exception as exc:  # ImportError, or an OSError from a mismatched torch ABI
-        return KernelInfo(False, "reference", f"the compiled extension engine._cmm failed to load ({exc!r}); "
-                          "build it with `pip install --no-build-isolation -e .`")
+        return KernelInfo(
+            False,
+            "reference",
+            f"the compiled extension engine._cmm failed to load ({exc!r}); "
+            "build it with `pip install --no-build-isolation -e .`",
+        )
     _register_fake()
     return KernelInfo(True, f"compiled:{_cmm.cpu_path()}")
 
@@ -135,7 +139,11 @@ def cmm(
 
 
 def cmm_reference(
-    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, depth: int,
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    depth: int,
     b_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch CMM: one gather of the visited rows per level, all tokens and trees at once."""
@@ -156,7 +164,7 @@ def cmm_reference(
     if b_out is not None:
         y += b_out.float()
     first_leaf = n_nodes(depth)  # after the last level `node` points one level below the leaves
-    leaves = (node - 1) // 2 - (first_leaf - 2 ** depth)
+    leaves = (node - 1) // 2 - (first_leaf - 2**depth)
     return y, leaves
 
 
@@ -195,5 +203,7 @@ def check_fits_float16(weight: torch.Tensor, name: str) -> None:
     too_big = magnitude > limit  # NaN compares False: NaNs pass through, as with the other dtypes
     if too_big.any():
         worst = magnitude[too_big].max().item()
-        raise ValueError(f"{name} has a weight of magnitude {worst:g}, outside the float16 range (|w| <= {limit:g}); "
-                         "use weight dtype float32 or bfloat16 for this model")
+        raise ValueError(
+            f"{name} has a weight of magnitude {worst:g}, outside the float16 range (|w| <= {limit:g}); "
+            "use weight dtype float32 or bfloat16 for this model"
+        )

@@ -1,11 +1,7 @@
 """Model configuration: one dataclass describes every encoder this engine can run.
 
-Two layouts exist because the two sources of weights we serve disagree on architecture:
-
-* ``"bert"``: the Hugging Face BERT layout (post-LN, learned absolute positions, token-type embeddings, biases
-  everywhere). Teachers such as all-MiniLM-L6-v2 and the FFF students distilled from them use it.
-* ``"crammed"``: the published crammedBERT-FFF layout (UltraFastBERT-1x11-long): pre-LN, embedding LayerNorm,
-  final LayerNorm, scaled-sinusoidal positions, per-head fused QKV without bias, no token types.
+``layout`` names one of engine/layouts/ (``"bert"``: Hugging Face BERT, post-LN; ``"crammed"``: the published
+crammedBERT-FFF, pre-LN); each layout module says what it is and checks the fields only it needs.
 
 Our own checkpoint folder stores this config as ``ufb_config.json`` beside ``model.safetensors``.
 """
@@ -18,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.layouts import LAYOUTS
+
 CONFIG_FILE = "ufb_config.json"
 
-LAYOUTS = ("bert", "crammed")
 FFN_KINDS = ("fff", "dense", "none")
 POOLINGS = ("mean", "cls")
 ACTIVATIONS = ("gelu",)
@@ -76,38 +73,57 @@ class ModelConfig:
             if not cond:
                 raise ValueError(f"invalid model config: {msg}")
 
-        need(self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        need(self.layout in LAYOUTS, f"layout must be one of {tuple(LAYOUTS)}, got {self.layout!r}")
         need(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         need(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         need(self.hidden_act in ACTIVATIONS, f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive integer, got {value!r}")
-        need(self.hidden_size % self.num_heads == 0,
-             f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name} must be a positive integer, got {value!r}",
+            )
+        need(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+        )
         if self.ffn == "fff":
-            need(isinstance(self.fff_trees, int) and self.fff_trees >= 1,
-                 f"fff_trees must be >= 1, got {self.fff_trees!r}")
-            need(isinstance(self.fff_depth, int) and 0 <= self.fff_depth <= 20,
-                 f"fff_depth must be in 0..20, got {self.fff_depth!r}")
-        if self.layout == "bert":
-            need(isinstance(self.type_vocab_size, int) and self.type_vocab_size >= 1,
-                 f"type_vocab_size must be >= 1 for the bert layout, got {self.type_vocab_size!r}")
-        else:
-            need(self.hidden_size % 2 == 0, "the crammed layout's sinusoidal positions need an even hidden_size")
+            need(
+                isinstance(self.fff_trees, int) and self.fff_trees >= 1,
+                f"fff_trees must be >= 1, got {self.fff_trees!r}",
+            )
+            need(
+                isinstance(self.fff_depth, int) and 0 <= self.fff_depth <= 20,
+                f"fff_depth must be in 0..20, got {self.fff_depth!r}",
+            )
+        for problem in LAYOUTS[self.layout].problems(self):
+            need(False, problem)
         need(self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        need(0 <= self.pad_token_id < self.vocab_size,
-             f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
+        need(
+            0 <= self.pad_token_id < self.vocab_size,
+            f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})",
+        )
         if self.labels is not None:
-            need(len(self.labels) >= 1 and all(isinstance(x, str) and x for x in self.labels),
-                 "labels must be a non-empty list of non-empty strings")
+            need(
+                len(self.labels) >= 1 and all(isinstance(x, str) and x for x in self.labels),
+                "labels must be a non-empty list of non-empty strings",
+            )
             need(len(set(self.labels)) == len(self.labels), f"labels must be unique, got {self.labels}")
-        need(self.classifier_dim is None or (isinstance(self.classifier_dim, int) and self.classifier_dim > 0),
-             f"classifier_dim must be None or a positive integer, got {self.classifier_dim!r}")
-        need(self.classifier_activation in CLASSIFIER_ACTIVATIONS,
-             f"classifier_activation must be one of {CLASSIFIER_ACTIVATIONS}, got {self.classifier_activation!r}")
+        need(
+            self.classifier_dim is None or (isinstance(self.classifier_dim, int) and self.classifier_dim > 0),
+            f"classifier_dim must be None or a positive integer, got {self.classifier_dim!r}",
+        )
+        need(
+            self.classifier_activation in CLASSIFIER_ACTIVATIONS,
+            f"classifier_activation must be one of {CLASSIFIER_ACTIVATIONS}, got {self.classifier_activation!r}",
+        )
 
     # ------------------------------------------------------------------ derived values
 

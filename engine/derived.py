@@ -32,9 +32,9 @@ def python_stamp(*sources: torch.Tensor) -> tuple:
     return tuple(parts)
 
 
-# The compiled stamp (csrc/register.cpp ``tensor_stamp``: the same four facts per tensor, its TensorImpl's address
-# standing for the Python object's id, as one bytes object) is one call instead of several reads per tensor, which
-# matters on one-token calls; python_stamp is the fallback where the extension is not built.
+# The compiled stamp (csrc/python/fast_path.cpp ``tensor_stamp``: the same four facts per tensor, its TensorImpl's
+# address standing for the Python object's id, as one bytes object) is one call instead of several reads per tensor,
+# which matters on one-token calls; python_stamp is the fallback where the extension is not built.
 stamp: Callable[..., object] = getattr(cmm_ops.extension(), "tensor_stamp", None) or python_stamp
 
 

@@ -35,7 +35,7 @@ from engine import cmm as cmm_ops
 from engine.derived import Derived
 
 IMPLS = ("kernel", "reference", "masked")
-# csrc/register.cpp ``fff_forward``: :meth:`FFF.forward`'s serving case in one call (None without the extension)
+# csrc/python/fast_path.cpp ``fff_forward``: :meth:`FFF.forward`'s serving case in one call (None without the extension)
 _FFF_FORWARD = getattr(cmm_ops.extension(), "fff_forward", None)
 
 
@@ -95,8 +95,10 @@ class FFF(nn.Module):
         self.invalidate()
 
     def extra_repr(self) -> str:
-        return (f"d_in={self.d_in}, d_out={self.d_out}, depth={self.depth}, trees={self.trees}, "
-                f"impl={self.impl!r}, weight_dtype={self.weight_dtype}")
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, depth={self.depth}, trees={self.trees}, "
+            f"impl={self.impl!r}, weight_dtype={self.weight_dtype}"
+        )
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -135,8 +137,9 @@ class FFF(nn.Module):
         return self._packed.get(sources if bias is None else (*sources, bias), self._pack, self._weight_dtype)
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        w_in, b_in, w_out = cmm_ops.pack_fff_weights(self.linear_in.weight, self.linear_in.bias,
-                                                     self.linear_out.weight, self.trees, self._weight_dtype)
+        w_in, b_in, w_out = cmm_ops.pack_fff_weights(
+            self.linear_in.weight, self.linear_in.bias, self.linear_out.weight, self.trees, self._weight_dtype
+        )
         bias = self.linear_out.bias
         return w_in, b_in, w_out, None if bias is None else bias.detach().float().contiguous()
 
@@ -188,8 +191,8 @@ class FFF(nn.Module):
     def path_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, K * n_nodes]`` GELU activations of the visited nodes (zero elsewhere), and the ``[N, K]`` leaves.
 
-        The layer's output is ``linear_out`` of these, which is what lets ``engine.training.fff_fit`` solve for the output
-        rows in closed form."""
+        The layer's output is ``linear_out`` of these, which is what lets ``engine.training.fff_fit`` solve for the
+        output rows in closed form."""
         n = x.shape[0]
         logits = self.linear_in(x).view(n, self.trees, self.n_nodes)
         with torch.no_grad():
@@ -201,7 +204,7 @@ class FFF(nn.Module):
                 go_right = torch.gather(right, 2, node.unsqueeze(2)).squeeze(2).long()
                 node = 2 * node + 1 + go_right
                 mask.scatter_(2, node.unsqueeze(2), 1.0)
-            leaves = node - (self.n_nodes - 2 ** self.depth)
+            leaves = node - (self.n_nodes - 2**self.depth)
         if self.routing_tau > 0 and torch.is_grad_enabled() and logits.requires_grad:
             soft = self._soft_reach(logits)
             mask = mask + (soft - soft.detach())  # the hard mask's values, soft routing's gradient
@@ -216,6 +219,6 @@ class FFF(nn.Module):
         levels = [logits.new_ones(n, self.trees, 1)]
         for level in range(self.depth):
             first = 2**level - 1
-            p = right[:, :, first: 2 * first + 1]
+            p = right[:, :, first : 2 * first + 1]
             levels.append((levels[-1].unsqueeze(3) * torch.stack((1 - p, p), 3)).flatten(2))
         return torch.cat(levels, 2)

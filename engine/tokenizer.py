@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Encoding
+from tokenizers import Encoding, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -77,9 +76,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(
-        self, texts: list[str], *, max_length: int, truncate: bool, direction: str = "right"
-    ) -> list[list[int]]:
+    def encode(self, texts: list[str], *, max_length: int, truncate: bool, direction: str = "right") -> list[list[int]]:
         """Ids with special tokens. Too long: truncate the body (``direction`` says which end is cut, the
         special tokens stay) or raise :class:`InputTooLongError` for the first offending input."""
         if direction not in ("right", "left"):
@@ -141,7 +138,7 @@ def _truncate(ids: list[int], special: list[int], max_length: int, direction: st
     tail = 0
     while tail < len(ids) - head and special[len(ids) - 1 - tail]:
         tail += 1
-    body = ids[head: len(ids) - tail]
+    body = ids[head : len(ids) - tail]
     room = max(max_length - head - tail, 0)
-    body = body[:room] if direction == "right" else body[len(body) - room:] if room else []
-    return (ids[:head] + body + ids[len(ids) - tail:])[:max_length]
+    body = body[:room] if direction == "right" else body[len(body) - room :] if room else []
+    return (ids[:head] + body + ids[len(ids) - tail :])[:max_length]

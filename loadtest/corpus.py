@@ -115,8 +115,7 @@ def load_sentences(source: str = "auto") -> tuple[list[str], str]:
         from engine.training.text_data import DataUnavailable, rotten_tomatoes
 
         try:
-            texts = [t for t in rotten_tomatoes("train").texts + rotten_tomatoes("test").texts
-                     if len(t.split()) >= 3]
+            texts = [t for t in rotten_tomatoes("train").texts + rotten_tomatoes("test").texts if len(t.split()) >= 3]
         except DataUnavailable:
             if source == "rotten_tomatoes":
                 raise
@@ -133,8 +132,15 @@ MAX_CHARS = 1800
 class TextMix:
     """Deterministic (seeded) stream of inputs of realistic lengths."""
 
-    def __init__(self, sentences: Sequence[str] | None = None, *, seed: int = 0,
-                 mix: LengthMix | None = None, source: str = "auto", max_chars: int = MAX_CHARS) -> None:
+    def __init__(
+        self,
+        sentences: Sequence[str] | None = None,
+        *,
+        seed: int = 0,
+        mix: LengthMix | None = None,
+        source: str = "auto",
+        max_chars: int = MAX_CHARS,
+    ) -> None:
         if sentences is None:
             sentences, self.source = load_sentences(source)
         else:

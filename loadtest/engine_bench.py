@@ -5,7 +5,7 @@ load uses and tokenizes them (the service tokenizes too). With ``max_batch_token
 ``batch_size`` in order; otherwise batches of at most ``batch_size`` inputs and ``max_batch_tokens`` tokens are
 taken oldest first, exactly as the service's batcher takes them from a queue of ``pool`` inputs
 (:func:`engine.batcher.first_fit`). Each batch is one forward pass through
-:class:`engine.batcher.ModelBackend`, the exact call the batcher's worker makes, leaf recording included.
+:class:`engine.backend.ModelBackend`, the exact call the batcher's worker makes, leaf recording included.
 """
 
 from __future__ import annotations
@@ -43,21 +43,26 @@ class EngineReport:
 
     def text(self) -> str:
         m = self.ms_per_batch
-        how = (f"batches of <= {self.batch_size} inputs and <= {self.max_batch_tokens} tokens from "
-               f"pools of {self.pool}" if self.max_batch_tokens else f"batch {self.batch_size}")
+        how = (
+            f"batches of <= {self.batch_size} inputs and <= {self.max_batch_tokens} tokens from pools of {self.pool}"
+            if self.max_batch_tokens
+            else f"batch {self.batch_size}"
+        )
         who = f"{self.workers} workers x {self.torch_threads}" if self.workers > 1 else f"{self.torch_threads}"
-        return (f"engine direct, {how} on {self.model} ({who} torch threads), "
-                f"{self.duration_s:.1f}s, {self.batches} batches (mean size {self.mean_batch_size:.1f})\n"
-                f"  {self.inputs_per_s:.2f} inputs/s incl. tokenization ({self.forward_only_inputs_per_s:.2f} "
-                f"forward only), {self.tokens_per_s:.0f} tokens/s\n"
-                f"  per batch: forward ms mean {m['mean']:.1f} p50 {m['p50']:.1f} p99 {m['p99']:.1f}, tokenize "
-                f"{self.tokenize_ms_per_batch:.1f} ms, tokens {self.mean_tokens:.0f}")
+        return (
+            f"engine direct, {how} on {self.model} ({who} torch threads), "
+            f"{self.duration_s:.1f}s, {self.batches} batches (mean size {self.mean_batch_size:.1f})\n"
+            f"  {self.inputs_per_s:.2f} inputs/s incl. tokenization ({self.forward_only_inputs_per_s:.2f} "
+            f"forward only), {self.tokens_per_s:.0f} tokens/s\n"
+            f"  per batch: forward ms mean {m['mean']:.1f} p50 {m['p50']:.1f} p99 {m['p99']:.1f}, tokenize "
+            f"{self.tokenize_ms_per_batch:.1f} ms, tokens {self.mean_tokens:.0f}"
+        )
 
 
 def split_batches(ids: list[list[int]], batch_size: int, max_batch_tokens: int | None) -> list[list[list[int]]]:
     """One pool of tokenized inputs -> batches (see the module docstring)."""
     if max_batch_tokens is None:
-        return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+        return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     from engine.batcher import first_fit
 
     out: list[list[list[int]]] = []
@@ -70,19 +75,35 @@ def split_batches(ids: list[list[int]], batch_size: int, max_batch_tokens: int |
     return out
 
 
-def calibrate_pool(loaded: Any, *, target_mean_size: float, batch_size: int, max_batch_tokens: int | None,
-                   max_pool: int, seed: int = 0, source: str = "auto", samples: int = 400) -> tuple[int, float]:
+def calibrate_pool(
+    loaded: Any,
+    *,
+    target_mean_size: float,
+    batch_size: int,
+    max_batch_tokens: int | None,
+    max_pool: int,
+    seed: int = 0,
+    source: str = "auto",
+    samples: int = 400,
+) -> tuple[int, float]:
     """The pool size whose batches (same policy, same texts, no model run) have the mean size closest to
     ``target_mean_size`` -- e.g. the service's, read from /metrics. Returns (pool, its mean batch size)."""
-    from engine.batcher import ModelBackend
+    from engine.backend import ModelBackend
 
     backend = ModelBackend(loaded)
-    ids = backend.tokenize(TextMix(seed=seed, source=source).texts(samples), max_length=backend.max_input_tokens,
-                           truncate=True, direction="right")
+    ids = backend.tokenize(
+        TextMix(seed=seed, source=source).texts(samples),
+        max_length=backend.max_input_tokens,
+        truncate=True,
+        direction="right",
+    )
     best = (1, 1.0)
     for pool in range(1, max(1, max_pool) + 1):
-        sizes = [len(b) for i in range(0, len(ids) - pool + 1, pool)
-                 for b in split_batches(ids[i:i + pool], batch_size, max_batch_tokens)]
+        sizes = [
+            len(b)
+            for i in range(0, len(ids) - pool + 1, pool)
+            for b in split_batches(ids[i : i + pool], batch_size, max_batch_tokens)
+        ]
         mean = sum(sizes) / len(sizes)
         if abs(mean - target_mean_size) < abs(best[1] - target_mean_size):
             best = (pool, mean)
@@ -134,29 +155,47 @@ def _merge(reports: list[EngineReport]) -> EngineReport:
 
     first = reports[0]
     return EngineReport(
-        model=first.model, batch_size=first.batch_size, duration_s=max(r.duration_s for r in reports),
-        batches=batches, inputs_per_s=sum(r.inputs_per_s for r in reports),
+        model=first.model,
+        batch_size=first.batch_size,
+        duration_s=max(r.duration_s for r in reports),
+        batches=batches,
+        inputs_per_s=sum(r.inputs_per_s for r in reports),
         tokens_per_s=sum(r.tokens_per_s for r in reports),
         mean_tokens=weighted(lambda r: r.mean_tokens),
-        ms_per_batch={"mean": weighted(lambda r: r.ms_per_batch["mean"]),
-                      "p50": max(r.ms_per_batch["p50"] for r in reports),
-                      "p99": max(r.ms_per_batch["p99"] for r in reports)},
+        ms_per_batch={
+            "mean": weighted(lambda r: r.ms_per_batch["mean"]),
+            "p50": max(r.ms_per_batch["p50"] for r in reports),
+            "p99": max(r.ms_per_batch["p99"] for r in reports),
+        },
         tokenize_ms_per_batch=weighted(lambda r: r.tokenize_ms_per_batch),
         forward_only_inputs_per_s=sum(r.forward_only_inputs_per_s for r in reports),
-        torch_threads=first.torch_threads, mean_batch_size=weighted(lambda r: r.mean_batch_size),
-        pool=first.pool, max_batch_tokens=first.max_batch_tokens, workers=len(reports),
+        torch_threads=first.torch_threads,
+        mean_batch_size=weighted(lambda r: r.mean_batch_size),
+        pool=first.pool,
+        max_batch_tokens=first.max_batch_tokens,
+        workers=len(reports),
     )
 
 
-def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float = 10.0, warmup_s: float = 2.0,
-               seed: int = 0, source: str = "auto", record_leaves: bool = True,
-               max_batches: int | None = None, pool: int | None = None,
-               max_batch_tokens: int | None = None, compute_dtype: str = "float32") -> EngineReport:
+def _run_engine(
+    model: str | Path | Any,
+    *,
+    batch_size: int,
+    duration_s: float = 10.0,
+    warmup_s: float = 2.0,
+    seed: int = 0,
+    source: str = "auto",
+    record_leaves: bool = True,
+    max_batches: int | None = None,
+    pool: int | None = None,
+    max_batch_tokens: int | None = None,
+    compute_dtype: str = "float32",
+) -> EngineReport:
     """``model``: a folder, or an already loaded ``engine.checkpoint.LoadedModel``; ``compute_dtype`` as the
     service's setting of that name."""
     import torch
 
-    from engine.batcher import ModelBackend, Task
+    from engine.backend import ModelBackend, Task
     from engine.checkpoint import load_model
     from loadtest.runner import percentile
 
@@ -196,13 +235,22 @@ def _run_engine(model: str | Path | Any, *, batch_size: int, duration_s: float =
     inputs = sum(s[0] for s in shapes)
     per_batch_ms = [x * 1e3 * len(fwd_s) / n for x in fwd_s] if n else []
     return EngineReport(
-        model=str(getattr(loaded, "path", model)), batch_size=batch_size, duration_s=elapsed, batches=n,
-        inputs_per_s=inputs / elapsed, tokens_per_s=sum(s[1] for s in shapes) / elapsed,
+        model=str(getattr(loaded, "path", model)),
+        batch_size=batch_size,
+        duration_s=elapsed,
+        batches=n,
+        inputs_per_s=inputs / elapsed,
+        tokens_per_s=sum(s[1] for s in shapes) / elapsed,
         mean_tokens=sum(s[1] for s in shapes) / n if n else math.nan,
-        ms_per_batch={"mean": sum(fwd_s) * 1e3 / n if n else math.nan, "p50": percentile(per_batch_ms, 50),
-                      "p99": percentile(per_batch_ms, 99)},
+        ms_per_batch={
+            "mean": sum(fwd_s) * 1e3 / n if n else math.nan,
+            "p50": percentile(per_batch_ms, 50),
+            "p99": percentile(per_batch_ms, 99),
+        },
         tokenize_ms_per_batch=sum(tok_s) * 1e3 / n if n else math.nan,
         forward_only_inputs_per_s=inputs / sum(fwd_s) if n else math.nan,
-        torch_threads=torch.get_num_threads(), mean_batch_size=inputs / n if n else math.nan,
-        pool=n_pool, max_batch_tokens=max_batch_tokens,
+        torch_threads=torch.get_num_threads(),
+        mean_batch_size=inputs / n if n else math.nan,
+        pool=n_pool,
+        max_batch_tokens=max_batch_tokens,
     )

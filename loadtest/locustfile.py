@@ -16,8 +16,10 @@ import os
 try:
     from locust import FastHttpUser, between, task  # type: ignore[import-not-found]
 except ImportError:
-    raise SystemExit("loadtest/locustfile.py runs under Locust, which is not installed: pip install locust, then "
-                     "locust -f loadtest/locustfile.py --host URL (python -m loadtest needs no Locust)") from None
+    raise SystemExit(
+        "loadtest/locustfile.py runs under Locust, which is not installed: pip install locust, then "
+        "locust -f loadtest/locustfile.py --host URL (python -m loadtest needs no Locust)"
+    ) from None
 
 from loadtest.corpus import TextMix
 

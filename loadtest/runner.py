@@ -24,14 +24,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loadtest.corpus import TextMix
+
 try:
     import aiohttp
 except ImportError:  # optional (the 'loadtest' extra): everything but sending load works without it
     aiohttp = None  # type: ignore[assignment]
 
 MISSING_AIOHTTP = "the load generator needs aiohttp: pip install 'ultrafastbert-serve[loadtest]' (or aiohttp)"
-
-from loadtest.corpus import TextMix
 
 ROUTES = ("/v1/embeddings", "/embed", "/predict", "/classify")
 
@@ -129,9 +129,18 @@ def percentile(values: list[float], q: float) -> float:
     return s[k]
 
 
-def summarize(samples: list[Sample], *, mode: str, url: str, workload: Workload, duration_s: float,
-              warmup_s: float, concurrency: int | None = None, rate: float | None = None,
-              dropped: int = 0) -> Report:
+def summarize(
+    samples: list[Sample],
+    *,
+    mode: str,
+    url: str,
+    workload: Workload,
+    duration_s: float,
+    warmup_s: float,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    dropped: int = 0,
+) -> Report:
     ok = [s for s in samples if s.status.startswith("2")]
     errors = Counter(s.status for s in samples if not s.status.startswith("2"))
     lat = [s.latency_s * 1e3 for s in ok]
@@ -141,14 +150,33 @@ def summarize(samples: list[Sample], *, mode: str, url: str, workload: Workload,
         return sum(xs) / len(xs) if xs else math.nan
 
     return Report(
-        mode=mode, url=url, route=workload.route, concurrency=concurrency, rate=rate, duration_s=duration_s,
-        warmup_s=warmup_s, requests=len(samples), ok=len(ok), errors=dict(errors),
-        rps=len(ok) / dur, inputs_per_s=sum(s.inputs for s in ok) / dur, tokens_per_s=sum(s.tokens for s in ok) / dur,
-        latency_ms={"mean": mean(lat), "p50": percentile(lat, 50), "p95": percentile(lat, 95),
-                    "p99": percentile(lat, 99), "max": max(lat) if lat else math.nan},
-        server_ms={"queue": mean([s.queue_ms for s in ok]), "inference": mean([s.inference_ms for s in ok]),
-                   "total": mean([s.server_total_ms for s in ok])},
-        text_source=workload.mix.source, dropped=dropped,
+        mode=mode,
+        url=url,
+        route=workload.route,
+        concurrency=concurrency,
+        rate=rate,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        requests=len(samples),
+        ok=len(ok),
+        errors=dict(errors),
+        rps=len(ok) / dur,
+        inputs_per_s=sum(s.inputs for s in ok) / dur,
+        tokens_per_s=sum(s.tokens for s in ok) / dur,
+        latency_ms={
+            "mean": mean(lat),
+            "p50": percentile(lat, 50),
+            "p95": percentile(lat, 95),
+            "p99": percentile(lat, 99),
+            "max": max(lat) if lat else math.nan,
+        },
+        server_ms={
+            "queue": mean([s.queue_ms for s in ok]),
+            "inference": mean([s.inference_ms for s in ok]),
+            "total": mean([s.server_total_ms for s in ok]),
+        },
+        text_source=workload.mix.source,
+        dropped=dropped,
     )
 
 
@@ -178,8 +206,16 @@ async def _one(client: Client, workload: Workload, sent: float) -> Sample:
     except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
         return Sample(sent, time.perf_counter() - sent, _transport_error(exc), n)
     latency = time.perf_counter() - sent
-    return Sample(sent, latency, str(status), n, int(_float(h, "x-compute-tokens")),
-                  _float(h, "x-queue-time"), _float(h, "x-inference-time"), _float(h, "x-total-time"))
+    return Sample(
+        sent,
+        latency,
+        str(status),
+        n,
+        int(_float(h, "x-compute-tokens")),
+        _float(h, "x-queue-time"),
+        _float(h, "x-inference-time"),
+        _float(h, "x-total-time"),
+    )
 
 
 @dataclass
@@ -241,9 +277,16 @@ class ClientPool:
         await asyncio.gather(*(c.aclose() for c in self._all))
 
 
-async def closed_loop(url: str, workload: Workload, *, concurrency: int, duration_s: float,
-                      warmup_s: float = 2.0, timeout_s: float = 60.0,
-                      max_requests: int | None = None) -> Report:
+async def closed_loop(
+    url: str,
+    workload: Workload,
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 2.0,
+    timeout_s: float = 60.0,
+    max_requests: int | None = None,
+) -> Report:
     """``concurrency`` clients back to back for ``warmup_s + duration_s`` (or until ``max_requests`` measured)."""
     samples: list[Sample] = []
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -264,15 +307,31 @@ async def closed_loop(url: str, workload: Workload, *, concurrency: int, duratio
     measured = min(duration_s, max(time.perf_counter() - start, 1e-9))
     if max_requests is not None and samples:
         measured = max(max(s.sent + s.latency_s for s in samples) - start, 1e-9)
-    rep = summarize(samples, mode="closed", url=url, workload=workload, duration_s=measured, warmup_s=warmup_s,
-                    concurrency=concurrency)
+    rep = summarize(
+        samples,
+        mode="closed",
+        url=url,
+        workload=workload,
+        duration_s=measured,
+        warmup_s=warmup_s,
+        concurrency=concurrency,
+    )
     rep.client_cpu_cores = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
     return rep
 
 
-async def open_loop(url: str, workload: Workload, *, rate: float, duration_s: float, warmup_s: float = 2.0,
-                    timeout_s: float = 60.0, poisson: bool = False, max_inflight: int = 1024,
-                    seed: int = 0) -> Report:
+async def open_loop(
+    url: str,
+    workload: Workload,
+    *,
+    rate: float,
+    duration_s: float,
+    warmup_s: float = 2.0,
+    timeout_s: float = 60.0,
+    poisson: bool = False,
+    max_inflight: int = 1024,
+    seed: int = 0,
+) -> Report:
     """Arrivals at ``rate`` per second regardless of answers; latency counted from the scheduled send time."""
     if rate <= 0:
         raise ValueError("rate must be positive")
@@ -311,8 +370,16 @@ async def open_loop(url: str, workload: Workload, *, rate: float, duration_s: fl
             await asyncio.gather(*inflight)
     finally:
         await pool.aclose()
-    rep = summarize(samples, mode="open", url=url, workload=workload, duration_s=duration_s, warmup_s=warmup_s,
-                    rate=rate, dropped=dropped)
+    rep = summarize(
+        samples,
+        mode="open",
+        url=url,
+        workload=workload,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        rate=rate,
+        dropped=dropped,
+    )
     rep.client_cpu_cores = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
     return rep
 
@@ -341,9 +408,17 @@ def batch_shape(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     batches = delta("ufb_batch_size_count")
     cpu = delta("process_cpu_seconds_total")
     if batches <= 0:
-        return {"batches": 0.0, "mean_size": math.nan, "mean_tokens": math.nan, "inference_s_per_batch": math.nan,
-                "process_cpu_s": cpu}
-    return {"batches": batches, "mean_size": delta("ufb_batch_size_sum") / batches,
-            "mean_tokens": delta("ufb_batch_tokens_sum") / batches,
-            "inference_s_per_batch": delta("ufb_batch_inference_duration_seconds_sum") / batches,
-            "process_cpu_s": cpu}
+        return {
+            "batches": 0.0,
+            "mean_size": math.nan,
+            "mean_tokens": math.nan,
+            "inference_s_per_batch": math.nan,
+            "process_cpu_s": cpu,
+        }
+    return {
+        "batches": batches,
+        "mean_size": delta("ufb_batch_size_sum") / batches,
+        "mean_tokens": delta("ufb_batch_tokens_sum") / batches,
+        "inference_s_per_batch": delta("ufb_batch_inference_duration_seconds_sum") / batches,
+        "process_cpu_s": cpu,
+    }

@@ -24,9 +24,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalServer:
     """``python -m service serve --model PATH`` as a child process; a context manager that waits for /ready."""
 
-    def __init__(self, model: str | Path, *, port: int | None = None, args: list[str] | None = None,
-                 env: dict[str, str] | None = None, log_path: str | Path | None = None,
-                 ready_timeout_s: float = 180.0) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        port: int | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | Path | None = None,
+        ready_timeout_s: float = 180.0,
+    ) -> None:
         self.model = Path(model)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,8 +51,21 @@ class LocalServer:
     def start(self) -> LocalServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UFB_")}  # flags below are the config
         env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(self.env or {})})
-        cmd = [sys.executable, "-m", "service", "serve", "--model", str(self.model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.wait_ready()
@@ -56,8 +76,10 @@ class LocalServer:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server for {self.model} exited with {self.proc.returncode}"
-                                   + (f" (log: {self.log_path})" if self.log_path else ""))
+                raise RuntimeError(
+                    f"server for {self.model} exited with {self.proc.returncode}"
+                    + (f" (log: {self.log_path})" if self.log_path else "")
+                )
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return

@@ -16,8 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from service import __version__
-from service import errors
+from service import __version__, errors
 from service.metrics import ServiceMetrics
 from service.middleware import OPEN_PATHS, ApiKey, BodyLimit, Observe
 from service.routes import ClientGone, router
@@ -39,8 +38,7 @@ carry `x-queue-time`, `x-tokenization-time`, `x-inference-time`, `x-total-time` 
 def create_app(settings: Settings | None = None, loaded_model: Any | None = None) -> FastAPI:
     """Build the app. ``loaded_model`` (an ``engine.checkpoint.LoadedModel``) skips loading; tests use it."""
     settings = settings or Settings()
-    metrics = ServiceMetrics(half_life_tokens=settings.leaf_half_life_tokens,
-                             created_series=settings.metrics_created)
+    metrics = ServiceMetrics(half_life_tokens=settings.leaf_half_life_tokens, created_series=settings.metrics_created)
     state = ServiceState(settings, loaded_model, metrics)
 
     @contextlib.asynccontextmanager
@@ -76,7 +74,12 @@ def create_app(settings: Settings | None = None, loaded_model: Any | None = None
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     open_paths = OPEN_PATHS - {"/metrics"} if settings.metrics_require_key else OPEN_PATHS
     app.add_middleware(ApiKey, api_key=api_key, metrics_of=metrics_of, open_paths=open_paths)
-    app.add_middleware(Observe, metrics_of=metrics_of,
-                       routes=lambda: [getattr(r, "path", "") for r in router.routes]
-                       + [p for p in (app.openapi_url, app.docs_url, app.redoc_url) if p])
+    app.add_middleware(
+        Observe,
+        metrics_of=metrics_of,
+        routes=lambda: (
+            [getattr(r, "path", "") for r in router.routes]
+            + [p for p in (app.openapi_url, app.docs_url, app.redoc_url) if p]
+        ),
+    )
     return app

@@ -50,6 +50,7 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any] | None, list[str] 
 
 def _any_case(choices: list[str]) -> Callable[[str], str]:
     """An argparse type that matches ``choices`` in any case (``--log-level INFO``, as ``UFB_LOG_LEVEL=INFO`` is)."""
+
     def parse(value: str) -> str:
         return next((c for c in choices if c.lower() == value.lower()), value)
 
@@ -59,8 +60,11 @@ def _any_case(choices: list[str]) -> Callable[[str], str]:
 def register_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from service.settings import Settings
 
-    p = sub.add_parser("serve", help="Serve embeddings and classification over HTTP",
-                       description="Every flag can also be set with the environment variable shown.")
+    p = sub.add_parser(
+        "serve",
+        help="Serve embeddings and classification over HTTP",
+        description="Every flag can also be set with the environment variable shown.",
+    )
     for name, field in Settings.model_fields.items():
         kind, choices, is_bool = _flag_type(field.annotation)
         flag = "--" + name.replace("_", "-")
@@ -82,11 +86,19 @@ def _ray_arguments(p: argparse.ArgumentParser) -> None:
     """``--ray`` and the ``--ray-*`` flags, generated from RayOptions (which does not import ray)."""
     from service.ray_serve.options import RayOptions
 
-    g = p.add_argument_group("Ray Serve", "Run the same service as Ray Serve replicas (needs the 'ray' extra: "
-                             "pip install 'ultrafastbert-serve[ray]'). --host/--port are the Serve HTTP proxy's.")
-    g.add_argument("--ray", dest="ray", action="store_true", default=None,
-                   help="serve on a Ray cluster (a new local one unless --ray-address or RAY_ADDRESS says "
-                   "otherwise) [env UFB_RAY=1]")
+    g = p.add_argument_group(
+        "Ray Serve",
+        "Run the same service as Ray Serve replicas (needs the 'ray' extra: "
+        "pip install 'ultrafastbert-serve[ray]'). --host/--port are the Serve HTTP proxy's.",
+    )
+    g.add_argument(
+        "--ray",
+        dest="ray",
+        action="store_true",
+        default=None,
+        help="serve on a Ray cluster (a new local one unless --ray-address or RAY_ADDRESS says "
+        "otherwise) [env UFB_RAY=1]",
+    )
     for name, field in RayOptions.model_fields.items():
         kind, _, _ = _flag_type(field.annotation)
         help_ = f"{field.description or ''} [env UFB_RAY_{name.upper()}; default {field.default}]".strip()
@@ -101,7 +113,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "ray") and v is not None}
     overrides = {k: v for k, v in given.items() if not k.startswith(RAY_DEST)}
-    ray_overrides = {k[len(RAY_DEST):]: v for k, v in given.items() if k.startswith(RAY_DEST)}
+    ray_overrides = {k[len(RAY_DEST) :]: v for k, v in given.items() if k.startswith(RAY_DEST)}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -122,11 +134,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, loaded)
     # a float: int() made a grace under 1 s "0 -> None", i.e. wait for ever
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
-                            log_level=settings.log_level, http=IdleClosingHTTPProtocol,
-                            timeout_keep_alive=settings.keep_alive_timeout_s, backlog=settings.backlog,
-                            headers=[("Keep-Alive", f"timeout={settings.keep_alive_timeout_s}")])
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+        log_level=settings.log_level,
+        http=IdleClosingHTTPProtocol,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        backlog=settings.backlog,
+        headers=[("Keep-Alive", f"timeout={settings.keep_alive_timeout_s}")],
+    )
     server = _Server(config, on_exit=app.state.service.begin_shutdown, delay_s=settings.shutdown_delay_s)
     log.info("listening on http://%s:%d", settings.host, settings.port)
     server.run()

@@ -2,7 +2,7 @@
 
 Why centralised: the promise is "never a 500 for anything a client can send", which only holds if every path
 (validation, routing, batcher, middleware) ends in the same mapping. Batcher errors keep their own classes in
-``engine.batcher`` (the engine must not know HTTP); this module decides their status codes.
+``engine.errors`` (the engine must not know HTTP); this module decides their status codes.
 
 Each error has a status and a ``kind`` (lowercase, stable: the ``cause`` label of ``ufb_failures_total``). The
 body follows the caller's API: OpenAI's ``{"error": {"message", "type", "param", "code"}}`` on the OpenAI routes
@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import batcher as b
+from engine import errors as b
 from service.responses import JSON
 
 log = logging.getLogger("service.errors")
@@ -31,8 +31,14 @@ class ServiceError(Exception):
     """An error raised by a route with the status and kind the client should see; ``param`` names the request
     field at fault where there is one (OpenAI's ``param``)."""
 
-    def __init__(self, status: int, message: str, error_type: str,
-                 headers: dict[str, str] | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -50,8 +56,9 @@ def validation(message: str, param: str | None = None) -> ServiceError:
 
 
 def too_many_inputs(n: int, limit: int, param: str | None = None) -> ServiceError:
-    return ServiceError(413, f"the request has {n} inputs, more than the maximum of {limit}; split it",
-                        "too_many_inputs", param=param)
+    return ServiceError(
+        413, f"the request has {n} inputs, more than the maximum of {limit}; split it", "too_many_inputs", param=param
+    )
 
 
 def not_ready(message: str = "the model is not ready") -> ServiceError:
@@ -84,8 +91,15 @@ def from_batcher(exc: b.BatcherError) -> ServiceError:
 # ---------------------------------------------------------------------------------------------------- bodies
 
 # TEI's ErrorType names (router/src/lib.rs), for the kinds TEI has; too many inputs is TEI's "batch size" error.
-TEI_TYPES = {"empty": "Empty", "validation": "Validation", "too_many_inputs": "Validation", "tokenizer": "Tokenizer",
-             "overloaded": "Overloaded", "unhealthy": "Unhealthy", "backend": "Backend"}
+TEI_TYPES = {
+    "empty": "Empty",
+    "validation": "Validation",
+    "too_many_inputs": "Validation",
+    "tokenizer": "Tokenizer",
+    "overloaded": "Overloaded",
+    "unhealthy": "Unhealthy",
+    "backend": "Backend",
+}
 
 # OpenAI's error ``code`` where OpenAI has one for the case; otherwise the code is our kind.
 _OPENAI_CODES = {"unauthorized": "invalid_api_key", "model_not_found": "model_not_found"}
@@ -104,17 +118,30 @@ def _openai_type(status: int) -> str:
     return "invalid_request_error"
 
 
-def error_body(message: str, error_type: str, *, status: int = 400, path: str = "",
-               param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, *, status: int = 400, path: str = "", param: str | None = None
+) -> dict[str, Any]:
     """The JSON body for an error of ``error_type`` (our kind) answering a request for ``path``."""
     if is_openai_path(path):
-        return {"error": {"message": message, "type": _openai_type(status), "param": param,
-                          "code": _OPENAI_CODES.get(error_type, error_type)}}
+        return {
+            "error": {
+                "message": message,
+                "type": _openai_type(status),
+                "param": param,
+                "code": _OPENAI_CODES.get(error_type, error_type),
+            }
+        }
     return {"error": message, "error_type": TEI_TYPES.get(error_type, error_type)}
 
 
-def error_response(request: Request | None, status: int, message: str, error_type: str,
-                   headers: dict[str, str] | None = None, param: str | None = None) -> JSON:
+def error_response(
+    request: Request | None,
+    status: int,
+    message: str,
+    error_type: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+) -> JSON:
     """Build the JSON error and count it under ``ufb_failures_total{cause}``."""
     path = ""
     if request is not None:
@@ -122,8 +149,9 @@ def error_response(request: Request | None, status: int, message: str, error_typ
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.failure(error_type)
-    return JSON(error_body(message, error_type, status=status, path=path, param=param), status_code=status,
-                headers=headers)
+    return JSON(
+        error_body(message, error_type, status=status, path=path, param=param), status_code=status, headers=headers
+    )
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -150,8 +178,13 @@ def _param_of(exc: RequestValidationError) -> str | None:
     return None
 
 
-_HTTP_TYPES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-               415: "unsupported_media_type"}
+_HTTP_TYPES = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def install(app: FastAPI) -> None:
@@ -185,8 +218,9 @@ def install(app: FastAPI) -> None:
         return error_response(request, 500, f"internal error: {type(exc).__name__}", "internal")
 
 
-def asgi_error(status: int, message: str, error_type: str, headers: dict[str, str] | None = None,
-               path: str = "") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def asgi_error(
+    status: int, message: str, error_type: str, headers: dict[str, str] | None = None, path: str = ""
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """The same body for middleware that answers before FastAPI sees the request."""
     body = json.dumps(error_body(message, error_type, status=status, path=path)).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
-from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from engine.batcher import Batcher, BatchStats
 
@@ -42,42 +42,75 @@ class ServiceMetrics:
         self._created_series = created_series
         # process_resident_memory_bytes, process_cpu_seconds_total, ...: the dashboard and `loadtest soak` use them
         ProcessCollector(registry=r)
-        self.request_duration = Histogram("ufb_request_duration_seconds", "HTTP request duration",
-                                          ["route", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_duration = Histogram(
+            "ufb_request_duration_seconds",
+            "HTTP request duration",
+            ["route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.requests = Counter("ufb_requests", "HTTP requests", ["route", "status"], registry=r)
-        self.queue_time = Histogram("ufb_queue_duration_seconds", "Time a request waited for its first batch",
-                                    ["task"], buckets=LATENCY_BUCKETS, registry=r)
-        self.tokenization_time = Histogram("ufb_tokenization_duration_seconds", "Tokenization time per request",
-                                           ["task"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_time = Histogram("ufb_batch_inference_duration_seconds", "Forward pass time per batch",
-                                        ["task"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("ufb_batch_size", "Inputs per batch", ["task"], buckets=SIZE_BUCKETS,
-                                    registry=r)
-        self.batch_tokens = Histogram("ufb_batch_tokens", "Tokens per batch (packed: no padding)", ["task"],
-                                      buckets=TOKEN_BUCKETS, registry=r)
-        self.input_length = Histogram("ufb_input_length_tokens", "Tokens per input", ["task"],
-                                      buckets=LENGTH_BUCKETS, registry=r)
+        self.queue_time = Histogram(
+            "ufb_queue_duration_seconds",
+            "Time a request waited for its first batch",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokenization_time = Histogram(
+            "ufb_tokenization_duration_seconds",
+            "Tokenization time per request",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            "ufb_batch_inference_duration_seconds",
+            "Forward pass time per batch",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram("ufb_batch_size", "Inputs per batch", ["task"], buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "ufb_batch_tokens", "Tokens per batch (packed: no padding)", ["task"], buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.input_length = Histogram(
+            "ufb_input_length_tokens", "Tokens per input", ["task"], buckets=LENGTH_BUCKETS, registry=r
+        )
         self.inputs = Counter("ufb_inputs", "Inputs answered", ["task"], registry=r)
         self.tokens = Counter("ufb_tokens", "Tokens answered", ["task"], registry=r)
         self.failures = Counter("ufb_failures", "Failed requests by cause", ["cause"], registry=r)
-        self.auth_failures = Counter("ufb_auth_failures", "Requests refused with 401 (reason: missing or invalid "
-                                     "key)", ["reason"], registry=r)
+        self.auth_failures = Counter(
+            "ufb_auth_failures", "Requests refused with 401 (reason: missing or invalid key)", ["reason"], registry=r
+        )
         self.batch_failures = Counter("ufb_batch_failures", "Forward passes that raised", ["task"], registry=r)
         self.queue_depth = Gauge("ufb_queue_depth", "Inputs waiting for inference", registry=r)
         self.queue_tokens = Gauge("ufb_queue_tokens", "Tokens waiting for inference", registry=r)
         self.inflight_batches = Gauge("ufb_inflight_batches", "Batches in the forward pass now", registry=r)
         self.ready = Gauge("ufb_ready", "1 when the service answers /ready with 200", registry=r)
-        self.kernel_compiled = Gauge("ufb_cmm_kernel_compiled", "1 if the compiled CMM kernel runs, "
-                                     "0 on the slow reference fallback", registry=r)
+        self.kernel_compiled = Gauge(
+            "ufb_cmm_kernel_compiled", "1 if the compiled CMM kernel runs, 0 on the slow reference fallback", registry=r
+        )
         self.model_info = Info("ufb_model", "The served model", registry=r)
-        self.neurons_evaluated = Counter("ufb_ffn_neurons_evaluated", "Feedforward neurons evaluated",
-                                         ["layer"], registry=r)
-        self.neurons_dense = Counter("ufb_ffn_neurons_dense", "Feedforward neurons a dense model would evaluate",
-                                     ["layer"], registry=r)
-        self.leaf_entropy = Gauge("ufb_fff_leaf_entropy_ratio", "Normalised entropy of decayed leaf visits "
-                                  "(1 even, 0 collapsed)", ["layer", "tree"], registry=r)
-        self.leaves_used = Gauge("ufb_fff_leaves_used_ratio", "Fraction of leaves with >= 1% of an even share "
-                                 "of decayed visits", ["layer", "tree"], registry=r)
+        self.neurons_evaluated = Counter(
+            "ufb_ffn_neurons_evaluated", "Feedforward neurons evaluated", ["layer"], registry=r
+        )
+        self.neurons_dense = Counter(
+            "ufb_ffn_neurons_dense", "Feedforward neurons a dense model would evaluate", ["layer"], registry=r
+        )
+        self.leaf_entropy = Gauge(
+            "ufb_fff_leaf_entropy_ratio",
+            "Normalised entropy of decayed leaf visits (1 even, 0 collapsed)",
+            ["layer", "tree"],
+            registry=r,
+        )
+        self.leaves_used = Gauge(
+            "ufb_fff_leaves_used_ratio",
+            "Fraction of leaves with >= 1% of an even share of decayed visits",
+            ["layer", "tree"],
+            registry=r,
+        )
 
         self._npt: list[tuple[int, int]] = []
         self._half_life = float(half_life_tokens)
@@ -86,8 +119,9 @@ class ServiceMetrics:
 
     # ------------------------------------------------------------------ wiring
 
-    def set_model(self, neurons_per_token: Sequence[tuple[int, int]], tree_shape: tuple[int, int] | None,
-                  info: dict[str, str]) -> None:
+    def set_model(
+        self, neurons_per_token: Sequence[tuple[int, int]], tree_shape: tuple[int, int] | None, info: dict[str, str]
+    ) -> None:
         """Called once the model is loaded (the app, and so the registry, exists before that)."""
         self._npt = list(neurons_per_token)
         for layer in range(len(self._npt)):  # export zeros from the start so PromQL ratios exist
@@ -114,8 +148,7 @@ class ServiceMetrics:
     def failure(self, cause: str) -> None:
         self.failures.labels(cause).inc()
 
-    def observe_result(self, task: str, token_counts: Sequence[int], queue_s: float,
-                       tokenization_s: float) -> None:
+    def observe_result(self, task: str, token_counts: Sequence[int], queue_s: float, tokenization_s: float) -> None:
         self.queue_time.labels(task).observe(queue_s)
         self.tokenization_time.labels(task).observe(tokenization_s)
         self.inputs.labels(task).inc(len(token_counts))

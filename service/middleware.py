@@ -28,14 +28,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.middleware")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
-                        "/openapi.json"})
+OPEN_PATHS = frozenset(
+    {"/health", "/ping", "/metrics", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 # TEI answers health on GET / (POST / is inference and needs the key like every other inference route)
 OPEN_GET_PATHS = frozenset({"/"})
 
 
-async def _send_error(send: Send, scope: Scope, status: int, message: str, error_type: str,
-                      headers: dict[str, str] | None = None) -> None:
+async def _send_error(
+    send: Send, scope: Scope, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+) -> None:
     status, hdrs, body = asgi_error(status, message, error_type, headers, scope.get("path", ""))
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -79,8 +81,7 @@ class Observe:
                 started = True
                 status = message["status"]
                 message = dict(message)
-                message["headers"] = list(message.get("headers") or []) + [(b"x-request-id",
-                                                                             request_id.encode())]
+                message["headers"] = list(message.get("headers") or []) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -99,28 +100,38 @@ class Observe:
             metrics = self._metrics_of()
             if metrics is not None:
                 metrics.observe_request(route, status, elapsed)
-            extra = {"request_id": request_id, "route": route, "status": status,
-                     "duration_ms": round(elapsed * 1e3, 3)}
+            extra = {"request_id": request_id, "route": route, "status": status, "duration_ms": round(elapsed * 1e3, 3)}
             if st.get("openai_user") is not None:  # OpenAI's `user`: who the client says the request is for
                 extra["user"] = str(st["openai_user"])[:256]
-            access_log.info("%s %s %d %.1fms", scope.get("method"), scope.get("path"), status, elapsed * 1e3,
-                            extra=extra)
+            access_log.info(
+                "%s %s %d %.1fms", scope.get("method"), scope.get("path"), status, elapsed * 1e3, extra=extra
+            )
             REQUEST_ID.reset(context)
 
 
 class ApiKey:
     """``Authorization: Bearer <key>`` on every path except the probes, metrics and docs."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, metrics_of: Callable[[], Any],
-                 open_paths: frozenset[str] = OPEN_PATHS) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        metrics_of: Callable[[], Any],
+        open_paths: frozenset[str] = OPEN_PATHS,
+    ) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self._metrics_of = metrics_of
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or self._key is None or scope["path"] in self._open
-                or (scope["path"] in OPEN_GET_PATHS and scope.get("method") in ("GET", "HEAD"))):
+        if (
+            scope["type"] != "http"
+            or self._key is None
+            or scope["path"] in self._open
+            or (scope["path"] in OPEN_GET_PATHS and scope.get("method") in ("GET", "HEAD"))
+        ):
             await self.app(scope, receive, send)
             return
         header = dict(scope.get("headers") or ()).get(b"authorization", b"")
@@ -133,8 +144,14 @@ class ApiKey:
         if metrics is not None:
             metrics.failure("unauthorized")
             metrics.auth_failures.labels("missing" if not header.strip() else "invalid").inc()
-        await _send_error(send, scope, 401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                          "unauthorized", {"WWW-Authenticate": "Bearer"})
+        await _send_error(
+            send,
+            scope,
+            401,
+            "missing or invalid API key (send 'Authorization: Bearer <key>')",
+            "unauthorized",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
 
 class BodyLimit:
@@ -187,8 +204,9 @@ class BodyLimit:
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as exc:
-                await self._reject(send, scope, 422, f"the request body is not valid UTF-8 (byte {exc.start})",
-                                   "validation")
+                await self._reject(
+                    send, scope, 422, f"the request body is not valid UTF-8 (byte {exc.start})", "validation"
+                )
                 return
         replayed = False
 

@@ -21,7 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from engine.batcher import EmptyInput, InputTooLong, Overloaded, Result, Task, check_vocabulary
+from engine.backend import Task
+from engine.batcher import Result, check_vocabulary
+from engine.errors import EmptyInput, InputTooLong, Overloaded
 from engine.tokenizer import Tokenizer
 from service import __version__
 from service import errors as E
@@ -32,13 +34,21 @@ from service.state import Phase, ServiceState, kernel_info
 
 router = APIRouter()
 
-_STATUSES = [(400, "Empty input"), (401, "Missing or invalid API key"),
-             (413, "Too many inputs or payload too large"), (422, "Malformed or invalid input"),
-             (429, "Overloaded; retry after Retry-After seconds"), (503, "Not ready"), (504, "Deadline exceeded")]
+_STATUSES = [
+    (400, "Empty input"),
+    (401, "Missing or invalid API key"),
+    (413, "Too many inputs or payload too large"),
+    (422, "Malformed or invalid input"),
+    (429, "Overloaded; retry after Retry-After seconds"),
+    (503, "Not ready"),
+    (504, "Deadline exceeded"),
+]
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": S.ErrorResponse, "description": desc} for code, desc in _STATUSES}
+    code: {"model": S.ErrorResponse, "description": desc} for code, desc in _STATUSES
+}
 _OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": S.OpenAIErrorResponse, "description": desc} for code, desc in _STATUSES}
+    code: {"model": S.OpenAIErrorResponse, "description": desc} for code, desc in _STATUSES
+}
 
 # Slices of one large OpenAI request that wait in the batcher's queue at once: enough to keep the workers fed
 # between slices, few enough that requests arriving meanwhile are queued after at most this many slices.
@@ -102,8 +112,16 @@ async def _cancellable(request: Request, work: Coroutine[Any, Any, Result]) -> R
     raise ClientGone()
 
 
-async def _infer(request: Request, task: Task, inputs: Any, truncate: bool | None, direction: str, *,
-                 max_inputs: int | None = None, param: str = "inputs") -> tuple[Result, dict[str, str], ServiceState]:
+async def _infer(
+    request: Request,
+    task: Task,
+    inputs: Any,
+    truncate: bool | None,
+    direction: str,
+    *,
+    max_inputs: int | None = None,
+    param: str = "inputs",
+) -> tuple[Result, dict[str, str], ServiceState]:
     """Run ``inputs`` through the batcher; more than ``max_inputs_per_request`` (allowed up to ``max_inputs``)
     go in slices (:func:`_submit_in_slices`)."""
     state = _ready_state(request)
@@ -117,9 +135,18 @@ async def _infer(request: Request, task: Task, inputs: Any, truncate: bool | Non
     arrival = request.scope.get("state", {}).get("t_arrival", time.monotonic())
     deadline = arrival + state.settings.request_timeout_s
     try:
-        result = await _cancellable(request, _submit_in_slices(
-            state, task, texts, ids, truncate=state.settings.auto_truncate if truncate is None else truncate,
-            direction=direction.lower(), deadline=deadline))
+        result = await _cancellable(
+            request,
+            _submit_in_slices(
+                state,
+                task,
+                texts,
+                ids,
+                truncate=state.settings.auto_truncate if truncate is None else truncate,
+                direction=direction.lower(),
+                deadline=deadline,
+            ),
+        )
     except ClientGone:
         state.metrics.failure("client_disconnected")
         raise
@@ -138,8 +165,16 @@ async def _infer(request: Request, task: Task, inputs: Any, truncate: bool | Non
     return result, headers, state
 
 
-async def _submit_in_slices(state: ServiceState, task: Task, texts: list[str] | None, ids: list[list[int]] | None,
-                            *, truncate: bool, direction: str, deadline: float) -> Result:
+async def _submit_in_slices(
+    state: ServiceState,
+    task: Task,
+    texts: list[str] | None,
+    ids: list[list[int]] | None,
+    *,
+    truncate: bool,
+    direction: str,
+    deadline: float,
+) -> Result:
     """One batcher submission, or for more inputs than ``max_inputs_per_request``, slices of that size with at most
     :data:`SLICES_IN_FLIGHT` queued at a time. Each slice is an ordinary submission under every queue, token and
     concurrency limit, so a 2,048-input request never holds more than a few slices' share of the queue: requests
@@ -153,21 +188,27 @@ async def _submit_in_slices(state: ServiceState, task: Task, texts: list[str] | 
     size = state.settings.max_inputs_per_request
     seqs: list[Any] = texts if texts is not None else ids  # type: ignore[assignment]
     if len(seqs) <= size:
-        return await batcher.submit(task, texts=texts, token_ids=ids, truncate=truncate, direction=direction,
-                                    deadline=deadline)
+        return await batcher.submit(
+            task, texts=texts, token_ids=ids, truncate=truncate, direction=direction, deadline=deadline
+        )
     _check_whole_request(state, texts, ids)  # errors that name an input by its index, before any slice runs
     starts = range(0, len(seqs), size)
     window = asyncio.Semaphore(SLICES_IN_FLIGHT)
 
     async def one(start: int) -> Result:
-        part = seqs[start:start + size]
+        part = seqs[start : start + size]
         delay = 0.01
         async with window:
             while True:
                 try:
                     return await batcher.submit(
-                        task, texts=part if texts is not None else None, token_ids=part if ids is not None else None,
-                        truncate=truncate, direction=direction, deadline=deadline)
+                        task,
+                        texts=part if texts is not None else None,
+                        token_ids=part if ids is not None else None,
+                        truncate=truncate,
+                        direction=direction,
+                        deadline=deadline,
+                    )
                 except Overloaded:
                     if start == 0 or time.monotonic() + delay >= deadline:
                         raise
@@ -185,11 +226,15 @@ async def _submit_in_slices(state: ServiceState, task: Task, texts: list[str] | 
         await asyncio.gather(*slices, return_exceptions=True)
         raise
     outputs = [r.outputs for r in results]
-    return Result(outputs=torch.cat(outputs) if isinstance(outputs[0], torch.Tensor)  # type: ignore[arg-type]
-                  else [row for rows in outputs for row in rows],  # Task.EMBED_ALL: a tensor per input
-                  token_counts=[c for r in results for c in r.token_counts],
-                  tokenization_s=sum(r.tokenization_s for r in results), queue_s=sum(r.queue_s for r in results),
-                  inference_s=sum(r.inference_s for r in results))
+    return Result(
+        outputs=torch.cat(outputs)
+        if isinstance(outputs[0], torch.Tensor)  # type: ignore[arg-type]
+        else [row for rows in outputs for row in rows],  # Task.EMBED_ALL: a tensor per input
+        token_counts=[c for r in results for c in r.token_counts],
+        tokenization_s=sum(r.tokenization_s for r in results),
+        queue_s=sum(r.queue_s for r in results),
+        inference_s=sum(r.inference_s for r in results),
+    )
 
 
 def _check_whole_request(state: ServiceState, texts: list[str] | None, ids: list[list[int]] | None) -> None:
@@ -221,12 +266,14 @@ def _b64(vec: torch.Tensor) -> str:
     return base64.b64encode(vec.numpy().astype("<f4", copy=False).tobytes()).decode("ascii")
 
 
-def _predictions(state: ServiceState, logits: torch.Tensor, scores: str,
-                 top_k: int | None) -> list[list[dict[str, Any]]]:
+def _predictions(
+    state: ServiceState, logits: torch.Tensor, scores: str, top_k: int | None
+) -> list[list[dict[str, Any]]]:
     """Per input, ``{label, score}`` best first; ``scores``: softmax (probabilities), sigmoid, or none (logits)."""
     labels = state.labels or []
-    values = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid,
-              "none": lambda x: x}[scores](logits)
+    values = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid, "none": lambda x: x}[scores](
+        logits
+    )
     out = []
     for row in values.tolist():
         ranked = sorted(zip(labels, row), key=lambda p: -p[1])
@@ -250,17 +297,33 @@ def _check_dimensions(request: Request, dimensions: int | None) -> None:
 # ---------------------------------------------------------------------------------------------------- routes
 
 
-@router.post("/v1/embeddings", response_model=S.OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS,
-             tags=["OpenAI"], summary="OpenAI-compatible embeddings")
-@router.post("/embeddings", response_model=S.OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS, tags=["OpenAI"],
-             include_in_schema=False)
+@router.post(
+    "/v1/embeddings",
+    response_model=S.OpenAIEmbeddingResponse,
+    responses=_OPENAI_ERRORS,
+    tags=["OpenAI"],
+    summary="OpenAI-compatible embeddings",
+)
+@router.post(
+    "/embeddings",
+    response_model=S.OpenAIEmbeddingResponse,
+    responses=_OPENAI_ERRORS,
+    tags=["OpenAI"],
+    include_in_schema=False,
+)
 async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) -> Response:
     _check_dimensions(request, body.dimensions)
     if body.user is not None:
         request.scope.setdefault("state", {})["openai_user"] = body.user  # the access log records it
-    result, headers, state = await _infer(request, Task.EMBED, body.input, None, "right",
-                                          max_inputs=_state(request).settings.max_inputs_per_openai_request,
-                                          param="input")
+    result, headers, state = await _infer(
+        request,
+        Task.EMBED,
+        body.input,
+        None,
+        "right",
+        max_inputs=_state(request).settings.max_inputs_per_openai_request,
+        param="input",
+    )
     vectors = _shape_embeddings(result.outputs, True, body.dimensions)
     enc = _b64 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "embedding": enc(v), "index": i} for i, v in enumerate(vectors)]
@@ -268,8 +331,9 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
     return JSON({"object": "list", "data": data, "model": state.model_name, "usage": usage}, headers=headers)
 
 
-@router.post("/embed", response_model=list[list[float]], responses=_ERRORS, tags=["TEI"],
-             summary="TEI-compatible embeddings")
+@router.post(
+    "/embed", response_model=list[list[float]], responses=_ERRORS, tags=["TEI"], summary="TEI-compatible embeddings"
+)
 async def embed(body: S.EmbedRequest, request: Request) -> Response:
     _check_dimensions(request, body.dimensions)
     result, headers, _ = await _infer(request, Task.EMBED, body.inputs, body.truncate, body.truncation_direction)
@@ -277,8 +341,13 @@ async def embed(body: S.EmbedRequest, request: Request) -> Response:
     return JSON(vectors.tolist(), headers=headers)
 
 
-@router.post("/embed_all", response_model=list[list[list[float]]], responses=_ERRORS, tags=["TEI"],
-             summary="TEI-compatible token embeddings: every token's final hidden state")
+@router.post(
+    "/embed_all",
+    response_model=list[list[list[float]]],
+    responses=_ERRORS,
+    tags=["TEI"],
+    summary="TEI-compatible token embeddings: every token's final hidden state",
+)
 async def embed_all(body: S.EmbedAllRequest, request: Request) -> Response:
     """One ``[tokens][hidden]`` list per input, special tokens included, in the order ``/tokenize`` lists them.
 
@@ -287,8 +356,7 @@ async def embed_all(body: S.EmbedAllRequest, request: Request) -> Response:
     they would hold every other request meanwhile; rendered whole anywhere they would need that much memory
     again in Python floats, per request. Streaming bounds both to one input's rows, and a client that reads
     slowly holds back only its own rendering."""
-    result, headers, _ = await _infer(request, Task.EMBED_ALL, body.inputs, body.truncate,
-                                      body.truncation_direction)
+    result, headers, _ = await _infer(request, Task.EMBED_ALL, body.inputs, body.truncate, body.truncation_direction)
     states: list[torch.Tensor] = result.outputs  # type: ignore[assignment]
     return StreamingResponse(_json_array(states), media_type="application/json", headers=headers)
 
@@ -300,18 +368,27 @@ def _json_array(states: Sequence[torch.Tensor]) -> Iterator[bytes]:
     yield b"]"
 
 
-@router.post("/classify", response_model=list[list[S.Prediction]], responses=_ERRORS, tags=["Classification"],
-             summary="Labels with scores per input, best first")
+@router.post(
+    "/classify",
+    response_model=list[list[S.Prediction]],
+    responses=_ERRORS,
+    tags=["Classification"],
+    summary="Labels with scores per input, best first",
+)
 async def classify(body: S.ClassifyRequest, request: Request) -> Response:
     _check_classifier(request)
-    result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate,
-                                          body.truncation_direction)
+    result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
     scores = "none" if body.raw_scores else "softmax"
     return JSON(_predictions(state, result.outputs, scores, body.top_k), headers=headers)
 
 
-@router.post("/predict", response_model=list[S.Prediction] | list[list[S.Prediction]], responses=_ERRORS,
-             tags=["TEI"], summary="TEI-compatible classification")
+@router.post(
+    "/predict",
+    response_model=list[S.Prediction] | list[list[S.Prediction]],
+    responses=_ERRORS,
+    tags=["TEI"],
+    summary="TEI-compatible classification",
+)
 async def predict(body: S.PredictRequest, request: Request) -> Response:
     """TEI's three forms: ``"a"`` or ``["a"]`` (one input: one list of predictions), ``["a", "b"]`` (a sentence
     pair), ``[["a"], ["b", "c"]]`` (a batch: one list per item). Pairs are refused: the models served here
@@ -325,9 +402,13 @@ async def predict(body: S.PredictRequest, request: Request) -> Response:
 
 def _predict_inputs(inputs: str | list[str] | list[list[str]], model: str) -> tuple[list[str], bool]:
     """TEI's ``/predict`` input forms -> (texts, whether the answer is a batch)."""
+
     def pair(where: str) -> E.ServiceError:
-        return E.validation(f"{where} is a sentence pair, and model {model!r} classifies single sequences; send "
-                            "one string, or a batch of single texts [[\"a\"], [\"b\"]]", param="inputs")
+        return E.validation(
+            f"{where} is a sentence pair, and model {model!r} classifies single sequences; send "
+            'one string, or a batch of single texts [["a"], ["b"]]',
+            param="inputs",
+        )
 
     if isinstance(inputs, str):
         return [inputs], False
@@ -338,15 +419,19 @@ def _predict_inputs(inputs: str | list[str] | list[list[str]], model: str) -> tu
             return [inputs[0]], False  # type: ignore[list-item]
         if len(inputs) == 2:
             raise pair("the input")
-        raise E.validation(f"the input is a list of {len(inputs)} strings; send one string, a pair [\"a\", \"b\"], "
-                           "or a batch [[\"a\"], [\"b\"], ...]", param="inputs")
+        raise E.validation(
+            f'the input is a list of {len(inputs)} strings; send one string, a pair ["a", "b"], '
+            'or a batch [["a"], ["b"], ...]',
+            param="inputs",
+        )
     texts = []
     for i, item in enumerate(inputs):
         if len(item) == 2:
             raise pair(f"input {i}")
         if len(item) != 1:
-            raise E.validation(f"input {i} has {len(item)} strings; each batch item is [text] (or a pair)",
-                               param="inputs")
+            raise E.validation(
+                f"input {i} has {len(item)} strings; each batch item is [text] (or a pair)", param="inputs"
+            )
         texts.append(item[0])
     return texts, True  # type: ignore[return-value]
 
@@ -370,19 +455,23 @@ async def default_route(request: Request) -> Response:
     inputs = body.get("inputs")
     if "parameters" in body:
         return await _text_classification(_parse(S.TextClassificationRequest, body), request)
-    if "raw_scores" in body or (isinstance(inputs, list) and inputs and isinstance(inputs[0], list)
-                                and any(isinstance(x, str) for x in inputs[0])):
+    if "raw_scores" in body or (
+        isinstance(inputs, list)
+        and inputs
+        and isinstance(inputs[0], list)
+        and any(isinstance(x, str) for x in inputs[0])
+    ):
         return await predict(_parse(S.PredictRequest, body), request)
     return await embed(_parse(S.EmbedRequest, body), request)
 
 
 async def _text_classification(body: S.TextClassificationRequest, request: Request) -> Response:
     _check_classifier(request)
-    result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate,
-                                          body.truncation_direction)
+    result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
     params = body.parameters
-    return JSON(_predictions(state, result.outputs, params.function_to_apply or "softmax", params.top_k),
-                headers=headers)
+    return JSON(
+        _predictions(state, result.outputs, params.function_to_apply or "softmax", params.top_k), headers=headers
+    )
 
 
 def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -390,12 +479,18 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
-                                      for e in exc.errors(include_url=False)]) from None
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
 
 
-@router.post("/tokenize", response_model=list[list[S.SimpleToken]], responses=_ERRORS, tags=["TEI"],
-             summary="Tokens with character offsets")
+@router.post(
+    "/tokenize",
+    response_model=list[list[S.SimpleToken]],
+    responses=_ERRORS,
+    tags=["TEI"],
+    summary="Tokens with character offsets",
+)
 async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
     state = _ready_state(request)
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
@@ -405,7 +500,8 @@ async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
         raise E.too_many_inputs(len(texts), state.settings.max_inputs_per_request)
     assert state.batcher is not None
     content = await state.batcher.run_in_tokenizer_pool(
-        _tokens_json, state.loaded.tokenizer, texts, body.add_special_tokens)
+        _tokens_json, state.loaded.tokenizer, texts, body.add_special_tokens
+    )
     return Response(content, media_type="application/json")
 
 
@@ -425,10 +521,19 @@ def _tokens_json(tokenizer: Tokenizer, texts: list[str], special: bool) -> bytes
         # enc.tokens is not read: a non-special token's text is its span of the input, and fetching all token
         # strings from Rust costs as much again as the offsets.
         spans = zip(enc.ids, enc.offsets, enc.special_tokens_mask)
-        parts += (b"," if i else b"", _json_list(
-            {"id": tid, "text": tokenizer.id_to_token(tid) if sp else text[a:b], "special": bool(sp),
-             "start": None if sp else a, "stop": None if sp else b}
-            for tid, (a, b), sp in spans))
+        parts += (
+            b"," if i else b"",
+            _json_list(
+                {
+                    "id": tid,
+                    "text": tokenizer.id_to_token(tid) if sp else text[a:b],
+                    "special": bool(sp),
+                    "start": None if sp else a,
+                    "stop": None if sp else b,
+                }
+                for tid, (a, b), sp in spans
+            ),
+        )
     parts.append(b"]")
     return b"".join(parts)
 
@@ -441,8 +546,7 @@ def _json_list(items: Iterator[Any]) -> bytes:
     return b"[" + b",".join(slices) + b"]"
 
 
-@router.post("/decode", response_model=list[str], responses=_ERRORS, tags=["TEI"],
-             summary="Token ids back to text")
+@router.post("/decode", response_model=list[str], responses=_ERRORS, tags=["TEI"], summary="Token ids back to text")
 async def decode(body: S.DecodeRequest, request: Request) -> Response:
     state = _ready_state(request)
     _, seqs = _split_inputs(body.ids)
@@ -455,36 +559,59 @@ async def decode(body: S.DecodeRequest, request: Request) -> Response:
     for i, seq in enumerate(seqs):
         check_vocabulary(seq, i, state.backend.vocab_size)  # InvalidInput: 422 through the batcher-error handler
     texts = await state.batcher.run_in_tokenizer_pool(
-        lambda: [state.loaded.tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs])
+        lambda: [state.loaded.tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs]
+    )
     return JSON(texts)
 
 
 def _model_card(state: ServiceState) -> dict[str, Any]:
-    return {"id": state.model_name, "object": "model", "created": int(state.ready_since or 0),
-            "owned_by": "ultrafastbert-serve"}
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": int(state.ready_since or 0),
+        "owned_by": "ultrafastbert-serve",
+    }
 
 
-@router.get("/v1/models", response_model=S.OpenAIModelList, responses=_OPENAI_ERRORS, tags=["OpenAI"],
-            summary="OpenAI-compatible model list: the one model this server serves")
-@router.get("/models", response_model=S.OpenAIModelList, responses=_OPENAI_ERRORS, tags=["OpenAI"],
-            include_in_schema=False)
+@router.get(
+    "/v1/models",
+    response_model=S.OpenAIModelList,
+    responses=_OPENAI_ERRORS,
+    tags=["OpenAI"],
+    summary="OpenAI-compatible model list: the one model this server serves",
+)
+@router.get(
+    "/models", response_model=S.OpenAIModelList, responses=_OPENAI_ERRORS, tags=["OpenAI"], include_in_schema=False
+)
 async def list_models(request: Request) -> Response:
     return JSON({"object": "list", "data": [_model_card(_ready_state(request))]})
 
 
-@router.get("/v1/models/{model_id:path}", response_model=S.OpenAIModel,
-            responses={**_OPENAI_ERRORS, 404: {"model": S.OpenAIErrorResponse, "description": "No such model"}},
-            tags=["OpenAI"], summary="OpenAI-compatible model lookup")
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=S.OpenAIModel,
+    responses={**_OPENAI_ERRORS, 404: {"model": S.OpenAIErrorResponse, "description": "No such model"}},
+    tags=["OpenAI"],
+    summary="OpenAI-compatible model lookup",
+)
 async def get_model(model_id: str, request: Request) -> Response:
     state = _ready_state(request)
     if model_id != state.model_name:
-        raise E.ServiceError(404, f"model {model_id!r} is not served here (this server serves "
-                                  f"{state.model_name!r})", "model_not_found", param="model")
+        raise E.ServiceError(
+            404,
+            f"model {model_id!r} is not served here (this server serves {state.model_name!r})",
+            "model_not_found",
+            param="model",
+        )
     return JSON(_model_card(state))
 
 
-@router.get("/health", tags=["Probes"], summary="Liveness: 200 unless the model failed to start",
-            responses={503: {"model": S.ErrorResponse, "description": "The model failed to start: it cannot serve"}})
+@router.get(
+    "/health",
+    tags=["Probes"],
+    summary="Liveness: 200 unless the model failed to start",
+    responses={503: {"model": S.ErrorResponse, "description": "The model failed to start: it cannot serve"}},
+)
 @router.get("/ping", tags=["Probes"], summary="Liveness under SageMaker's name (as TEI)")
 @router.get("/", tags=["Probes"], summary="Liveness on the root (as TEI)")
 async def health(request: Request) -> Response:
@@ -492,13 +619,19 @@ async def health(request: Request) -> Response:
     warming up or finishing its work); 503 once it has failed to start, since it never will serve."""
     state = _state(request)
     if state.phase == Phase.FAILED:
-        return JSON(E.error_body(f"unhealthy: the model failed to start ({state.error})", "unhealthy",
-                                 status=503), status_code=503)
+        return JSON(
+            E.error_body(f"unhealthy: the model failed to start ({state.error})", "unhealthy", status=503),
+            status_code=503,
+        )
     return JSON({"status": "ok"})
 
 
-@router.get("/ready", tags=["Probes"], summary="Readiness: 200 once the model is loaded and warm",
-            responses={503: {"model": S.ErrorResponse, "description": "Loading, failed or shutting down"}})
+@router.get(
+    "/ready",
+    tags=["Probes"],
+    summary="Readiness: 200 once the model is loaded and warm",
+    responses={503: {"model": S.ErrorResponse, "description": "Loading, failed or shutting down"}},
+)
 async def ready(request: Request) -> Response:
     state = _state(request)
     if state.ready:
@@ -524,17 +657,28 @@ def build_info(state: ServiceState) -> dict[str, Any]:
     if state.loaded is not None:
         c = state.loaded.config
         model = {
-            "name": state.model_name, "path": str(state.loaded.path), "layout": c.layout,
+            "name": state.model_name,
+            "path": str(state.loaded.path),
+            "layout": c.layout,
             "source_format": getattr(state.loaded, "source_format", None),
-            "hidden_size": c.hidden_size, "num_layers": c.num_layers, "num_heads": c.num_heads, "ffn": c.ffn,
+            "hidden_size": c.hidden_size,
+            "num_layers": c.num_layers,
+            "num_heads": c.num_heads,
+            "ffn": c.ffn,
             "fff_trees": c.fff_trees if c.ffn == "fff" else None,
             "fff_depth": c.fff_depth if c.ffn == "fff" else None,
-            "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
-            "pooling": c.pooling, "normalize": c.normalize, "labels": c.labels, "weight_dtype": s.weight_dtype,
+            "intermediate_size": c.intermediate_size,
+            "max_position_embeddings": c.max_position_embeddings,
+            "pooling": c.pooling,
+            "normalize": c.normalize,
+            "labels": c.labels,
+            "weight_dtype": s.weight_dtype,
             "compute_dtype": s.compute_dtype,
         }
-    npt = [{"layer": i, "evaluated": e, "dense": d, "fraction": (e / d) if d else None}
-           for i, (e, d) in enumerate(state.neurons_per_token)]
+    npt = [
+        {"layer": i, "evaluated": e, "dense": d, "fraction": (e / d) if d else None}
+        for i, (e, d) in enumerate(state.neurons_per_token)
+    ]
     total_e, total_d = state.neurons_for(1)
     return {
         **_tei_info(state),
@@ -542,28 +686,44 @@ def build_info(state: ServiceState) -> dict[str, Any]:
         "state": state.phase,
         "error": state.error,
         "model": model,
-        "neurons_per_token": {"per_layer": npt, "evaluated": total_e, "dense": total_d,
-                              "fraction": (total_e / total_d) if total_d else None},
-        "kernel": {"compiled": kernel.compiled, "name": kernel.name, "description": kernel.describe(),
-                   "warning": None if kernel.compiled else
-                   f"SLOW FALLBACK: {kernel.describe()}"},
+        "neurons_per_token": {
+            "per_layer": npt,
+            "evaluated": total_e,
+            "dense": total_d,
+            "fraction": (total_e / total_d) if total_d else None,
+        },
+        "kernel": {
+            "compiled": kernel.compiled,
+            "name": kernel.name,
+            "description": kernel.describe(),
+            "warning": None if kernel.compiled else f"SLOW FALLBACK: {kernel.describe()}",
+        },
         "limits": {
-            "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": s.max_batch_requests,
-            "max_batch_wait_ms": s.max_batch_wait_ms, "max_queued_inputs": s.max_queued_inputs,
-            "max_queued_tokens": s.max_queued_tokens, "max_concurrent_requests": s.max_concurrent_requests,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_batch_requests": s.max_batch_requests,
+            "max_batch_wait_ms": s.max_batch_wait_ms,
+            "max_queued_inputs": s.max_queued_inputs,
+            "max_queued_tokens": s.max_queued_tokens,
+            "max_concurrent_requests": s.max_concurrent_requests,
             "max_inputs_per_request": s.max_inputs_per_request,
             "max_inputs_per_openai_request": s.max_inputs_per_openai_request,
-            "max_input_tokens": state.max_input_tokens or s.max_input_tokens, "auto_truncate": s.auto_truncate,
-            "payload_limit_bytes": s.payload_limit, "request_timeout_s": s.request_timeout_s,
-            "shutdown_grace_s": s.shutdown_grace_s, "shutdown_delay_s": s.shutdown_delay_s,
+            "max_input_tokens": state.max_input_tokens or s.max_input_tokens,
+            "auto_truncate": s.auto_truncate,
+            "payload_limit_bytes": s.payload_limit,
+            "request_timeout_s": s.request_timeout_s,
+            "shutdown_grace_s": s.shutdown_grace_s,
+            "shutdown_delay_s": s.shutdown_delay_s,
             "keep_alive_timeout_s": s.keep_alive_timeout_s,
         },
-        "inference": {"workers": s.inference_workers,
-                      "torch_threads_per_worker": (state.batcher.limits.threads_per_worker
-                                                   if state.batcher is not None else None)
-                      or torch.get_num_threads()},
-        "auth": {"api_key_required": s.api_key is not None,
-                 "metrics_require_key": s.api_key is not None and s.metrics_require_key},
+        "inference": {
+            "workers": s.inference_workers,
+            "torch_threads_per_worker": (state.batcher.limits.threads_per_worker if state.batcher is not None else None)
+            or torch.get_num_threads(),
+        },
+        "auth": {
+            "api_key_required": s.api_key is not None,
+            "metrics_require_key": s.api_key is not None and s.metrics_require_key,
+        },
     }
 
 
@@ -578,14 +738,23 @@ def _tei_info(state: ServiceState) -> dict[str, Any]:
         model_id = str(getattr(state.loaded, "name", None) or state.model_name)
         model_type["embedding"] = {"pooling": c.pooling}
         if c.labels:
-            model_type["classifier"] = {"id2label": {str(i): lab for i, lab in enumerate(c.labels)},
-                                        "label2id": {lab: i for i, lab in enumerate(c.labels)}}
+            model_type["classifier"] = {
+                "id2label": {str(i): lab for i, lab in enumerate(c.labels)},
+                "label2id": {lab: i for i, lab in enumerate(c.labels)},
+            }
     return {
-        "model_id": model_id, "model_sha": None, "model_dtype": s.compute_dtype,
-        "served_model_name": state.model_name, "model_type": model_type,
+        "model_id": model_id,
+        "model_sha": None,
+        "model_dtype": s.compute_dtype,
+        "served_model_name": state.model_name,
+        "model_type": model_type,
         "max_concurrent_requests": s.max_concurrent_requests,
         "max_input_length": state.max_input_tokens or s.max_input_tokens,
-        "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": s.max_batch_requests,
-        "max_client_batch_size": s.max_inputs_per_request, "auto_truncate": s.auto_truncate,
-        "tokenization_workers": s.tokenizer_workers, "sha": None, "docker_label": None,
+        "max_batch_tokens": s.max_batch_tokens,
+        "max_batch_requests": s.max_batch_requests,
+        "max_client_batch_size": s.max_inputs_per_request,
+        "auto_truncate": s.auto_truncate,
+        "tokenization_workers": s.tokenizer_workers,
+        "sha": None,
+        "docker_label": None,
     }

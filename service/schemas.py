@@ -7,7 +7,7 @@ clients that send extra options keep working.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -17,16 +17,17 @@ def _valid_unicode(v: str) -> str:
     try:
         v.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"character {exc.start} is an unpaired surrogate (U+{ord(v[exc.start]):04X}); "
-                         "send valid Unicode") from None
+        raise ValueError(
+            f"character {exc.start} is an unpaired surrogate (U+{ord(v[exc.start]):04X}); send valid Unicode"
+        ) from None
     return v
 
 
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 TokenIds = list[StrictInt]
 # A string, a list of strings, one list of token ids, or a list of lists of token ids (OpenAI and TEI).
-Inputs = Union[Text, list[Text], TokenIds, list[TokenIds]]
-TextInputs = Union[Text, list[Text]]
+Inputs = Text | list[Text] | TokenIds | list[TokenIds]
+TextInputs = Text | list[Text]
 
 
 class _Body(BaseModel):
@@ -41,22 +42,26 @@ def _direction(v: object) -> object:
 
 
 class _NoPrompt(_Body):
-    prompt_name: str | None = Field(None, description="TEI's sentence-transformers prompt; this server has none "
-                                    "configured, so any value is refused with 422 rather than ignored.")
+    prompt_name: str | None = Field(
+        None,
+        description="TEI's sentence-transformers prompt; this server has none "
+        "configured, so any value is refused with 422 rather than ignored.",
+    )
 
     @field_validator("prompt_name")
     @classmethod
     def _refuse_prompt(cls, v: str | None) -> str | None:
         if v is not None:
-            raise ValueError(f"prompt {v!r} is not available: this model has no prompts (send the text with its "
-                             "prompt prepended instead)")
+            raise ValueError(
+                f"prompt {v!r} is not available: this model has no prompts (send the text with its "
+                "prompt prepended instead)"
+            )
         return v
 
 
 class _Truncation(_Body):
     truncate: bool | None = Field(None, description="Truncate long inputs (default: the server's auto-truncate).")
-    truncation_direction: Literal["Left", "Right"] = Field(
-        "Right", description="Which end to cut when truncating.")
+    truncation_direction: Literal["Left", "Right"] = Field("Right", description="Which end to cut when truncating.")
 
     @field_validator("truncation_direction", mode="before")
     @classmethod
@@ -68,15 +73,22 @@ class _Truncation(_Body):
 
 
 class OpenAIEmbeddingRequest(_Body):
-    input: Inputs = Field(..., description="A string, a list of strings, token ids, or a list of token id lists "
-                          "(up to max_inputs_per_openai_request, 2,048 by default, as OpenAI allows).")
+    input: Inputs = Field(
+        ...,
+        description="A string, a list of strings, token ids, or a list of token id lists "
+        "(up to max_inputs_per_openai_request, 2,048 by default, as OpenAI allows).",
+    )
     model: str | None = Field(None, description="Accepted and not checked: this server serves one model.")
     encoding_format: Literal["float", "base64"] = Field(
-        "float", description="float: lists of numbers; base64: each vector's little-endian float32 bytes.")
+        "float", description="float: lists of numbers; base64: each vector's little-endian float32 bytes."
+    )
     dimensions: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Keep the first N dimensions and renormalise to unit length (at most the model's size).")
-    user: str | None = Field(None, description="An end-user id, as OpenAI takes it; written to the request's "
-                             "access-log line, otherwise unused.")
+        None, description="Keep the first N dimensions and renormalise to unit length (at most the model's size)."
+    )
+    user: str | None = Field(
+        None,
+        description="An end-user id, as OpenAI takes it; written to the request's access-log line, otherwise unused.",
+    )
 
 
 class OpenAIEmbedding(BaseModel):
@@ -122,13 +134,14 @@ class PredictRequest(_Truncation):
     """TEI's ``/predict``: a string ``"a"`` (or ``["a"]``), a pair ``["a", "b"]``, or a batch of singles and pairs
     ``[["a"], ["b", "c"]]``. The models served here classify single sequences: a pair is refused with 422."""
 
-    inputs: Union[Text, list[Text], list[list[Text]]]
+    inputs: Text | list[Text] | list[list[Text]]
     raw_scores: bool = False
 
 
 class TextClassificationParameters(_Body):
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
-        None, description="Scores: softmax over the labels (default), each logit's sigmoid, or the raw logits.")
+        None, description="Scores: softmax over the labels (default), each logit's sigmoid, or the raw logits."
+    )
     top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="Only the k best labels per input.")
 
 
@@ -146,7 +159,7 @@ class TokenizeRequest(_NoPrompt):
 
 
 class DecodeRequest(_Body):
-    ids: Union[TokenIds, list[TokenIds]] = Field(..., description="One token id list, or a list of them.")
+    ids: TokenIds | list[TokenIds] = Field(..., description="One token id list, or a list of them.")
     skip_special_tokens: bool = True
 
 
@@ -186,8 +199,11 @@ class OpenAIError(BaseModel):
     message: str
     type: str = Field(..., description="invalid_request_error, rate_limit_error or server_error")
     param: str | None = Field(None, description="The request field at fault, where there is one.")
-    code: str | None = Field(None, description="invalid_api_key, model_not_found, or this server's error kind "
-                             "(empty, validation, too_many_inputs, overloaded, timeout, ...).")
+    code: str | None = Field(
+        None,
+        description="invalid_api_key, model_not_found, or this server's error kind "
+        "(empty, validation, too_many_inputs, overloaded, timeout, ...).",
+    )
 
 
 class OpenAIErrorResponse(BaseModel):

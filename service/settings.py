@@ -25,33 +25,54 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind; use 0.0.0.0 inside a container.")
     port: int = Field(8000, ge=0, le=65535)
     keep_alive_timeout_s: int = Field(
-        75, ge=1, le=3600, description="Close a connection after this long with no request: idle between "
+        75,
+        ge=1,
+        le=3600,
+        description="Close a connection after this long with no request: idle between "
         "requests, or connected and silent. Keep it above clients' own idle expiry (httpx 5 s, aiohttp 15 s, load "
         "balancers often 60 s) so the client closes idle connections first: a close by the server can cross a "
         "request the client just sent on that connection, which then fails with no response (docs/overload.md). "
-        "Advertised in a 'Keep-Alive: timeout=N' response header.")
-    backlog: int = Field(2048, ge=1, description="Connections the kernel queues for accepting (capped by "
-                         "net.core.somaxconn); beyond it a connect waits for a SYN retry, nothing is lost.")
+        "Advertised in a 'Keep-Alive: timeout=N' response header.",
+    )
+    backlog: int = Field(
+        2048,
+        ge=1,
+        description="Connections the kernel queues for accepting (capped by "
+        "net.core.somaxconn); beyond it a connect waits for a SYN retry, nothing is lost.",
+    )
 
     # --- model
     model: Path = Field(DEFAULT_MODEL_PATH, description="Checkpoint folder to serve.")
     served_model_name: str | None = Field(None, description="Name reported to clients (default: the config's).")
-    weight_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32",
-                                                                   description="Dtype of the packed FFF weights.")
+    weight_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the packed FFF weights."
+    )
     compute_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype of the encoder's matrix products and attention (torch.autocast). bfloat16 "
-        "runs on AMX / AVX-512-BF16 where the CPU has them: faster, embeddings move by ~1e-3 in cosine.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of each inference worker "
-                                      "while all are busy (default: torch's choice divided among the workers).")
-    inference_workers: int = Field(1, ge=1, le=64, description="Threads that run forward passes, each on its own "
-                                   "batch; with several, a worker running alone uses all the torch threads and "
-                                   "busy workers share them equally.")
+        "float32",
+        description="Dtype of the encoder's matrix products and attention (torch.autocast). bfloat16 "
+        "runs on AMX / AVX-512-BF16 where the CPU has them: faster, embeddings move by ~1e-3 in cosine.",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads of each inference worker "
+        "while all are busy (default: torch's choice divided among the workers).",
+    )
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Threads that run forward passes, each on its own "
+        "batch; with several, a worker running alone uses all the torch threads and "
+        "busy workers share them equally.",
+    )
 
     # --- batching and queueing
     max_batch_tokens: int = Field(16384, ge=1, description="Tokens (summed over the inputs) per forward pass.")
     max_batch_requests: int = Field(64, ge=1, description="Sequences per forward pass.")
-    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000,
-                                     description="How long a busy worker lets a batch grow; no wait when idle.")
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a busy worker lets a batch grow; no wait when idle."
+    )
     max_queued_inputs: int = Field(1024, ge=1, description="Inputs waiting for inference before 429.")
     max_queued_tokens: int = Field(262144, ge=1, description="Tokens waiting for inference before 429.")
     max_concurrent_requests: int = Field(512, ge=1, description="Requests admitted at once before 429.")
@@ -60,29 +81,40 @@ class Settings(BaseSettings):
     # --- per-request limits
     max_inputs_per_request: int = Field(32, ge=1, description="Inputs in one request (TEI's client batch size).")
     max_inputs_per_openai_request: int = Field(
-        2048, ge=1, description="Inputs in one /v1/embeddings request (OpenAI's limit); more than "
-        "max_inputs_per_request are queued a slice at a time, so other requests interleave with them.")
-    max_input_tokens: int | None = Field(None, ge=1,
-                                         description="Tokens per input (default: the model's max positions).")
+        2048,
+        ge=1,
+        description="Inputs in one /v1/embeddings request (OpenAI's limit); more than "
+        "max_inputs_per_request are queued a slice at a time, so other requests interleave with them.",
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=1, description="Tokens per input (default: the model's max positions)."
+    )
     auto_truncate: bool = Field(False, description="Truncate long inputs instead of answering 422.")
     payload_limit: int = Field(2_000_000, ge=1024, description="Request body limit in bytes.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline from arrival to answer; past it: 504.")
 
     # --- security, observability, lifecycle
     api_key: SecretStr | None = Field(None, description="If set, required as 'Authorization: Bearer <key>'.")
-    metrics_require_key: bool = Field(False, description="Also require the API key for /metrics "
-                                      "(/health and /ready stay open for probes).")
+    metrics_require_key: bool = Field(
+        False, description="Also require the API key for /metrics (/health and /ready stay open for probes)."
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    metrics_created: bool = Field(False, description="Also export every counter's and histogram's _created "
-                                  "series (creation timestamps).")
+    metrics_created: bool = Field(
+        False, description="Also export every counter's and histogram's _created series (creation timestamps)."
+    )
     record_leaves: bool = Field(True, description="Record FFF leaf visits for the leaf-evenness metrics.")
-    leaf_half_life_tokens: int = Field(20000, ge=1,
-                                       description="Half-life, in tokens, of the decayed leaf-visit counts.")
+    leaf_half_life_tokens: int = Field(
+        20000, ge=1, description="Half-life, in tokens, of the decayed leaf-visit counts."
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long shutdown waits for admitted work.")
-    shutdown_delay_s: float = Field(0.0, ge=0, le=300,
-                                    description="After SIGTERM, keep the port open this long answering /ready "
-                                    "with 503 (new work 503 too) so load balancers notice, then drain.")
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="After SIGTERM, keep the port open this long answering /ready "
+        "with 503 (new work 503 too) so load balancers notice, then drain.",
+    )
     warmup: bool = Field(True, description="Run a warm-up batch before reporting ready.")
 
     @field_validator("api_key")

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from engine.batcher import Batcher, BatcherLimits, ModelBackend, Task, worker_threads
+from engine.backend import ModelBackend, Task
+from engine.batcher import Batcher, BatcherLimits, worker_threads
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -94,8 +95,10 @@ class ServiceState:
 
     def neurons_for(self, n_tokens: int) -> tuple[int, int]:
         """Feedforward neurons ``n_tokens`` real tokens evaluate, and what the dense model would."""
-        return (n_tokens * sum(e for e, _ in self.neurons_per_token),
-                n_tokens * sum(d for _, d in self.neurons_per_token))
+        return (
+            n_tokens * sum(e for e, _ in self.neurons_per_token),
+            n_tokens * sum(d for _, d in self.neurons_per_token),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -108,8 +111,9 @@ class ServiceState:
                 self.phase = Phase.LOADING
                 from engine.checkpoint import load_model
 
-                self.loaded = await asyncio.to_thread(load_model, self.settings.model,
-                                                      weight_dtype=DTYPES[self.settings.weight_dtype])
+                self.loaded = await asyncio.to_thread(
+                    load_model, self.settings.model, weight_dtype=DTYPES[self.settings.weight_dtype]
+                )
             self._build()
             assert self.batcher is not None
             self.batcher.start()
@@ -131,33 +135,48 @@ class ServiceState:
         model_max = int(loaded.config.max_position_embeddings)
         wanted = self.settings.max_input_tokens
         if wanted and wanted > model_max:
-            log.warning("max_input_tokens %d exceeds the model's %d positions; using %d", wanted, model_max,
-                        model_max)
+            log.warning("max_input_tokens %d exceeds the model's %d positions; using %d", wanted, model_max, model_max)
         self.max_input_tokens = min(wanted or model_max, model_max)
         self.backend = ModelBackend(loaded, compute_dtype=DTYPES[self.settings.compute_dtype])
         if self.backend.compute_dtype == torch.bfloat16 and not native_bfloat16():
-            log.warning("compute_dtype bfloat16 on a CPU without AMX or AVX-512-BF16: expect it to be slower "
-                        "than float32")
+            log.warning(
+                "compute_dtype bfloat16 on a CPU without AMX or AVX-512-BF16: expect it to be slower than float32"
+            )
         self.neurons_per_token = [tuple(x) for x in loaded.model.neurons_per_token()]  # type: ignore[misc]
-        self.metrics.set_model(self.neurons_per_token, self.backend.tree_shape,
-                               {"name": self.model_name, "path": str(loaded.path),
-                                "layout": loaded.config.layout, "ffn": loaded.config.ffn})
+        self.metrics.set_model(
+            self.neurons_per_token,
+            self.backend.tree_shape,
+            {
+                "name": self.model_name,
+                "path": str(loaded.path),
+                "layout": loaded.config.layout,
+                "ffn": loaded.config.ffn,
+            },
+        )
         kernel = kernel_info()
         self.metrics.kernel_compiled.set(1 if kernel.compiled else 0)
         if not kernel.compiled and loaded.config.ffn == "fff":
             log.warning("!!! %s -- inference will be much slower than advertised !!!", kernel.describe())
         s = self.settings
         limits = BatcherLimits(
-            max_batch_tokens=s.max_batch_tokens, max_batch_requests=s.max_batch_requests,
-            max_wait_s=s.max_batch_wait_ms / 1000.0, max_queued_inputs=s.max_queued_inputs,
-            max_queued_tokens=s.max_queued_tokens, max_concurrent_requests=s.max_concurrent_requests,
-            max_input_tokens=self.max_input_tokens, tokenizer_workers=s.tokenizer_workers,
-            record_leaves=s.record_leaves, inference_workers=s.inference_workers,
+            max_batch_tokens=s.max_batch_tokens,
+            max_batch_requests=s.max_batch_requests,
+            max_wait_s=s.max_batch_wait_ms / 1000.0,
+            max_queued_inputs=s.max_queued_inputs,
+            max_queued_tokens=s.max_queued_tokens,
+            max_concurrent_requests=s.max_concurrent_requests,
+            max_input_tokens=self.max_input_tokens,
+            tokenizer_workers=s.tokenizer_workers,
+            record_leaves=s.record_leaves,
+            inference_workers=s.inference_workers,
             threads_per_worker=worker_threads(s.inference_workers, s.torch_threads),
         )
         if limits.max_batch_tokens < self.max_input_tokens:
-            log.warning("max_batch_tokens (%d) is below max_input_tokens (%d): a long input still runs, alone",
-                        limits.max_batch_tokens, self.max_input_tokens)
+            log.warning(
+                "max_batch_tokens (%d) is below max_input_tokens (%d): a long input still runs, alone",
+                limits.max_batch_tokens,
+                self.max_input_tokens,
+            )
         self.batcher = Batcher(self.backend, limits, observer=self.metrics)
         self.metrics.bind_batcher(self.batcher)
 
@@ -188,10 +207,14 @@ class ServiceState:
         if self.batcher is not None:
             # one grace period from SIGTERM, not a fresh one after uvicorn has already waited for connections
             assert self.shutdown_started is not None
-            left = self.settings.shutdown_grace_s + self.settings.shutdown_delay_s \
+            left = (
+                self.settings.shutdown_grace_s
+                + self.settings.shutdown_delay_s
                 - (time.monotonic() - self.shutdown_started)
+            )
             drained = await self.batcher.drain(max(0.0, left))
             if not drained:
-                log.warning("shutdown grace period (%.1fs) ran out with work still queued",
-                            self.settings.shutdown_grace_s)
+                log.warning(
+                    "shutdown grace period (%.1fs) ran out with work still queued", self.settings.shutdown_grace_s
+                )
             await asyncio.to_thread(self.batcher.stop)

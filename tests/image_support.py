@@ -95,9 +95,22 @@ def debian_base(log: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="ufb-debootstrap-") as tmp:
         root = Path(tmp) / "root"
         with log.open("a") as out:
-            done = subprocess.run(["nice", "-n", "10", "debootstrap", "--variant=minbase",
-                                   "--include=" + ",".join(BASE_PACKAGES), SUITE, str(root), MIRROR],
-                                  stdout=out, stderr=subprocess.STDOUT, timeout=1500)
+            done = subprocess.run(
+                [
+                    "nice",
+                    "-n",
+                    "10",
+                    "debootstrap",
+                    "--variant=minbase",
+                    "--include=" + ",".join(BASE_PACKAGES),
+                    SUITE,
+                    str(root),
+                    MIRROR,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=1500,
+            )
         if done.returncode != 0:
             raise ImageError(f"debootstrap failed with status {done.returncode}: see {log}")
         (root / "etc/apt/sources.list").unlink(missing_ok=True)
@@ -108,8 +121,9 @@ def debian_base(log: Path) -> str:
                     p.unlink()
         changes = [a for env in BASE_ENV for a in ("--change", f"ENV {env}")] + ["--change", 'CMD ["python3"]']
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        done = subprocess.run(["podman", "import", *changes, "-", tag], stdin=tar.stdout, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            ["podman", "import", *changes, "-", tag], stdin=tar.stdout, capture_output=True, text=True, timeout=600
+        )
         tar.wait()
         if done.returncode != 0 or tar.returncode != 0:
             raise ImageError(f"podman import failed: {done.stderr[-2000:]}")
@@ -131,8 +145,9 @@ def ray_base(debian: str, log: Path) -> str:
 def pip_config() -> tuple[str, list[str], str]:
     """(pip.conf text, paths to mount read-only, the index torch's build argument should name) from the
     configuration pip has on this machine (files and PIP_* variables, as ``pip config list`` merges them)."""
-    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                            check=True).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
+    ).stdout
     values: dict[str, str] = {}
     for line in listed.splitlines():
         m = re.match(r"^[\w:-]*\.([\w-]+)='(.*)'$", line)
@@ -150,8 +165,15 @@ def pip_config() -> tuple[str, list[str], str]:
     return text, sorted(mounts), values.get("index-url", "https://pypi.org/simple")
 
 
-def build(dockerfile: Path, context: Path, tag: str, build_args: dict[str, str], log: Path,
-          ignorefile: Path | None, timeout: float = 2400) -> None:
+def build(
+    dockerfile: Path,
+    context: Path,
+    tag: str,
+    build_args: dict[str, str],
+    log: Path,
+    ignorefile: Path | None,
+    timeout: float = 2400,
+) -> None:
     """``podman build`` (chroot isolation, Docker's image format so HEALTHCHECK is kept), its output in ``log``."""
     conf_text, mounts, _ = pip_config()
     with tempfile.TemporaryDirectory(prefix="ufb-pipconf-") as tmp:
@@ -159,8 +181,24 @@ def build(dockerfile: Path, context: Path, tag: str, build_args: dict[str, str],
         conf.write_text(conf_text)
         conf.chmod(0o644)
         volumes = [f"{conf}:/etc/pip.conf:ro"] + [f"{p}:{p}:ro" for p in mounts]
-        argv = ["nice", "-n", "10", "podman", "build", "--isolation", "chroot", "--format", "docker",
-                "--network", "host", "--layers", "-f", str(dockerfile), "-t", tag]
+        argv = [
+            "nice",
+            "-n",
+            "10",
+            "podman",
+            "build",
+            "--isolation",
+            "chroot",
+            "--format",
+            "docker",
+            "--network",
+            "host",
+            "--layers",
+            "-f",
+            str(dockerfile),
+            "-t",
+            tag,
+        ]
         if ignorefile is not None:  # podman 4 does not look for <Dockerfile>.dockerignore itself
             argv += ["--ignorefile", str(ignorefile)]
         for name, value in build_args.items():
@@ -219,19 +257,34 @@ def resolve_user(root: Path, user: str) -> Identity:
     if group:
         gid = lookup("etc/group", group, 2)
     else:
-        gid = next((int(p[3]) for p in (l.split(":") for l in (root / "etc/passwd").read_text().splitlines())
-                    if p[0] == name or (name.isdigit() and p[2] == name)), 0)
+        gid = next(
+            (
+                int(p[3])
+                for p in (line.split(":") for line in (root / "etc/passwd").read_text().splitlines())
+                if p[0] == name or (name.isdigit() and p[2] == name)
+            ),
+            0,
+        )
     return Identity(uid, gid)
 
 
 def command_in(root: Path, argv: list[str], env: dict[str, str], workdir: str, who: Identity) -> list[str]:
     """A host command that runs ``argv`` inside ``root`` like a container process: own mount and PID namespaces
     (``argv`` is PID 1), /proc and /dev mounted, chroot, the image's user, working directory and environment only."""
-    inner = ["chroot", f"--userspec={who.uid}:{who.gid}", f"--groups={who.gid}", str(root),
-             "/usr/bin/env", "-i", "-C", workdir, *(f"{k}={v}" for k, v in env.items()), *argv]
-    script = ('mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && shift && exec "$@"')
-    return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--", "sh", "-c", script, "sh", str(root),
-            *inner]
+    inner = [
+        "chroot",
+        f"--userspec={who.uid}:{who.gid}",
+        f"--groups={who.gid}",
+        str(root),
+        "/usr/bin/env",
+        "-i",
+        "-C",
+        workdir,
+        *(f"{k}={v}" for k, v in env.items()),
+        *argv,
+    ]
+    script = 'mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && shift && exec "$@"'
+    return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--", "sh", "-c", script, "sh", str(root), *inner]
 
 
 def image_env(cfg: dict, **overrides: str) -> dict[str, str]:

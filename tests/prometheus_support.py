@@ -26,7 +26,8 @@ RATE_INTERVAL = "30s"  # what the tests substitute for Grafana's $__rate_interva
 
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None,
-    reason="the prometheus binary is not installed (Debian: apt-get install -y prometheus)")
+    reason="the prometheus binary is not installed (Debian: apt-get install -y prometheus)",
+)
 
 
 def dashboard() -> dict[str, Any]:
@@ -56,8 +57,15 @@ def running_prometheus(config: dict[str, Any], port: int, workdir: Path) -> Iter
     log_path = workdir / "prometheus.log"
     with log_path.open("wb") as log:
         prom = subprocess.Popen(
-            ["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+            [
+                "prometheus",
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 30
             while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,9 @@ def serve_in_thread(app: Any, *, ready: bool = True) -> Any:
 
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
@@ -114,3 +116,25 @@ def serve_in_thread(app: Any, *, ready: bool = True) -> Any:
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+
+
+def text_of(i: int) -> str:
+    """A deterministic sentence of 1 to 60 words, different for each ``i``."""
+    n = 1 + (i * 13) % 60
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine to completion, failing after two minutes rather than hanging the suite."""
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``cond()`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from batcher_support import FakeBackend, Recorder, expected, expected_all, make, run
 
-from engine.batcher import (
-    Batcher,
-    BatcherLimits,
-    BatchStats,
+from engine.backend import Task
+from engine.batcher import Batcher, BatcherLimits, first_fit
+from engine.errors import (
     DeadlineExceeded,
     EmptyInput,
     InferenceFailed,
@@ -25,77 +25,13 @@ from engine.batcher import (
     InvalidInput,
     Overloaded,
     ShuttingDown,
-    Task,
-    first_fit,
 )
 
 
-class FakeBackend:
-    vocab_size = 1000
-    tree_shape = None
-
-    def __init__(self) -> None:
-        self.max_input_tokens = 64
-        self.seen: list[list[list[int]]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-        self.fail_token: int | None = None
-
-    def tokenize(self, texts: Sequence[str], *, max_length: int, truncate: bool, direction: str) -> list[list[int]]:
-        out = []
-        for i, t in enumerate(texts):
-            ids = [1] + [3 + ord(c) % 900 for c in t] + [2]
-            if len(ids) > max_length:
-                if not truncate:
-                    raise InputTooLong(i, len(ids), max_length)
-                ids = ids[:max_length]
-            out.append(ids)
-        return out
-
-    def forward(self, task: Task, ids: Sequence[Sequence[int]], record_leaves: bool):
-        self.entered.set()
-        assert self.gate.wait(10), "test gate never opened"
-        self.seen.append([list(x) for x in ids])
-        if self.fail_token is not None and any(self.fail_token in x for x in ids):
-            raise RuntimeError("boom")
-        if task is Task.EMBED_ALL:
-            return expected_all(ids), None
-        return expected(ids, task), None
-
-
-def expected_all(ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Task.EMBED_ALL: per input, one row per token (its id and its position)."""
-    return [torch.tensor([[float(t), float(p)] for p, t in enumerate(x)]) for x in ids]
-
-
-def expected(ids: Sequence[Sequence[int]], task: Task = Task.EMBED) -> torch.Tensor:
-    bias = 0.0 if task is Task.EMBED else 1000.0
-    return torch.tensor([[float(sum(x)) + bias, float(len(x)), float(x[0]), float(x[-1])] for x in ids])
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.batches: list[BatchStats] = []
-
-    def on_batch(self, stats: BatchStats) -> None:
-        self.batches.append(stats)
-
-
-def make(limits: BatcherLimits | None = None) -> tuple[Batcher, FakeBackend, Recorder]:
-    backend, rec = FakeBackend(), Recorder()
-    batcher = Batcher(backend, limits or BatcherLimits(max_input_tokens=64), observer=rec)
-    batcher.start()
-    return batcher, backend, rec
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 30))
-
-
 def test_concurrent_requests_get_their_own_results_and_batches_form() -> None:
-    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=256, max_batch_requests=16, max_wait_s=0.005,
-                                               max_input_tokens=64))
+    batcher, backend, rec = make(
+        BatcherLimits(max_batch_tokens=256, max_batch_requests=16, max_wait_s=0.005, max_input_tokens=64)
+    )
 
     async def main() -> None:
         texts = [["x" * ((i * 7) % 40 + 1), "y" * (i % 5)] for i in range(80)]
@@ -431,8 +367,9 @@ def test_stop_fails_queued_requests() -> None:
 def test_batches_take_inputs_oldest_first_within_the_token_budget() -> None:
     """Packed batches cost their real tokens whatever the mix of lengths: inputs go in arrival order, and a later
     short input may fill the room a long one left (first fit); the skipped long input leads the next batch."""
-    batcher, backend, rec = make(BatcherLimits(max_batch_tokens=40, max_batch_requests=8, max_input_tokens=64,
-                                               max_wait_s=0.0))
+    batcher, backend, rec = make(
+        BatcherLimits(max_batch_tokens=40, max_batch_requests=8, max_input_tokens=64, max_wait_s=0.0)
+    )
 
     async def main() -> None:
         backend.gate.clear()
@@ -454,14 +391,17 @@ def test_batches_take_inputs_oldest_first_within_the_token_budget() -> None:
     assert all(b.tokens == sum(b.lengths) <= 40 for b in rec.batches)
 
 
-@pytest.mark.parametrize(("lengths", "size", "tokens", "expected"), [
-    ([], 8, 100, []),
-    ([500], 8, 100, [0]),  # the oldest runs even alone over the budget
-    ([500, 1], 8, 100, [0]),  # ... and alone: nothing fits beside it
-    ([10, 95, 20, 70, 5], 8, 100, [0, 2, 3]),  # first fit in arrival order, not best fit
-    ([1] * 10, 4, 100, [0, 1, 2, 3]),
-    ([50, 50, 1], 8, 100, [0, 1]),
-])
+@pytest.mark.parametrize(
+    ("lengths", "size", "tokens", "expected"),
+    [
+        ([], 8, 100, []),
+        ([500], 8, 100, [0]),  # the oldest runs even alone over the budget
+        ([500, 1], 8, 100, [0]),  # ... and alone: nothing fits beside it
+        ([10, 95, 20, 70, 5], 8, 100, [0, 2, 3]),  # first fit in arrival order, not best fit
+        ([1] * 10, 4, 100, [0, 1, 2, 3]),
+        ([50, 50, 1], 8, 100, [0, 1]),
+    ],
+)
 def test_first_fit(lengths: list[int], size: int, tokens: int, expected: list[int]) -> None:
     assert first_fit(lengths, size, tokens) == expected
 
@@ -483,72 +423,3 @@ def test_concurrent_request_cap() -> None:
         run(main())
     finally:
         batcher.stop()
-
-
-def test_several_inference_workers_run_batches_side_by_side() -> None:
-    """Two workers: two forward passes are in flight at once (a barrier only both can pass), each sets its torch
-    threads by how many run, every request still gets exactly its own result, and stop() joins them all."""
-
-    class BarrierBackend(FakeBackend):
-        def __init__(self) -> None:
-            super().__init__()
-            self.barrier = threading.Barrier(2, timeout=5)  # broken (and the batch failed) if never 2 in flight
-            self.lock = threading.Lock()
-            self.calls = 0
-            self.threads: set[str] = set()
-            self.torch_threads: list[int] = []
-
-        def forward(self, task, ids, record_leaves):
-            with self.lock:
-                self.calls += 1
-                first_two = self.calls <= 2
-                self.threads.add(threading.current_thread().name)
-                self.torch_threads.append(torch.get_num_threads())
-            if first_two:
-                self.barrier.wait()
-            return super().forward(task, ids, record_leaves)
-
-    backend, rec = BarrierBackend(), Recorder()
-    threads_before = torch.get_num_threads()
-    batcher = Batcher(backend, BatcherLimits(max_input_tokens=64, max_batch_requests=2, inference_workers=2,
-                                             threads_per_worker=1), observer=rec)
-    batcher.start()
-
-    async def main():
-        texts = [f"request number {i}" for i in range(24)]
-        results = await asyncio.gather(*(batcher.submit(Task.EMBED, texts=[t]) for t in texts))
-        for t, r in zip(texts, results):
-            torch.testing.assert_close(r.outputs, expected(backend.tokenize([t], max_length=64, truncate=False,
-                                                                            direction="right")))
-
-    try:
-        run(main())
-        assert backend.threads == {"ufb-inference-0", "ufb-inference-1"}
-        # the first batch started alone (both workers' threads), the second beside it (its share)
-        assert backend.torch_threads[:2] == [2, 1] and set(backend.torch_threads) <= {1, 2}
-    finally:
-        batcher.stop()
-        torch.set_num_threads(threads_before)
-    assert not any(t.name.startswith("ufb-inference") and t.is_alive() for t in threading.enumerate())
-
-
-def test_requests_split_across_workers_get_every_row_once() -> None:
-    """Multi-input requests whose inputs land in batches of different workers still resolve once, with every row
-    in its place (the per-request bookkeeping is shared between workers)."""
-    batcher = Batcher(FakeBackend(), BatcherLimits(max_input_tokens=64, max_batch_requests=3, inference_workers=2,
-                                                   threads_per_worker=1))
-    batcher.start()
-    threads_before = torch.get_num_threads()
-
-    async def main():
-        reqs = [[f"r{r} input {i} " + "x" * ((r * 7 + i * 3) % 20) for i in range(1 + r % 7)] for r in range(60)]
-        results = await asyncio.gather(*(batcher.submit(Task.EMBED, texts=t) for t in reqs))
-        for texts, res in zip(reqs, results):
-            ids = FakeBackend().tokenize(texts, max_length=64, truncate=False, direction="right")
-            torch.testing.assert_close(res.outputs, expected(ids))
-
-    try:
-        run(main())
-    finally:
-        batcher.stop()
-        torch.set_num_threads(threads_before)

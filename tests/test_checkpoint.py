@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import CheckpointError, LoadedModel, build_tiny_model, convert_hf_bert, load_model, save_model
+from engine.checkpoint import CheckpointError, LoadedModel, convert_hf_bert, load_model, save_model
 
 torch.set_num_threads(2)
 
@@ -26,8 +26,18 @@ def encode(loaded: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.T
 # ---------------------------------------------------------------------------------------------------- crammedBERT
 
 
-def write_crammed_checkpoint(folder: Path, tokenizer_dir: Path, *, trees: int, depth: int, layers: int = 2,
-                             hidden: int = 64, heads: int = 4, num_labels: int | None = None, seed: int = 0) -> dict:
+def write_crammed_checkpoint(
+    folder: Path,
+    tokenizer_dir: Path,
+    *,
+    trees: int,
+    depth: int,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    num_labels: int | None = None,
+    seed: int = 0,
+) -> dict:
     """A random checkpoint with the published names and shapes (REFERENCE.md section 2), small dimensions."""
     gen = torch.Generator().manual_seed(seed)
     vocab, nodes = 30522, trees * (2 ** (depth + 1) - 1)
@@ -38,31 +48,58 @@ def write_crammed_checkpoint(folder: Path, tokenizer_dir: Path, *, trees: int, d
     sd = {
         "encoder.embedding.word_embedding.weight": rnd(vocab, hidden, std=1.0),
         "encoder.embedding.pos_embedding.scale_factor": torch.tensor([1.0 / math.sqrt(hidden)]),
-        "encoder.embedding.norm.weight": 1 + rnd(hidden, std=0.1), "encoder.embedding.norm.bias": rnd(hidden, std=0.1),
-        "encoder.final_norm.weight": 1 + rnd(hidden, std=0.1), "encoder.final_norm.bias": rnd(hidden, std=0.1),
+        "encoder.embedding.norm.weight": 1 + rnd(hidden, std=0.1),
+        "encoder.embedding.norm.bias": rnd(hidden, std=0.1),
+        "encoder.final_norm.weight": 1 + rnd(hidden, std=0.1),
+        "encoder.final_norm.bias": rnd(hidden, std=0.1),
     }
     for i in range(layers):
         p = f"encoder.layers.{i}."
-        sd.update({
-            p + "norm1.weight": 1 + rnd(hidden, std=0.1), p + "norm1.bias": rnd(hidden, std=0.1),
-            p + "norm2.weight": 1 + rnd(hidden, std=0.1), p + "norm2.bias": rnd(hidden, std=0.1),
-            p + "attn.self_attention.query_key_value.weight": rnd(3 * hidden, hidden, std=0.2),
-            p + "attn.self_attention.norm_factor": torch.tensor(hidden // heads).rsqrt(),
-            p + "attn.dense.weight": rnd(hidden, hidden, std=0.1),
-            p + "ffn.linear_in.weight": rnd(nodes, hidden, std=0.15),
-            p + "ffn.linear_in.bias": rnd(nodes, std=0.15),
-            p + "ffn.linear_out.weight": rnd(hidden, nodes, std=0.2),
-        })
+        sd.update(
+            {
+                p + "norm1.weight": 1 + rnd(hidden, std=0.1),
+                p + "norm1.bias": rnd(hidden, std=0.1),
+                p + "norm2.weight": 1 + rnd(hidden, std=0.1),
+                p + "norm2.bias": rnd(hidden, std=0.1),
+                p + "attn.self_attention.query_key_value.weight": rnd(3 * hidden, hidden, std=0.2),
+                p + "attn.self_attention.norm_factor": torch.tensor(hidden // heads).rsqrt(),
+                p + "attn.dense.weight": rnd(hidden, hidden, std=0.1),
+                p + "ffn.linear_in.weight": rnd(nodes, hidden, std=0.15),
+                p + "ffn.linear_in.bias": rnd(nodes, std=0.15),
+                p + "ffn.linear_out.weight": rnd(hidden, nodes, std=0.2),
+            }
+        )
     sd["decoder.weight"] = sd["encoder.embedding.word_embedding.weight"].clone()  # tied in the original
     arch = {
-        "architectures": ["ScriptableCrammedBERT"], "num_transformer_layers": layers, "hidden_size": hidden,
-        "intermed_type": "fff", "intermed_size": trees, "intermed_depth": depth, "norm": "LayerNorm",
-        "norm_eps": 1e-12, "nonlin": "GELU", "use_bias": False, "final_norm": True, "decoder_bias": False,
-        "embedding": {"vocab_size": vocab, "pos_embedding": "scaled-sinusoidal", "pad_token_id": 0,
-                      "max_seq_length": 128, "embedding_dim": hidden, "normalization": True},
-        "attention": {"type": "self-attention", "causal_attention": False, "num_attention_heads": heads,
-                      "skip_output_projection": False, "qkv_bias": False, "rotary_embedding": False,
-                      "sequence_op": "torch-softmax"},
+        "architectures": ["ScriptableCrammedBERT"],
+        "num_transformer_layers": layers,
+        "hidden_size": hidden,
+        "intermed_type": "fff",
+        "intermed_size": trees,
+        "intermed_depth": depth,
+        "norm": "LayerNorm",
+        "norm_eps": 1e-12,
+        "nonlin": "GELU",
+        "use_bias": False,
+        "final_norm": True,
+        "decoder_bias": False,
+        "embedding": {
+            "vocab_size": vocab,
+            "pos_embedding": "scaled-sinusoidal",
+            "pad_token_id": 0,
+            "max_seq_length": 128,
+            "embedding_dim": hidden,
+            "normalization": True,
+        },
+        "attention": {
+            "type": "self-attention",
+            "causal_attention": False,
+            "num_attention_heads": heads,
+            "skip_output_projection": False,
+            "qkv_bias": False,
+            "rotary_embedding": False,
+            "sequence_op": "torch-softmax",
+        },
         "num_labels": num_labels,
         "classification_head": {"pooler": "avg", "include_ff_layer": True, "head_dim": 48, "nonlin": "Tanh"},
     }
@@ -102,12 +139,16 @@ def independent_crammed_forward(sd: dict, arch: dict, ids: torch.Tensor, mask: t
         p = f"encoder.layers.{layer}."
         h = ln(x, p + "norm1")
         qkv = (h @ sd[p + "attn.self_attention.query_key_value.weight"].T).view(b, t, heads, 3 * hd)
-        q, k, v = qkv[..., :hd], qkv[..., hd: 2 * hd], qkv[..., 2 * hd:]
+        q, k, v = qkv[..., :hd], qkv[..., hd : 2 * hd], qkv[..., 2 * hd :]
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + pad_bias
         ctx = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, t, hidden)
         x = x + ctx @ sd[p + "attn.dense.weight"].T
         h = ln(x, p + "norm2")
-        w_in, b_in, w_out = sd[p + "ffn.linear_in.weight"], sd[p + "ffn.linear_in.bias"], sd[p + "ffn.linear_out.weight"]
+        w_in, b_in, w_out = (
+            sd[p + "ffn.linear_in.weight"],
+            sd[p + "ffn.linear_in.bias"],
+            sd[p + "ffn.linear_out.weight"],
+        )
         y = torch.zeros_like(h)
         for bi in range(b):
             for ti in range(t):
@@ -123,8 +164,7 @@ def independent_crammed_forward(sd: dict, arch: dict, ids: torch.Tensor, mask: t
 
 
 @pytest.mark.parametrize("trees", [1, 2])
-def test_published_crammed_checkpoint_matches_independent_forward(tmp_path: Path, minilm_dir: Path,
-                                                                  trees: int) -> None:
+def test_published_crammed_checkpoint_matches_independent_forward(tmp_path: Path, minilm_dir: Path, trees: int) -> None:
     folder = tmp_path / f"crammed-k{trees}"
     written = write_crammed_checkpoint(folder, minilm_dir, trees=trees, depth=3, num_labels=3, seed=trees)
     loaded = load_model(folder)
@@ -161,8 +201,9 @@ def test_crammed_unsupported_option_is_refused(tmp_path: Path, minilm_dir: Path)
 
 @pytest.mark.parametrize("layout", ["bert", "crammed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_save_load_round_trip_is_exact(request: pytest.FixtureRequest, tmp_path: Path, layout: str,
-                                       dtype: torch.dtype) -> None:
+def test_save_load_round_trip_is_exact(
+    request: pytest.FixtureRequest, tmp_path: Path, layout: str, dtype: torch.dtype
+) -> None:
     source = request.getfixturevalue("tiny_model_dir" if layout == "bert" else "tiny_crammed_dir")
     first = load_model(source, weight_dtype=dtype)
     save_model(first, tmp_path / "copy")
@@ -191,8 +232,9 @@ def test_save_in_float16_keeps_out_of_range_tensors_in_float32(tiny_model_dir: P
     save_model(loaded, tmp_path / "half", dtype=torch.float16)
     stored = load_file(str(tmp_path / "half" / "model.safetensors"))
     assert stored["head.classifier.weight"].dtype == torch.float32
-    assert all(v.dtype == torch.float16 for k, v in stored.items() if k != "head.classifier.weight"
-               and v.is_floating_point())
+    assert all(
+        v.dtype == torch.float16 for k, v in stored.items() if k != "head.classifier.weight" and v.is_floating_point()
+    )
     again = load_model(tmp_path / "half")
     assert again.model.head.classifier.weight[0, 0].item() == 1.0e5
     with torch.no_grad():

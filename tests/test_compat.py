@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     reference_embedding,
@@ -49,10 +48,19 @@ def test_predict_accepts_teis_three_forms_and_refuses_pairs(tiny_loaded) -> None
 
     async def main():
         async with running(app) as c:
-            return {name: await c.post("/predict", json={"inputs": inputs}) for name, inputs in [
-                ("string", "great"), ("one", ["great"]), ("batch", [["great"], ["awful film"]]),
-                ("pair", ["great", "awful"]), ("batch_pair", [["great"], ["a", "b"]]),
-                ("three", ["a", "b", "c"]), ("empty_item", [[]]), ("too_long_item", [["a", "b", "c"]])]}
+            return {
+                name: await c.post("/predict", json={"inputs": inputs})
+                for name, inputs in [
+                    ("string", "great"),
+                    ("one", ["great"]),
+                    ("batch", [["great"], ["awful film"]]),
+                    ("pair", ["great", "awful"]),
+                    ("batch_pair", [["great"], ["a", "b"]]),
+                    ("three", ["a", "b", "c"]),
+                    ("empty_item", [[]]),
+                    ("too_long_item", [["a", "b", "c"]]),
+                ]
+            }
 
     r = run(main())
     for name in ("string", "one"):  # one input: one list of predictions, best first
@@ -82,13 +90,15 @@ def test_root_and_invocations_route_by_body(tiny_loaded) -> None:
             out = {}
             for path in ("/", "/invocations"):
                 out[path, "embed"] = await c.post(path, json={"inputs": text})
-                out[path, "embed_opts"] = await c.post(path, json={"inputs": [text, "x"], "normalize": False,
-                                                                   "truncate": True})
+                out[path, "embed_opts"] = await c.post(
+                    path, json={"inputs": [text, "x"], "normalize": False, "truncate": True}
+                )
                 out[path, "predict_raw"] = await c.post(path, json={"inputs": text, "raw_scores": True})
                 out[path, "predict_batch"] = await c.post(path, json={"inputs": [[text], ["x"]]})
                 out[path, "hf"] = await c.post(path, json={"inputs": text, "parameters": {}})
-                out[path, "hf_top1"] = await c.post(path, json={
-                    "inputs": text, "parameters": {"top_k": 1, "function_to_apply": "sigmoid"}})
+                out[path, "hf_top1"] = await c.post(
+                    path, json={"inputs": text, "parameters": {"top_k": 1, "function_to_apply": "sigmoid"}}
+                )
                 out[path, "hf_bad"] = await c.post(path, json={"inputs": text, "parameters": {"top_k": 0}})
                 out[path, "not_json"] = await c.post(path, content=b"{", headers={"content-type": "application/json"})
                 out[path, "not_object"] = await c.post(path, json=["a"])
@@ -101,10 +111,12 @@ def test_root_and_invocations_route_by_body(tiny_loaded) -> None:
         vec = out[path, "embed"].json()
         assert torch.allclose(torch.tensor(vec[0]), reference_embedding(tiny_loaded, text), atol=1e-5)
         raw = out[path, "embed_opts"].json()
-        assert len(raw) == 2 and torch.allclose(torch.tensor(raw[1]),
-                                                reference_embedding(tiny_loaded, "x", normalize=False), atol=1e-5)
+        assert len(raw) == 2 and torch.allclose(
+            torch.tensor(raw[1]), reference_embedding(tiny_loaded, "x", normalize=False), atol=1e-5
+        )
         assert [p["score"] for p in out[path, "predict_raw"].json()] == pytest.approx(
-            sorted(logits.tolist(), reverse=True), abs=1e-5)
+            sorted(logits.tolist(), reverse=True), abs=1e-5
+        )
         assert len(out[path, "predict_batch"].json()) == 2
         hf = out[path, "hf"].json()  # one list per input, a single string included
         assert len(hf) == 1 and [p["label"] for p in hf[0]] == ranked(tiny_loaded, text)
@@ -131,8 +143,11 @@ def test_info_has_teis_keys_beside_ours(tiny_loaded) -> None:
     assert info["model_dtype"] == "float32" and info["model_sha"] is None
     assert info["model_type"] == {
         "embedding": {"pooling": tiny_loaded.config.pooling},
-        "classifier": {"id2label": {str(i): lab for i, lab in enumerate(labels)},
-                       "label2id": {lab: i for i, lab in enumerate(labels)}}}
+        "classifier": {
+            "id2label": {str(i): lab for i, lab in enumerate(labels)},
+            "label2id": {lab: i for i, lab in enumerate(labels)},
+        },
+    }
     assert info["max_input_length"] == 128 and info["max_client_batch_size"] == 16
     assert info["tokenization_workers"] == 3 and info["auto_truncate"] is False
     assert info["max_batch_tokens"] == info["limits"]["max_batch_tokens"]
@@ -175,11 +190,13 @@ def test_openai_routes_answer_openais_error_object_middleware_included(tiny_load
                 "401": await c.post("/v1/embeddings", json={"input": "a"}),
                 "401_models": await c.get("/models"),
                 "413_payload": await c.post("/v1/embeddings", content=b" " * 5000, headers=key),
-                "422_utf8": await c.post("/embeddings", content=b'{"input": "\xff"}',
-                                         headers={**key, "content-type": "application/json"}),
+                "422_utf8": await c.post(
+                    "/embeddings", content=b'{"input": "\xff"}', headers={**key, "content-type": "application/json"}
+                ),
                 "422_dims": await c.post("/v1/embeddings", json={"input": "a", "dimensions": 65}, headers=key),
-                "422_format": await c.post("/v1/embeddings", json={"input": "a", "encoding_format": "hex"},
-                                           headers=key),
+                "422_format": await c.post(
+                    "/v1/embeddings", json={"input": "a", "encoding_format": "hex"}, headers=key
+                ),
                 "400_empty": await c.post("/v1/embeddings", json={"input": []}, headers=key),
                 "404_route": await c.get("/v1/engines", headers=key),
                 "tei_401": await c.post("/embed", json={"inputs": "a"}),
@@ -316,6 +333,7 @@ def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys)
 
     async def main():
         async with running(app) as c:
+
             def broken(n_tokens):
                 logging.getLogger("service.test").warning("inside the request")
                 raise RuntimeError("a bug")
@@ -366,14 +384,20 @@ def test_load_generator_and_locustfile_without_their_optional_dependencies(tmp_p
 
     helped = python(blocked + "from loadtest.cli import main; raise SystemExit(main(['--help']))")
     assert helped.returncode == 0 and "usage" in helped.stdout, helped.stderr
-    refused = python(blocked + "from loadtest.cli import main; "
-                     "raise SystemExit(main(['run', 'http://127.0.0.1:9', '--duration', '1']))")
+    refused = python(
+        blocked + "from loadtest.cli import main; "
+        "raise SystemExit(main(['run', 'http://127.0.0.1:9', '--duration', '1']))"
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "needs aiohttp" in refused.stderr and "ultrafastbert-serve[loadtest]" in refused.stderr
-    stub = ("import types; m = types.ModuleType('locust'); m.FastHttpUser = object; "
-            "m.between = lambda a, b: None; m.task = lambda f: f; sys.modules['locust'] = m; ")
-    loaded = python(blocked + stub + "import runpy; ns = runpy.run_path('loadtest/locustfile.py'); "
-                    "print(ns['EmbeddingUser'].__name__)")
+    stub = (
+        "import types; m = types.ModuleType('locust'); m.FastHttpUser = object; "
+        "m.between = lambda a, b: None; m.task = lambda f: f; sys.modules['locust'] = m; "
+    )
+    loaded = python(
+        blocked + stub + "import runpy; ns = runpy.run_path('loadtest/locustfile.py'); "
+        "print(ns['EmbeddingUser'].__name__)"
+    )
     assert loaded.returncode == 0 and "EmbeddingUser" in loaded.stdout, loaded.stderr
     from loadtest.runner import Workload
 

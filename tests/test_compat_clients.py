@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-
 from service_support import make_app, reference_embedding, reference_logits, serve_in_thread, tiny_loaded  # noqa: F401
 
 # Not "hf_..."-shaped: huggingface_hub sends requests with such a token to Hugging Face's router, not the URL given.
@@ -87,8 +86,9 @@ def test_langchain_openai_embeddings(server: str, tiny_loaded) -> None:
     which mean nothing to a BERT vocabulary); 70 documents go in one request, above the 32 of TEI's routes."""
     from langchain_openai import OpenAIEmbeddings
 
-    emb = OpenAIEmbeddings(model="ultrafastbert", base_url=server + "/v1", api_key=API_KEY,
-                           check_embedding_ctx_length=False, max_retries=0)
+    emb = OpenAIEmbeddings(
+        model="ultrafastbert", base_url=server + "/v1", api_key=API_KEY, check_embedding_ctx_length=False, max_retries=0
+    )
     docs = [f"document number {i} is about {'cats' if i % 2 else 'dogs'}" for i in range(70)]
     vectors = emb.embed_documents(docs)
     assert len(vectors) == 70

@@ -16,15 +16,23 @@ from pathlib import Path
 
 import httpx
 import torch
+from service_support import metric, metric_samples, reference_embedding, tiny_loaded  # noqa: F401
 
 from loadtest.servers import LocalServer, rss_of
-from service_support import metric, metric_samples, reference_embedding, tiny_loaded  # noqa: F401
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 CONNECTIONS = 300  # requests in flight at once, each on its own connection
 WAVES = 2
-CAPS = ["--max-concurrent-requests", "48", "--max-queued-inputs", "48", "--max-batch-requests", "16",
-        "--max-batch-wait-ms", "2"]
+CAPS = [
+    "--max-concurrent-requests",
+    "48",
+    "--max-queued-inputs",
+    "48",
+    "--max-batch-requests",
+    "16",
+    "--max-batch-wait-ms",
+    "2",
+]
 # Stated bound on the server's growth over the whole burst: 300 connections' buffers and protocol objects, the
 # bounded queue (48 inputs), allocator slack; an unbounded queue or leaked connections would exceed it.
 RSS_GROWTH_BOUND = 100 * 2**20
@@ -49,8 +57,9 @@ async def _user(client: httpx.AsyncClient, u: int) -> list[tuple[int, httpx.Resp
             events.append(name)
 
         try:
-            r: httpx.Response | Exception = await client.post("/embed", json={"inputs": text_of(i)},
-                                                              extensions={"trace": trace})
+            r: httpx.Response | Exception = await client.post(
+                "/embed", json={"inputs": text_of(i)}, extensions={"trace": trace}
+            )
         except httpx.HTTPError as exc:
             r = exc
         out.append((i, r, "connection.connect_tcp.started" not in events))
@@ -66,8 +75,9 @@ def test_burst_of_reused_connections_loses_no_request(tiny_model_dir: Path, tiny
 
         async def burst() -> list[tuple[int, httpx.Response | Exception, bool]]:
             # the client keeps idle connections for less than the server's keep-alive timeout (75 s), as it must
-            limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS,
-                                  keepalive_expiry=60)
+            limits = httpx.Limits(
+                max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, keepalive_expiry=60
+            )
             async with httpx.AsyncClient(base_url=srv.url, limits=limits, timeout=60) as c:
                 return [r for user in await asyncio.gather(*(_user(c, u) for u in range(CONNECTIONS))) for r in user]
 
@@ -101,8 +111,9 @@ def test_burst_of_reused_connections_loses_no_request(tiny_model_dir: Path, tiny
     assert metric(samples, "ufb_queue_depth") == 0 and metric(samples, "ufb_queue_tokens") == 0
     assert metric(samples, "ufb_failures_total", cause="overloaded") == len(shed)
     assert after.status_code == 200
-    assert torch.allclose(torch.tensor(after.json()[0]), reference_embedding(tiny_loaded, "right after the burst"),
-                          atol=1e-5, rtol=0)
+    assert torch.allclose(
+        torch.tensor(after.json()[0]), reference_embedding(tiny_loaded, "right after the burst"), atol=1e-5, rtol=0
+    )
 
 
 IDLE = 250  # connections that connect and send nothing
@@ -125,10 +136,12 @@ def _closed_by_server(s: socket.socket) -> bool:
         return True
 
 
-def test_idle_connections_do_not_starve_new_clients_and_silent_ones_are_closed(tiny_model_dir: Path, tiny_loaded,
-                                                                               tmp_path) -> None:
-    with LocalServer(tiny_model_dir, args=["--keep-alive-timeout-s", str(KEEP_ALIVE_S)],
-                     log_path=tmp_path / "server.log") as srv:
+def test_idle_connections_do_not_starve_new_clients_and_silent_ones_are_closed(
+    tiny_model_dir: Path, tiny_loaded, tmp_path
+) -> None:
+    with LocalServer(
+        tiny_model_dir, args=["--keep-alive-timeout-s", str(KEEP_ALIVE_S)], log_path=tmp_path / "server.log"
+    ) as srv:
         held: list[socket.socket] = []
         try:
             opened = time.monotonic()
@@ -146,13 +159,15 @@ def test_idle_connections_do_not_starve_new_clients_and_silent_ones_are_closed(t
                 with httpx.Client(base_url=srv.url, timeout=10) as c:
                     r = c.post("/embed", json={"inputs": text_of(i)})
                 assert r.status_code == 200, r.text
-                assert torch.allclose(torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, text_of(i)),
-                                      atol=1e-5, rtol=0)
+                assert torch.allclose(
+                    torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, text_of(i)), atol=1e-5, rtol=0
+                )
             # the silent ones are closed once the keep-alive timeout has passed, not before
             end = opened + KEEP_ALIVE_S + 15
             while not all(_closed_by_server(s) for s in held[:IDLE]):
                 assert time.monotonic() < end, (
-                    f"{sum(not _closed_by_server(s) for s in held[:IDLE])} silent connections still open")
+                    f"{sum(not _closed_by_server(s) for s in held[:IDLE])} silent connections still open"
+                )
                 time.sleep(0.2)
             assert time.monotonic() - opened >= KEEP_ALIVE_S - 0.5
             # a connection that finishes its request late is still served (the timer does not cut requests)

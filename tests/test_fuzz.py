@@ -18,8 +18,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from service.errors import is_openai_path
 from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     make_app,
     reference_embedding,
@@ -27,14 +25,41 @@ from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
     tiny_loaded,
 )
 
-POST_ROUTES = ["/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/classify", "/predict", "/tokenize", "/",
-               "/invocations"]
+from service.errors import is_openai_path
+
+POST_ROUTES = [
+    "/v1/embeddings",
+    "/embeddings",
+    "/embed",
+    "/embed_all",
+    "/classify",
+    "/predict",
+    "/tokenize",
+    "/",
+    "/invocations",
+]
 FIELD = {"/v1/embeddings": "input", "/embeddings": "input"}
-OPTIONS = ["truncate", "truncation_direction", "normalize", "dimensions", "top_k", "raw_scores", "model",
-           "encoding_format", "add_special_tokens", "user", "parameters", "prompt_name"]
+OPTIONS = [
+    "truncate",
+    "truncation_direction",
+    "normalize",
+    "dimensions",
+    "top_k",
+    "raw_scores",
+    "model",
+    "encoding_format",
+    "add_special_tokens",
+    "user",
+    "parameters",
+    "prompt_name",
+]
 MAX_INPUTS = 8
-FUZZ = settings(max_examples=40, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +96,40 @@ def error_of(r: httpx.Response) -> tuple[str, str]:
 
 # any character at all, lone surrogates included (json.dumps escapes them as "\ud800")
 ANY_CHAR = st.characters(codec=None, exclude_categories=())
-NASTY = st.sampled_from(["", " ", "\u200b", "\u200d\u200c", "\ufeff", "\x00", "\x1b[31m", "\u0301\u0301",
-                         "\ud800", "\udfff", "\ud83d\ude00", "\U0010ffff", "\uffff", "[CLS]", "[SEP]", "##",
-                         "word " * 300, "x" * 1000, "\u202e", "\n\r\t"])
+NASTY = st.sampled_from(
+    [
+        "",
+        " ",
+        "\u200b",
+        "\u200d\u200c",
+        "\ufeff",
+        "\x00",
+        "\x1b[31m",
+        "\u0301\u0301",
+        "\ud800",
+        "\udfff",
+        "\ud83d\ude00",
+        "\U0010ffff",
+        "\uffff",
+        "[CLS]",
+        "[SEP]",
+        "##",
+        "word " * 300,
+        "x" * 1000,
+        "\u202e",
+        "\n\r\t",
+    ]
+)
 TEXT = st.one_of(st.text(ANY_CHAR, max_size=40), NASTY, st.lists(NASTY, max_size=4).map("".join))
 TOKEN_ID = st.one_of(st.integers(-5, 30530), st.integers(-(2**70), 2**70), st.sampled_from([0, 30521, 30522]))
-SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                   st.floats(allow_nan=True, allow_infinity=True), TEXT)
-JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+SCALAR = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True), TEXT
+)
+JSON = st.recursive(
+    SCALAR,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 INPUTS = st.one_of(
     TEXT,
     st.lists(TEXT, max_size=MAX_INPUTS + 2),
@@ -88,13 +138,15 @@ INPUTS = st.one_of(
     st.lists(st.lists(TEXT, max_size=3), max_size=3),  # sentence pairs
     JSON,
 )
-OPTION_VALUES = st.one_of(SCALAR, st.sampled_from(["Left", "right", "LEFT", "base64", "float"]),
-                          st.integers(-3, 100))
+OPTION_VALUES = st.one_of(SCALAR, st.sampled_from(["Left", "right", "LEFT", "base64", "float"]), st.integers(-3, 100))
 
 
 def body_for(route: str) -> st.SearchStrategy:
-    field = st.builds(lambda inputs, opts: {FIELD.get(route, "inputs"): inputs, **opts},
-                      INPUTS, st.dictionaries(st.sampled_from(OPTIONS), OPTION_VALUES, max_size=4))
+    field = st.builds(
+        lambda inputs, opts: {FIELD.get(route, "inputs"): inputs, **opts},
+        INPUTS,
+        st.dictionaries(st.sampled_from(OPTIONS), OPTION_VALUES, max_size=4),
+    )
     return st.one_of(field, field, JSON)
 
 
@@ -106,8 +158,9 @@ def test_property_fuzz_post_routes_never_500_or_hang(server, route) -> None:
     @given(body=body_for(route), raw=st.booleans())
     def check(body, raw) -> None:
         content = json.dumps(body, ensure_ascii=raw, allow_nan=True)  # NaN/Infinity: not JSON, must be 422
-        r = client.post(route, content=content.encode("utf-8", "surrogatepass"),
-                        headers={"content-type": "application/json"})
+        r = client.post(
+            route, content=content.encode("utf-8", "surrogatepass"), headers={"content-type": "application/json"}
+        )
         check_answer(r)
 
     check()
@@ -139,8 +192,7 @@ def test_schemathesis_against_our_openapi_schema(server) -> None:
         ran.append(f"{operation.method.upper()} {operation.path}")
         examples = 30 if operation.method.upper() == "POST" else 5
 
-        @settings(max_examples=examples, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def check(case) -> None:
             response = case.call(base_url=base_url, timeout=15)
@@ -148,8 +200,14 @@ def test_schemathesis_against_our_openapi_schema(server) -> None:
             case.validate_response(response, checks=[not_a_server_error])
 
         check()
-    assert {"POST /v1/embeddings", "POST /embed", "POST /classify", "POST /predict", "POST /tokenize",
-            "GET /info"} <= set(ran), ran
+    assert {
+        "POST /v1/embeddings",
+        "POST /embed",
+        "POST /classify",
+        "POST /predict",
+        "POST /tokenize",
+        "GET /info",
+    } <= set(ran), ran
     assert client.get("/ready").status_code == 200
     assert app.state.service.batcher.idle
 
@@ -161,20 +219,23 @@ def _embed(client, text, **extra) -> httpx.Response:
     return client.post("/embed", json={"inputs": text, **extra})
 
 
-@pytest.mark.parametrize("text", [
-    "\u200b\u200b\u200b",            # zero-width spaces only: empty after normalisation
-    "\x00\x01\x02\x7f",              # control bytes only: empty after normalisation
-    " \t\r\n ",                      # whitespace only
-    "\u0301\u0308",                  # combining marks with nothing to combine with
-    "hel\u200blo wo\u200drld\ufeff",  # zero-width characters inside words
-    "e\u0301cole",                   # NFD combining mark
-    "\u00e9cole",                    # NFC precomposed
-    "Z\u0351\u0364\u0300a\u0352\u0361l\u0307go",  # zalgo: stacks of combining marks
-    "\x1b[31mred\x1b[0m\x07 bell",   # terminal escapes and a bell
-    "\U0001f600 emoji \U0001f44d\U0001f3fd",  # astral characters, a skin-tone modifier
-    "\u202eevil\u202c right-to-left override",
-    "x" * 100_000,                   # 100k characters, one word: a single [UNK]
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u200b\u200b\u200b",  # zero-width spaces only: empty after normalisation
+        "\x00\x01\x02\x7f",  # control bytes only: empty after normalisation
+        " \t\r\n ",  # whitespace only
+        "\u0301\u0308",  # combining marks with nothing to combine with
+        "hel\u200blo wo\u200drld\ufeff",  # zero-width characters inside words
+        "e\u0301cole",  # NFD combining mark
+        "\u00e9cole",  # NFC precomposed
+        "Z\u0351\u0364\u0300a\u0352\u0361l\u0307go",  # zalgo: stacks of combining marks
+        "\x1b[31mred\x1b[0m\x07 bell",  # terminal escapes and a bell
+        "\U0001f600 emoji \U0001f44d\U0001f3fd",  # astral characters, a skin-tone modifier
+        "\u202eevil\u202c right-to-left override",
+        "x" * 100_000,  # 100k characters, one word: a single [UNK]
+    ],
+)
 def test_unicode_edge_cases_get_the_computed_alone_answer(server, tiny_loaded, text) -> None:
     client, _ = server
     r = _embed(client, text)
@@ -198,14 +259,17 @@ def test_unicode_long_input_with_and_without_truncation(server) -> None:
     assert r.status_code == 422
 
 
-@pytest.mark.parametrize("route,body", [
-    ("/embed", b'{"inputs": "\\ud800"}'),
-    ("/embed", b'{"inputs": ["fine", "a\\udfffb"]}'),
-    ("/v1/embeddings", b'{"input": "\\ud83d"}'),
-    ("/classify", b'{"inputs": "\\udc00\\ud800"}'),
-    ("/predict", b'{"inputs": ["\\ud800"]}'),
-    ("/tokenize", b'{"inputs": "x\\ud800"}'),
-])
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/embed", b'{"inputs": "\\ud800"}'),
+        ("/embed", b'{"inputs": ["fine", "a\\udfffb"]}'),
+        ("/v1/embeddings", b'{"input": "\\ud83d"}'),
+        ("/classify", b'{"inputs": "\\udc00\\ud800"}'),
+        ("/predict", b'{"inputs": ["\\ud800"]}'),
+        ("/tokenize", b'{"inputs": "x\\ud800"}'),
+    ],
+)
 def test_lone_surrogates_are_a_clean_422(server, route, body) -> None:
     client, _ = server
     r = client.post(route, content=body, headers={"content-type": "application/json"})
@@ -226,8 +290,9 @@ def test_empty_and_undecodable_inputs(server) -> None:
 # ---------------------------------------------------------------------------------------------- token ids
 
 
-@pytest.mark.parametrize("ids", [[30522], [-1], [2**31], [2**63], [10**30], [-(10**30)], [1, 2, 99999],
-                                 [[101, 102], [101, 30522, 102]]])
+@pytest.mark.parametrize(
+    "ids", [[30522], [-1], [2**31], [2**63], [10**30], [-(10**30)], [1, 2, 99999], [[101, 102], [101, 30522, 102]]]
+)
 def test_token_ids_outside_the_vocabulary_are_422(server, ids) -> None:
     client, app = server
     for route, field in (("/embed", "inputs"), ("/v1/embeddings", "input")):

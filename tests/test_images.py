@@ -22,9 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import image_support as images
 import pytest
 
-import image_support as images
 from service.settings import Settings
 
 ROOT = images.ROOT
@@ -44,8 +44,7 @@ def _need_tools() -> None:
     missing = images.missing_tools()
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (.ci/run installs podman and debootstrap with apt-get)")
-    probe = subprocess.run(["podman", "info", "--format", "{{.Store.GraphDriverName}}"], capture_output=True,
-                           text=True)
+    probe = subprocess.run(["podman", "info", "--format", "{{.Store.GraphDriverName}}"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"podman cannot run here: {probe.stderr.strip()[-300:]}")
 
@@ -101,15 +100,25 @@ def _wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
 
 
 def _files(top: Path, suffixes: tuple[str, ...] = ()) -> set[str]:
-    return {p.relative_to(top).as_posix() for p in top.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and (not suffixes or p.suffix in suffixes)}
+    return {
+        p.relative_to(top).as_posix()
+        for p in top.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and (not suffixes or p.suffix in suffixes)
+    }
 
 
 @pytest.mark.timeout(3600)
-def test_service_image_builds_and_serves_as_its_user(debian_base: str, build_args: dict[str, str],
-                                                     build_log: Path, tmp_path: Path) -> None:
-    images.build(DOCKER / "Dockerfile", ROOT, SERVICE_TAG, {"PYTHON_IMAGE": debian_base, **build_args}, build_log,
-                 ignorefile=DOCKER / "Dockerfile.dockerignore")
+def test_service_image_builds_and_serves_as_its_user(
+    debian_base: str, build_args: dict[str, str], build_log: Path, tmp_path: Path
+) -> None:
+    images.build(
+        DOCKER / "Dockerfile",
+        ROOT,
+        SERVICE_TAG,
+        {"PYTHON_IMAGE": debian_base, **build_args},
+        build_log,
+        ignorefile=DOCKER / "Dockerfile.dockerignore",
+    )
     cfg = images.config(SERVICE_TAG)
     user = cfg["User"]
     assert user.split(":")[0].isdigit() and user.split(":")[0] != "0", f"USER must be a non-root uid: {user}"
@@ -131,15 +140,20 @@ def test_service_image_builds_and_serves_as_its_user(debian_base: str, build_arg
         log = tmp_path / "service.log"
         argv = cfg["Entrypoint"] + (cfg.get("Cmd") or [])
         with log.open("w") as out:
-            proc = subprocess.Popen(images.command_in(root, argv, env, cfg["WorkingDir"], who), stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                images.command_in(root, argv, env, cfg["WorkingDir"], who), stdout=out, stderr=subprocess.STDOUT
+            )
         try:
             _wait_ready(proc, port, log)
             init = images.namespace_init(proc.pid)
             status = Path(f"/proc/{init}/status").read_text()
             assert f"Uid:\t{who.uid}\t" in status and f"Gid:\t{who.gid}\t" in status, status
-            health = subprocess.run(images.command_in(root, cfg["Healthcheck"]["Test"][1:], env, cfg["WorkingDir"],
-                                                      who), capture_output=True, text=True, timeout=60)
+            health = subprocess.run(
+                images.command_in(root, cfg["Healthcheck"]["Test"][1:], env, cfg["WorkingDir"], who),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert health.returncode == 0, health.stderr[-2000:]
             info = _get_json(_url(port, "/info"))
             assert info["kernel"]["compiled"], info["kernel"]
@@ -155,11 +169,18 @@ def test_service_image_builds_and_serves_as_its_user(debian_base: str, build_arg
 
 
 @pytest.mark.timeout(3600)
-def test_ray_image_builds_and_serves_on_ray_as_user_ray(debian_base: str, build_args: dict[str, str],
-                                                        build_log: Path, tmp_path: Path) -> None:
+def test_ray_image_builds_and_serves_on_ray_as_user_ray(
+    debian_base: str, build_args: dict[str, str], build_log: Path, tmp_path: Path
+) -> None:
     base = images.ray_base(debian_base, build_log)
-    images.build(DOCKER / "ray" / "Dockerfile", ROOT, RAY_TAG, {"RAY_IMAGE": base, **build_args}, build_log,
-                 ignorefile=DOCKER / "ray" / "Dockerfile.dockerignore")
+    images.build(
+        DOCKER / "ray" / "Dockerfile",
+        ROOT,
+        RAY_TAG,
+        {"RAY_IMAGE": base, **build_args},
+        build_log,
+        ignorefile=DOCKER / "ray" / "Dockerfile.dockerignore",
+    )
     cfg = images.config(RAY_TAG)
     assert cfg["User"] == "1000:100"  # Ray's image's user, which KubeRay's pods run as
     port = _free_port()
@@ -169,8 +190,9 @@ def test_ray_image_builds_and_serves_on_ray_as_user_ray(debian_base: str, build_
         who = images.resolve_user(root, cfg["User"])
         log = tmp_path / "ray.log"
         with log.open("w") as out:
-            proc = subprocess.Popen(images.command_in(root, argv, env, cfg["WorkingDir"], who), stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                images.command_in(root, argv, env, cfg["WorkingDir"], who), stdout=out, stderr=subprocess.STDOUT
+            )
         try:
             _wait_ready(proc, port, log)
             assert len(_embed(port)) == 384

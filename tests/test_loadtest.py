@@ -31,7 +31,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> An
 
 @pytest.fixture(scope="module")
 def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    from engine.checkpoint import build_tiny_model
+    from tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-dense", ffn="dense")
 
@@ -102,8 +102,9 @@ def test_a_server_that_never_answers_counts_as_timeouts() -> None:
         srv = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
         port = srv.sockets[0].getsockname()[1]
         try:
-            return await closed_loop(f"http://127.0.0.1:{port}", Workload(), concurrency=2, duration_s=0.5,
-                                     warmup_s=0.0, timeout_s=0.3)
+            return await closed_loop(
+                f"http://127.0.0.1:{port}", Workload(), concurrency=2, duration_s=0.5, warmup_s=0.0, timeout_s=0.3
+            )
         finally:
             for w in held:
                 w.close()
@@ -124,10 +125,29 @@ def test_cli_run_json_closed_and_open(server: Any, capsys: pytest.CaptureFixture
     assert "open loop, rate 10/s" in out and "latency ms: p50" in out
 
 
-def test_compare_two_model_folders_one_at_a_time(tiny_model_dir: Path, tiny_dense_dir: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["compare", str(tiny_model_dir), str(tiny_dense_dir), "--names", "fff", "dense",
-                     "-c", "2", "--rate", "10", "--duration", "1", "--warmup", "0.2", "--json", *TRUNC])
+def test_compare_two_model_folders_one_at_a_time(
+    tiny_model_dir: Path, tiny_dense_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        [
+            "compare",
+            str(tiny_model_dir),
+            str(tiny_dense_dir),
+            "--names",
+            "fff",
+            "dense",
+            "-c",
+            "2",
+            "--rate",
+            "10",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--json",
+            *TRUNC,
+        ]
+    )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["names"] == ["fff", "dense"] and data["baseline"] == "dense"
@@ -142,12 +162,48 @@ def test_compare_two_model_folders_one_at_a_time(tiny_model_dir: Path, tiny_dens
 
 
 def test_compare_text_table_with_repeats(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["compare", server.url, server.url, "--names", "x", "y", "-c", "2", "--repeat", "2",
-                     "--duration", "0.6", "--warmup", "0.1"]) == 0
+    assert (
+        cli.main(
+            [
+                "compare",
+                server.url,
+                server.url,
+                "--names",
+                "x",
+                "y",
+                "-c",
+                "2",
+                "--repeat",
+                "2",
+                "--duration",
+                "0.6",
+                "--warmup",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "req/s x/y" in out and "concurrency 2" in out and "median of 2 alternating runs" in out
-    assert cli.main(["compare", server.url, server.url, "-c", "2", "--repeat", "3", "--duration", "0.4",
-                     "--warmup", "0.1", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "compare",
+                server.url,
+                server.url,
+                "-c",
+                "2",
+                "--repeat",
+                "3",
+                "--duration",
+                "0.4",
+                "--warmup",
+                "0.1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     row = data["rows"][0]
     first = data["names"][0]
@@ -157,10 +213,27 @@ def test_compare_text_table_with_repeats(server: Any, capsys: pytest.CaptureFixt
 
 
 def test_compare_three_targets_take_turns_with_ratios_against_the_last(
-        server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The Amdahl-bound measurement (FFF model, FFN removed, dense) runs as one interleaved comparison."""
-    args = ["compare", server.url, server.url, server.url, "--names", "fff", "none", "dense", "-c", "2",
-            "--repeat", "2", "--duration", "0.4", "--warmup", "0.1"]
+    args = [
+        "compare",
+        server.url,
+        server.url,
+        server.url,
+        "--names",
+        "fff",
+        "none",
+        "dense",
+        "-c",
+        "2",
+        "--repeat",
+        "2",
+        "--duration",
+        "0.4",
+        "--warmup",
+        "0.1",
+    ]
     assert cli.main([*args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     row = data["rows"][0]
@@ -203,15 +276,38 @@ def test_soak_reports_rss_and_p99_over_time(server: Any, capsys: pytest.CaptureF
 
 
 def test_engine_mode(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["engine", "--model", str(tiny_model_dir), "-b", "1", "4", "--duration", "0.5",
-                     "--warmup", "0.1", "--json"]) == 0
+    assert (
+        cli.main(
+            ["engine", "--model", str(tiny_model_dir), "-b", "1", "4", "--duration", "0.5", "--warmup", "0.1", "--json"]
+        )
+        == 0
+    )
     reps = json.loads(capsys.readouterr().out)
     assert [r["batch_size"] for r in reps] == [1, 4]
     for r in reps:
         assert r["batches"] > 0 and r["inputs_per_s"] > 0
         assert r["mean_tokens"] > 0
-    assert cli.main(["engine", "--model", str(tiny_model_dir), "-b", "8", "--pool", "16", "--max-batch-tokens", "256",
-                     "--duration", "0.5", "--warmup", "0.1", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "engine",
+                "--model",
+                str(tiny_model_dir),
+                "-b",
+                "8",
+                "--pool",
+                "16",
+                "--max-batch-tokens",
+                "256",
+                "--duration",
+                "0.5",
+                "--warmup",
+                "0.1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     (r,) = json.loads(capsys.readouterr().out)
     assert r["pool"] == 16 and r["max_batch_tokens"] == 256 and r["mean_tokens"] <= 256
     assert 1 <= r["mean_batch_size"] <= 8
@@ -219,8 +315,27 @@ def test_engine_mode(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -
 
     threads_before = torch.get_num_threads()
     try:  # two workers side by side: one merged report, rates and batch counts added up
-        assert cli.main(["engine", "--model", str(tiny_model_dir), "-b", "4", "--workers", "2", "--duration", "0.5",
-                         "--warmup", "0.1", "--compute-dtype", "bfloat16", "--json"]) == 0
+        assert (
+            cli.main(
+                [
+                    "engine",
+                    "--model",
+                    str(tiny_model_dir),
+                    "-b",
+                    "4",
+                    "--workers",
+                    "2",
+                    "--duration",
+                    "0.5",
+                    "--warmup",
+                    "0.1",
+                    "--compute-dtype",
+                    "bfloat16",
+                    "--json",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads_before)
     (r,) = json.loads(capsys.readouterr().out)
@@ -238,8 +353,24 @@ def test_split_batches_follows_the_batcher_budgets() -> None:
 
 
 def test_overhead_mode(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["overhead", "--model", str(tiny_model_dir), "-c", "4", "--duration", "1", "--warmup", "0.3",
-                     "--json", *TRUNC]) == 0
+    assert (
+        cli.main(
+            [
+                "overhead",
+                "--model",
+                str(tiny_model_dir),
+                "-c",
+                "4",
+                "--duration",
+                "1",
+                "--warmup",
+                "0.3",
+                "--json",
+                *TRUNC,
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["service_batches"]["batches"] > 0 and data["service_batches"]["mean_size"] >= 1
     eng = data["engine"]

@@ -6,10 +6,11 @@ import asyncio
 import math
 
 import torch
-
-from engine.batcher import BatchStats, Task
-from service.metrics import ServiceMetrics, leaf_evenness
 from service_support import make_app, metric, metric_samples, running, tiny_loaded  # noqa: F401
+
+from engine.backend import Task
+from engine.batcher import BatchStats
+from service.metrics import ServiceMetrics, leaf_evenness
 
 
 def run(coro):
@@ -94,8 +95,14 @@ def test_leaf_counts_decay_towards_recent_traffic() -> None:
     m.set_model([(4, 16)], (1, 2), {"name": "t"})
 
     def batch(counts: list[float], tokens: int) -> BatchStats:
-        return BatchStats(task=Task.EMBED, size=1, tokens=tokens, inference_s=0.001,
-                          lengths=[tokens], leaf_counts=[torch.tensor([counts])])
+        return BatchStats(
+            task=Task.EMBED,
+            size=1,
+            tokens=tokens,
+            inference_s=0.001,
+            lengths=[tokens],
+            leaf_counts=[torch.tensor([counts])],
+        )
 
     m.on_batch(batch([100, 0, 0, 0], 100))
     assert m.leaf_entropy.labels("0", "0")._value.get() == 0

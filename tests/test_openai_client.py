@@ -13,7 +13,6 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-
 from service_support import make_app, reference_embedding, serve_in_thread, tiny_loaded  # noqa: F401
 
 API_KEY = "test-key-123"
@@ -29,8 +28,7 @@ def _free_port() -> int:
 def server(tiny_loaded) -> Iterator[str]:
     port = _free_port()
     app = make_app(tiny_loaded, api_key=API_KEY, port=port)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -125,8 +123,10 @@ def test_openai_client_rate_limit_error_on_a_full_queue(tiny_loaded) -> None:
 
         state.backend.forward = held
         client = _client(url)
-        busy = [threading.Thread(target=client.embeddings.create, kwargs={"model": "m", "input": t})
-                for t in ("in the forward pass", "queued")]
+        busy = [
+            threading.Thread(target=client.embeddings.create, kwargs={"model": "m", "input": t})
+            for t in ("in the forward pass", "queued")
+        ]
         try:
             busy[0].start()
             assert entered.wait(10)
@@ -146,8 +146,11 @@ def test_openai_client_rate_limit_error_on_a_full_queue(tiny_loaded) -> None:
 
 def test_real_server_payload_limit_and_health(server: str) -> None:
     assert httpx.get(server + "/health").status_code == 200
-    r = httpx.post(server + "/embed", content=b"x" * 3_000_000,
-                   headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    r = httpx.post(
+        server + "/embed",
+        content=b"x" * 3_000_000,
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
     r = httpx.post(server + "/embed", json={"inputs": "still alive"}, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200

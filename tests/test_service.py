@@ -5,35 +5,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 
 import numpy as np
-import pytest
 import torch
-
-from service.app import create_app
-from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
+from service_support import (
     make_app,
     metric,
     metric_samples,
     reference_embedding,
     reference_logits,
+    run,
     running,
     settings,
-    tiny_loaded,
+    text_of,
+    tiny_loaded,  # noqa: F401  (a fixture)
 )
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
-
-
-def text_of(i: int) -> str:
-    n = 1 + (i * 13) % 60
-    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
-
+from service.app import create_app
 
 # ---------------------------------------------------------------------------------------------- concurrency
 
@@ -53,8 +41,9 @@ def test_concurrent_requests_match_single_computation(tiny_loaded) -> None:
                 else:
                     jobs.append(("embed", texts, c.post("/embed", json={"inputs": texts})))
             responses = await asyncio.gather(*(j[2] for j in jobs))
-            return [(kind, texts, r.status_code, r.json(), r.headers) for (kind, texts, _), r in
-                    zip(jobs, responses)], (await c.get("/metrics")).text
+            return [
+                (kind, texts, r.status_code, r.json(), r.headers) for (kind, texts, _), r in zip(jobs, responses)
+            ], (await c.get("/metrics")).text
 
     results, metrics_text = run(main())
     labels = tiny_loaded.config.labels
@@ -110,11 +99,11 @@ def test_routes_shapes_headers_and_neurons(tiny_loaded) -> None:
             body = r.json()
             assert body["object"] == "list" and body["model"] == tiny_loaded.name
             assert body["usage"] == {"prompt_tokens": len(ids), "total_tokens": len(ids)}
-            assert torch.allclose(torch.tensor(body["data"][0]["embedding"]),
-                                  reference_embedding(tiny_loaded, ids), atol=1e-5)
+            assert torch.allclose(
+                torch.tensor(body["data"][0]["embedding"]), reference_embedding(tiny_loaded, ids), atol=1e-5
+            )
 
-            r = await c.post("/embeddings", json={"input": ["a", "b"], "encoding_format": "base64",
-                                                  "dimensions": 16})
+            r = await c.post("/embeddings", json={"input": ["a", "b"], "encoding_format": "base64", "dimensions": 16})
             data = r.json()["data"]
             assert [d["index"] for d in data] == [0, 1]
             vec = np.frombuffer(base64.b64decode(data[1]["embedding"]), dtype="<f4")
@@ -136,8 +125,7 @@ def test_routes_shapes_headers_and_neurons(tiny_loaded) -> None:
             assert toks[0]["special"] and toks[0]["text"] == "[CLS]"
             assert toks[1] == {"id": toks[1]["id"], "text": "Hello", "special": False, "start": 0, "stop": 5}
 
-            left = (await c.post("/embed", json={"inputs": "x " * 300, "truncate": True,
-                                                 "truncation_direction": "Left"}))
+            left = await c.post("/embed", json={"inputs": "x " * 300, "truncate": True, "truncation_direction": "Left"})
             assert left.status_code == 200 and int(left.headers["x-compute-tokens"]) == 128
 
             info = (await c.get("/info")).json()
@@ -168,11 +156,13 @@ def test_embed_all_gives_every_tokens_final_hidden_state(tiny_loaded) -> None:
 
     async def main():
         async with running(app) as c:
-            jobs = [c.post("/embed_all", json={"inputs": texts}), c.post("/embed_all", json={"inputs": ids}),
-                    c.post("/embed", json={"inputs": texts, "normalize": False}),
-                    c.post("/tokenize", json={"inputs": texts}),
-                    c.post("/embed_all", json={"inputs": "x " * 300, "truncate": True,
-                                               "truncation_direction": "Left"})]
+            jobs = [
+                c.post("/embed_all", json={"inputs": texts}),
+                c.post("/embed_all", json={"inputs": ids}),
+                c.post("/embed", json={"inputs": texts, "normalize": False}),
+                c.post("/tokenize", json={"inputs": texts}),
+                c.post("/embed_all", json={"inputs": "x " * 300, "truncate": True, "truncation_direction": "Left"}),
+            ]
             return await asyncio.gather(*jobs), (await c.get("/metrics")).text
 
     (states, by_ids, pooled, tokens, left), metrics_text = run(main())
@@ -211,17 +201,27 @@ BAD_REQUESTS = [
     ("/embed", {"json": {"inputs": ["ok", ""]}}, 400, "empty"),
     ("/v1/embeddings", {"json": {"input": [[]]}}, 400, "empty"),
     ("/embed", {"json": {"inputs": ["a"] * 33}}, 413, "too_many_inputs"),
-    ("/embed", {"content": b"x" * (10 * 1024 * 1024), "headers": {"content-type": "application/json"}},
-     413, "payload_too_large"),
-    ("/embed", {"content": _chunks(3_000_000), "headers": {"content-type": "application/json"}},
-     413, "payload_too_large"),
+    (
+        "/embed",
+        {"content": b"x" * (10 * 1024 * 1024), "headers": {"content-type": "application/json"}},
+        413,
+        "payload_too_large",
+    ),
+    (
+        "/embed",
+        {"content": _chunks(3_000_000), "headers": {"content-type": "application/json"}},
+        413,
+        "payload_too_large",
+    ),
     ("/embed", {"content": b'{"inputs": "a"', "headers": {"content-type": "application/json"}}, 422, "validation"),
-    ("/embed", {"content": b"not json at all", "headers": {"content-type": "application/json"}}, 422,
-     "validation"),
-    ("/embed", {"content": b'{"inputs": "caf\xe9"}', "headers": {"content-type": "application/json"}}, 422,
-     "validation"),
-    ("/embed", {"content": b"\xff\xfe\x00\x01", "headers": {"content-type": "application/json"}}, 422,
-     "validation"),
+    ("/embed", {"content": b"not json at all", "headers": {"content-type": "application/json"}}, 422, "validation"),
+    (
+        "/embed",
+        {"content": b'{"inputs": "caf\xe9"}', "headers": {"content-type": "application/json"}},
+        422,
+        "validation",
+    ),
+    ("/embed", {"content": b"\xff\xfe\x00\x01", "headers": {"content-type": "application/json"}}, 422, "validation"),
     ("/embed", {"json": {"inputs": 5}}, 422, "validation"),
     ("/embed", {"json": {"inputs": True}}, 422, "validation"),
     ("/embed", {"json": {"inputs": [1, "a"]}}, 422, "validation"),
@@ -305,8 +305,12 @@ def test_api_key(tiny_loaded) -> None:
 
     async def main():
         async with running(app) as c:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                            {"Authorization": "Basic s3cret"}):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": "s3cret"},
+                {"Authorization": "Basic s3cret"},
+            ):
                 r = await c.post("/embed", json={"inputs": "a"}, headers=headers)
                 assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
                 assert r.headers["www-authenticate"] == "Bearer"
@@ -358,261 +362,6 @@ def test_not_ready_until_started_and_failed_start(tiny_loaded, tmp_path) -> None
     run(failed())
 
 
-# ---------------------------------------------------------------------------------------------- load control
-
-
-def _gate_backend(app):
-    """Hold the worker inside its next forward pass until the returned event is set."""
-    state = app.state.service
-    gate, entered, seen = threading.Event(), threading.Event(), []
-    original = state.backend.forward
-
-    def forward(task, ids, record):
-        seen.append([list(x) for x in ids])
-        entered.set()
-        gate.wait(10)
-        return original(task, ids, record)
-
-    state.backend.forward = forward
-    return gate, entered, seen
-
-
-def test_overload_gives_429_with_retry_after(tiny_loaded) -> None:
-    app = make_app(tiny_loaded, max_queued_inputs=3)
-
-    async def main():
-        async with running(app) as c:
-            gate, entered, _ = _gate_backend(app)
-            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
-            assert await asyncio.to_thread(entered.wait, 10)
-            queued = asyncio.ensure_future(c.post("/embed", json={"inputs": ["a", "b", "c"]}))
-            while app.state.service.batcher.queue_depth < 3:
-                await asyncio.sleep(0.005)
-            r = await c.post("/embed", json={"inputs": "one too many"})
-            assert r.status_code == 429 and r.json()["error_type"] == "Overloaded"
-            assert int(r.headers["retry-after"]) >= 1
-            gate.set()
-            assert (await first).status_code == 200 and (await queued).status_code == 200
-            assert (await c.post("/embed", json={"inputs": "recovered"})).status_code == 200
-
-    run(main())
-
-
-def test_deadline_gives_504_without_compute(tiny_loaded) -> None:
-    app = make_app(tiny_loaded, request_timeout_s=1.0)
-
-    async def main():
-        async with running(app) as c:
-            gate, entered, seen = _gate_backend(app)
-            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
-            assert await asyncio.to_thread(entered.wait, 10)
-            r = await c.post("/embed", json={"inputs": "zebra zebra zebra"})
-            assert r.status_code == 504 and r.json()["error_type"] == "timeout"
-            gate.set()
-            await first
-            return seen
-
-    seen = run(main())
-    zebra = tiny_loaded.tokenizer.encode(["zebra"], max_length=10, truncate=False)[0][1]
-    assert not any(zebra in seq for batch in seen for seq in batch)
-
-
-def test_failing_batch_is_500_and_worker_keeps_serving(tiny_loaded) -> None:
-    app = make_app(tiny_loaded)
-
-    async def main():
-        async with running(app) as c:
-            state = app.state.service
-            original = state.backend.forward
-            calls = {"n": 0}
-
-            def flaky(task, ids, record):
-                calls["n"] += 1
-                if calls["n"] == 1:
-                    raise RuntimeError("simulated kernel fault")
-                return original(task, ids, record)
-
-            state.backend.forward = flaky
-            r = await c.post("/embed", json={"inputs": "unlucky"})
-            assert r.status_code == 500 and r.json()["error_type"] == "Backend"
-            assert "simulated kernel fault" in r.json()["error"]
-            assert (await c.post("/embed", json={"inputs": "lucky"})).status_code == 200
-            samples = metric_samples((await c.get("/metrics")).text)
-            assert metric(samples, "ufb_batch_failures_total", task="embed") == 1
-            assert metric(samples, "ufb_failures_total", cause="backend") == 1
-
-    run(main())
-
-
-def test_client_disconnect_withdraws_queued_work(tiny_loaded) -> None:
-    app = make_app(tiny_loaded)
-
-    async def main():
-        async with running(app) as c:
-            gate, entered, seen = _gate_backend(app)
-            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
-            assert await asyncio.to_thread(entered.wait, 10)
-
-            gone = asyncio.Event()
-            messages = [{"type": "http.request", "body": json.dumps({"inputs": "zebra zebra"}).encode(),
-                         "more_body": False}]
-
-            async def receive():
-                if messages:
-                    return messages.pop(0)
-                await gone.wait()
-                return {"type": "http.disconnect"}
-
-            sent = []
-
-            async def send(message):
-                sent.append(message)
-
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/embed", "raw_path": b"/embed", "root_path": "",
-                     "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
-                     "client": ("127.0.0.1", 1), "server": ("t", 80)}
-            call = asyncio.ensure_future(app(scope, receive, send))
-            batcher = app.state.service.batcher
-            while batcher.queue_depth == 0:
-                await asyncio.sleep(0.005)
-            gone.set()
-            await asyncio.wait_for(call, 5)
-            assert batcher.queue_depth == 0 and batcher.queued_tokens == 0
-            gate.set()
-            assert (await first).status_code == 200
-            samples = metric_samples((await c.get("/metrics")).text)
-            assert metric(samples, "ufb_failures_total", cause="client_disconnected") == 1
-            return seen
-
-    seen = run(main())
-    zebra = tiny_loaded.tokenizer.encode(["zebra"], max_length=10, truncate=False)[0][1]
-    assert not any(zebra in seq for batch in seen for seq in batch)
-
-
-def test_shutdown_drains_admitted_work(tiny_loaded) -> None:
-    app = make_app(tiny_loaded)
-
-    async def main():
-        async with running(app) as c:
-            gate, entered, _ = _gate_backend(app)
-            first = asyncio.ensure_future(c.post("/embed", json={"inputs": "first"}))
-            assert await asyncio.to_thread(entered.wait, 10)
-            second = asyncio.ensure_future(c.post("/embed", json={"inputs": "second"}))
-            while app.state.service.batcher.queue_depth == 0:
-                await asyncio.sleep(0.005)
-            app.state.service.begin_shutdown()
-            assert (await c.get("/ready")).status_code == 503
-            assert (await c.post("/embed", json={"inputs": "late"})).status_code == 503
-            gate.set()
-            assert (await first).status_code == 200 and (await second).status_code == 200
-
-    run(main())
-
-
-def test_internal_error_is_a_json_500(tiny_loaded) -> None:
-    app = make_app(tiny_loaded)
-
-    async def main():
-        async with running(app) as c:
-            def broken(n_tokens):
-                raise RuntimeError("a bug, not the client's fault")
-
-            app.state.service.neurons_for = broken
-            r = await c.post("/embed", json={"inputs": "a"})
-            assert r.status_code == 500 and r.json() == {"error": "internal error", "error_type": "internal"}
-            del app.state.service.neurons_for
-            assert (await c.post("/embed", json={"inputs": "a"})).status_code == 200
-
-    run(main())
-
-
-def test_cli_refuses_a_missing_model_in_one_line(tmp_path) -> None:
-    import subprocess
-    import sys
-
-    missing = tmp_path / "no-such-model"
-    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--model", str(missing)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--port", "nope"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-
-
-def test_kernel_fallback_is_loud(tiny_loaded, monkeypatch, caplog) -> None:
-    from engine.cmm import KernelInfo
-
-    fallback = KernelInfo(False, "reference", "the extension failed to load (test)")
-    monkeypatch.setattr("service.state.kernel_info", lambda: fallback)
-    monkeypatch.setattr("service.routes.kernel_info", lambda: fallback)
-    app = make_app(tiny_loaded)
-
-    async def main():
-        async with running(app) as c:
-            info = (await c.get("/info")).json()
-            assert info["kernel"]["compiled"] is False and "SLOW" in info["kernel"]["warning"]
-            samples = metric_samples((await c.get("/metrics")).text)
-            assert metric(samples, "ufb_cmm_kernel_compiled") == 0
-
-    with caplog.at_level("WARNING", logger="service"):
-        run(main())
-    assert any("REFERENCE" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-
-
-def test_compute_dtype_bfloat16_serves_close_to_float32(tiny_loaded, monkeypatch, caplog) -> None:
-    """The opt-in bf16 path really runs in bf16 (results differ from fp32), stays close, and says so in /info."""
-    texts = ["the quick brown fox", "a b c d e f g h i j k l m n o p", "x"]
-
-    async def embeddings(app):
-        async with running(app) as c:
-            info = (await c.get("/info")).json()
-            r = await c.post("/embed", json={"inputs": texts})
-            assert r.status_code == 200
-            return info["model"]["compute_dtype"], torch.tensor(r.json())
-
-    dtype32, fp32 = run(embeddings(make_app(tiny_loaded)))
-    monkeypatch.setattr("service.state.native_bfloat16", lambda: False)
-    with caplog.at_level("WARNING", logger="service"):
-        dtype16, bf16 = run(embeddings(make_app(tiny_loaded, compute_dtype="bfloat16")))
-    assert (dtype32, dtype16) == ("float32", "bfloat16")
-    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
-    cos = torch.nn.functional.cosine_similarity(bf16, fp32, dim=1)
-    assert not torch.equal(bf16, fp32) and float(cos.min()) > 0.99, cos
-    assert any("bfloat16" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    with pytest.raises(ValueError):
-        settings(tiny_loaded.path, compute_dtype="float16")
-
-
-def test_model_backend_refuses_an_unsupported_compute_dtype(tiny_loaded) -> None:
-    from engine.batcher import ModelBackend
-
-    with pytest.raises(ValueError, match="compute_dtype"):
-        ModelBackend(tiny_loaded, compute_dtype=torch.float16)
-
-
-def test_two_inference_workers_serve_correct_results_and_show_in_info(tiny_loaded) -> None:
-    app = make_app(tiny_loaded, inference_workers=2, torch_threads=1)
-    texts = [f"sentence number {i} " * (1 + i % 5) for i in range(20)]
-    threads_before = torch.get_num_threads()
-
-    async def main():
-        async with running(app) as c:
-            info = (await c.get("/info")).json()
-            assert info["inference"] == {"workers": 2, "torch_threads_per_worker": 1}
-            rs = await asyncio.gather(*(c.post("/embed", json={"inputs": t}) for t in texts))
-            for t, r in zip(texts, rs):
-                assert r.status_code == 200
-                torch.testing.assert_close(torch.tensor(r.json()[0]), reference_embedding(tiny_loaded, t),
-                                           atol=1e-5, rtol=1e-5)
-
-    try:
-        run(main())
-    finally:
-        torch.set_num_threads(threads_before)
-
-
 def test_tokenize_renders_in_slices_that_join_into_the_whole_body(tiny_loaded, monkeypatch) -> None:
     """/tokenize builds and renders its body a slice of tokens at a time (so a maximal body never holds the event
     loop for long); with slices of 5 tokens, every row must still be the tokenizer's complete token list: ids,
@@ -635,9 +384,16 @@ def test_tokenize_renders_in_slices_that_join_into_the_whole_body(tiny_loaded, m
         body = response.json()
         assert len(body) == len(texts)
         for text, row, enc in zip(texts, body, tiny_loaded.tokenizer.encodings(texts, special)):
-            expected = [{"id": tid, "text": tok if sp else text[a:b], "special": bool(sp),
-                         "start": None if sp else a, "stop": None if sp else b}
-                        for tid, tok, (a, b), sp in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)]
+            expected = [
+                {
+                    "id": tid,
+                    "text": tok if sp else text[a:b],
+                    "special": bool(sp),
+                    "start": None if sp else a,
+                    "stop": None if sp else b,
+                }
+                for tid, tok, (a, b), sp in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)
+            ]
             assert row == expected, text
     assert [len(r) for r in without.json()][1:3] == [3, 0]
     assert len(with_special.json()[0]) > 20 and len(with_special.json()[1]) == 5  # [CLS] a b c [SEP]: one slice
@@ -655,10 +411,14 @@ def test_decode_and_models(tiny_loaded) -> None:
             assert decoded == [tiny_loaded.tokenizer.decode(x) for x in ids] == ["hello world", "a b"]
             one = (await c.post("/decode", json={"ids": ids[0], "skip_special_tokens": False})).json()
             assert one == ["[CLS] hello world [SEP]"]
-            for body, status, kind in [({"ids": []}, 400, "empty"), ({"ids": [[]]}, 400, "empty"),
-                                       ({"ids": [[1, 10**9]]}, 422, "validation"),
-                                       ({"ids": [-1]}, 422, "validation"), ({"ids": ["a"]}, 422, "validation"),
-                                       ({"ids": [[1]] * 33}, 413, "too_many_inputs")]:
+            for body, status, kind in [
+                ({"ids": []}, 400, "empty"),
+                ({"ids": [[]]}, 400, "empty"),
+                ({"ids": [[1, 10**9]]}, 422, "validation"),
+                ({"ids": [-1]}, 422, "validation"),
+                ({"ids": ["a"]}, 422, "validation"),
+                ({"ids": [[1]] * 33}, 413, "too_many_inputs"),
+            ]:
                 r = await c.post("/decode", json=body)
                 assert r.status_code == status and kind_of(r) == kind, (body, r.text)
 
@@ -671,7 +431,10 @@ def test_decode_and_models(tiny_loaded) -> None:
             missing = await c.get("/v1/models/gpt-4")
             assert missing.status_code == 404 and missing.json()["error"] == {
                 "message": "model 'gpt-4' is not served here (this server serves 'my-ufb')",
-                "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
 
     run(main())
 
@@ -688,11 +451,15 @@ def test_json_responses_carry_exactly_the_values_starlette_would() -> None:
 
     vectors = torch.randn(3, 384, generator=torch.Generator().manual_seed(0)) * torch.logspace(-8, 8, 384)
     contents = [
-        {"object": "list", "data": [{"object": "embedding", "embedding": v, "index": i}
-                                    for i, v in enumerate(vectors.tolist())],
-         "model": "ufb-tiny", "usage": {"prompt_tokens": 7, "total_tokens": 7}},
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors.tolist())],
+            "model": "ufb-tiny",
+            "usage": {"prompt_tokens": 7, "total_tokens": 7},
+        },
         [[{"label": "fresh ✓", "score": 0.9}, {"label": "rotten", "score": 0.1}]],
-        ["[CLS]", "é", "日本", "\u2028", "\"quoted\"", "\\"], [0.0, -0.0, 1e-45, 1.5e-5, 3.4e38, 1, True, None],
+        ["[CLS]", "é", "日本", "\u2028", '"quoted"', "\\"],
+        [0.0, -0.0, 1e-45, 1.5e-5, 3.4e38, 1, True, None],
         {"error": "tab\there", "error_type": "validation"},
     ]
     for content in contents:

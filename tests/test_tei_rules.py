@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from prometheus_support import free_port, needs_prometheus, running_prometheus
 from service_support import make_app, serve_in_thread, tiny_loaded  # noqa: F401
 
@@ -33,12 +32,28 @@ def test_promtool_checks_the_rules() -> None:
 
 def test_rules_cover_teis_metric_names() -> None:
     names = set(recorded_names())
-    for family in ("te_request_duration", "te_request_queue_duration", "te_request_tokenization_duration",
-                   "te_request_inference_duration", "te_request_input_length", "te_batch_next_size",
-                   "te_batch_next_tokens", "te_embed_duration", "te_predict_duration"):
+    for family in (
+        "te_request_duration",
+        "te_request_queue_duration",
+        "te_request_tokenization_duration",
+        "te_request_inference_duration",
+        "te_request_input_length",
+        "te_batch_next_size",
+        "te_batch_next_tokens",
+        "te_embed_duration",
+        "te_predict_duration",
+    ):
         assert {f"{family}_bucket", f"{family}_sum", f"{family}_count"} <= names, family
-    assert {"te_request_count", "te_request_success", "te_request_failure", "te_queue_size", "te_embed_count",
-            "te_embed_success", "te_predict_count", "te_predict_success"} <= names
+    assert {
+        "te_request_count",
+        "te_request_success",
+        "te_request_failure",
+        "te_queue_size",
+        "te_embed_count",
+        "te_embed_success",
+        "te_predict_count",
+        "te_predict_success",
+    } <= names
 
 
 @needs_prometheus
@@ -52,8 +67,11 @@ def test_real_prometheus_records_every_tei_series(tiny_loaded, tmp_path: Path) -
             assert c.post("/embed", json={"inputs": ["x"] * 33}).status_code == 413
             assert c.post("/embed", json={"inputs": ""}).status_code == 400
         prom_port = free_port()
-        config = {"global": {}, "rule_files": [str(RULES)],
-                  "scrape_configs": [{"job_name": "ufb", "static_configs": [{"targets": [url.split("//")[1]]}]}]}
+        config = {
+            "global": {},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "ufb", "static_configs": [{"targets": [url.split("//")[1]]}]}],
+        }
         with running_prometheus(config, prom_port, tmp_path) as base:
 
             def query(expr: str) -> list[dict]:
@@ -80,6 +98,6 @@ def test_real_prometheus_records_every_tei_series(tiny_loaded, tmp_path: Path) -
             assert value("te_predict_count") == 6
             assert value("te_queue_size") == 0
             assert value("sum(te_batch_next_size_count)") == value("sum(ufb_batch_size_count)")
-            assert value('te_request_duration_count') == 9
+            assert value("te_request_duration_count") == 9
             assert 0 < value("histogram_quantile(0.5, te_request_duration_bucket)") < 30
             assert 0 < value("histogram_quantile(0.9, te_embed_queue_duration_bucket)") <= 30

@@ -27,7 +27,7 @@ def test_held_out_text_never_reaches_training(standard: list[str]) -> None:
 def test_extended_corpus_adds_speeches_and_shakespeare(standard: list[str]) -> None:
     extended = text_data.distillation_texts("extended")
     assert extended[: len(standard)] == standard
-    added = extended[len(standard):]
+    added = extended[len(standard) :]
     speeches, plays = text_data.speeches(), text_data.shakespeare()
     assert added == speeches + plays
     # measured: 14,005 speech sentences (1.2 MB) and 45,437 Shakespeare sentences (4.4 MB)

@@ -1,19 +1,35 @@
-"""How end-to-end distillation batches are drawn (engine.training.training_text): fixed packed sequences, fresh windows of
-consecutive sentences, and token noise; every draw repeatable from its generator."""
+"""How end-to-end distillation batches are drawn (engine.training.training_text): fixed packed sequences, fresh
+windows of consecutive sentences, and token noise; every draw repeatable from its generator."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.tokenizer import Tokenizer
 from engine.training.training_text import TrainingText, seeded
 
-SENTENCES = [f"sentence number {i} tells of {w} and the river." for i, w in
-             enumerate(("rain", "music", "winter", "a market", "the war", "bridges", "science", "peace",
-                        "numbers", "a city", "summer", "memory") * 3)]
+SENTENCES = [
+    f"sentence number {i} tells of {w} and the river."
+    for i, w in enumerate(
+        (
+            "rain",
+            "music",
+            "winter",
+            "a market",
+            "the war",
+            "bridges",
+            "science",
+            "peace",
+            "numbers",
+            "a city",
+            "summer",
+            "memory",
+        )
+        * 3
+    )
+]
 
 
 @pytest.fixture(scope="module")

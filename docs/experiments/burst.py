@@ -6,6 +6,7 @@ every transport error whether its request went on a reused connection (docs/over
     .venv/bin/ultrafastbert serve --port 8000 [--keep-alive-timeout-s 5] &
     nice -n 10 .venv/bin/python docs/experiments/burst.py http://127.0.0.1:8000 --bursts 10
 """
+
 import argparse
 import asyncio
 import collections
@@ -13,8 +14,13 @@ import time
 
 import httpx
 
-SENTENCES = ["the quick brown fox jumps over the lazy dog", "a short sentence", "serving embeddings on a cpu",
-             "seven wizards quietly judge boxing matches", "hello world"]
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a short sentence",
+    "serving embeddings on a cpu",
+    "seven wizards quietly judge boxing matches",
+    "hello world",
+]
 
 
 async def burst(c: httpx.AsyncClient, requests: int, inflight: int) -> tuple[collections.Counter, list, float]:
@@ -31,8 +37,11 @@ async def burst(c: httpx.AsyncClient, requests: int, inflight: int) -> tuple[col
 
         async with sem:
             try:
-                r = await c.post("/v1/embeddings", json={"input": SENTENCES[i % len(SENTENCES)], "model": "m"},
-                                 extensions={"trace": trace})
+                r = await c.post(
+                    "/v1/embeddings",
+                    json={"input": SENTENCES[i % len(SENTENCES)], "model": "m"},
+                    extensions={"trace": trace},
+                )
                 counts[r.status_code] += 1
                 if r.status_code in (429, 503) and "retry-after" not in r.headers:
                     counts["no Retry-After"] += 1

@@ -6,6 +6,7 @@ Starts ``ultrafastbert serve`` (the default model) on a free port, sends 32 inpu
 
     .venv/bin/python docs/experiments/embed_all_memory.py [/embed_all | /embed]
 """
+
 import asyncio
 import socket
 import subprocess
@@ -18,8 +19,11 @@ ROUTE = sys.argv[1] if len(sys.argv) > 1 else "/embed_all"
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     PORT = s.getsockname()[1]
-server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(PORT)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+server = subprocess.Popen(
+    [sys.executable, "-m", "service", "serve", "--port", str(PORT)],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+)
 
 
 def memory_kb() -> list[str]:
@@ -57,8 +61,11 @@ async def main() -> None:
                 n += len(chunk)
         elapsed = time.perf_counter() - t
         stop.set()
-        print(f"{ROUTE}: {r.status_code}, {n / 1e6:.1f} MB in {elapsed:.2f} s, worst /health {await prober * 1e3:.0f} ms; "
-              f"after: VmHWM, VmRSS kB {memory_kb()}")
+        print(
+            f"{ROUTE}: {r.status_code}, {n / 1e6:.1f} MB in {elapsed:.2f} s, "
+            f"worst /health {await prober * 1e3:.0f} ms; "
+            f"after: VmHWM, VmRSS kB {memory_kb()}"
+        )
 
 
 try:

@@ -6,6 +6,7 @@ side in one process, hidden 384, K = 2 trees of depth 7, 2 threads, medians of 9
 
     .venv/bin/python docs/experiments/fff_output_bias.py
 """
+
 import statistics
 import time
 
@@ -30,15 +31,21 @@ for n in (64, 512, 2048, 8192):
         return (time.perf_counter() - start) / calls
 
     calls = max(10, 20000 // n)
-    cases = {"no bias": lambda x: C.cmm(x, *w, 7),
-             "kernel + add": lambda x: C.cmm(x, *w, 7)[0] + bias,
-             "fused": lambda x: C.cmm(x, *w, 7, False, bias)}
+    cases = {
+        "no bias": lambda x: C.cmm(x, *w, 7),
+        "kernel + add": lambda x: C.cmm(x, *w, 7)[0] + bias,
+        "fused": lambda x: C.cmm(x, *w, 7, False, bias),
+    }
     times: dict[str, list[float]] = {k: [] for k in cases}
     with torch.inference_mode():
         for _ in range(9):
             for name, fn in cases.items():
                 times[name].append(per_call(fn, calls))
     us = {k: statistics.median(v) * 1e6 for k, v in times.items()}
-    print(f"{n:>5} tokens: " + "  ".join(f"{k} {v:.0f} us" for k, v in us.items())
-          + f"  | kernel + add / fused {us['kernel + add'] / us['fused']:.2f}x, fused / no bias "
-          f"{us['fused'] / us['no bias']:.2f}", flush=True)
+    print(
+        f"{n:>5} tokens: "
+        + "  ".join(f"{k} {v:.0f} us" for k, v in us.items())
+        + f"  | kernel + add / fused {us['kernel + add'] / us['fused']:.2f}x, fused / no bias "
+        f"{us['fused'] / us['no bias']:.2f}",
+        flush=True,
+    )

@@ -4,7 +4,7 @@ Side by side in one process, float16 weights, UltraFastBERT-1x11 shape (width 76
 11 alternating rounds of 5,000 calls:
 
 * the bare op (``engine.cmm.cmm``);
-* the module as shipped: its serving case is one extension call (``fff_forward`` in ``csrc/register.cpp``);
+* the module as shipped: its serving case is one extension call (``fff_forward`` in ``csrc/python/fast_path.cpp``);
 * the module's Python path (``engine.fff._FFF_FORWARD`` set to None for the round), which checks the packed weights
   with the extension's ``tensor_stamp``;
 * the same Python path with the stamp read from Python (``engine.derived.python_stamp``: ``data_ptr()``,
@@ -12,6 +12,7 @@ Side by side in one process, float16 weights, UltraFastBERT-1x11 shape (width 76
 
     .venv/bin/python docs/experiments/module_overhead.py
 """
+
 import statistics
 import time
 
@@ -43,7 +44,9 @@ for n in (1, 16):
         for _ in range(11):
             for name, (fn, stamp, fast) in CASES.items():
                 derived.stamp, fff_module._FFF_FORWARD = stamp, fast  # switched outside the timed loop; the two
-                fn(xs[0])  # stamps never compare equal, so the first call after a switch repacks: kept out of the timing
+                fn(
+                    xs[0]
+                )  # stamps never compare equal, so the first call after a switch repacks: kept out of the timing
                 start = time.perf_counter()
                 for i in range(5000):
                     fn(xs[i % 8])
@@ -51,5 +54,8 @@ for n in (1, 16):
     derived.stamp, fff_module._FFF_FORWARD = compiled_stamp, single_call
     med = {k: statistics.median(v) for k, v in res.items()}
     print(f"{n} token(s): " + "  ".join(f"{k} {v:.2f} us" for k, v in med.items()))
-    print("  on top of the op: " + "  ".join(f"{k} {v - med['bare op']:.2f} us" for k, v in med.items()
-                                              if k != "bare op"), flush=True)
+    print(
+        "  on top of the op: "
+        + "  ".join(f"{k} {v - med['bare op']:.2f} us" for k, v in med.items() if k != "bare op"),
+        flush=True,
+    )

@@ -10,6 +10,7 @@ error is measured with hard routing, as the kernel computes. About 8 minutes per
 
     .venv/bin/python docs/experiments/routing_gradient.py [STEPS] [LAYERS, e.g. 1,3]
 """
+
 import copy
 import math
 import sys
@@ -55,6 +56,8 @@ for layer in LAYERS:
             optim.step()
             fff.invalidate()
         fff.eval()
-        print(f"  routing_tau {tau:3.1f}: held-out {relative_error(fff, x_held, y_held):.3f}  "
-              f"train {relative_error(fff, x_train[:8000], y_train[:8000]):.3f}  ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        print(
+            f"  routing_tau {tau:3.1f}: held-out {relative_error(fff, x_held, y_held):.3f}  "
+            f"train {relative_error(fff, x_train[:8000], y_train[:8000]):.3f}  ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )

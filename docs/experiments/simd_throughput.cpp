@@ -4,7 +4,7 @@
 //   g++ -O3 -o /tmp/simd_throughput docs/experiments/simd_throughput.cpp && /tmp/simd_throughput [GHz]
 //
 // * dots4: four 768-long dot products at once, each of an fp32 activation row with its own weight row, as
-//   csrc/cmm_simd.inc's dots_m<4> does at every tree level (the x rows are in L1, the 64 weight rows in L1/L2).
+//   csrc/cpu/cmm_simd.inc's dots_m<4> does at every tree level (the x rows are in L1, the 64 weight rows in L1/L2).
 // * rows12: one output row as the weighted sum of 12 weight rows, as weighted_rows does once per token, over 48
 //   rows in turn (72 KB of 16-bit rows: more than L1, as a token's rows are).
 // Each in float32, bfloat16 (widened with vpmovzxwd + vpslld, as the kernel does) and float16 (vcvtph2ps), plus

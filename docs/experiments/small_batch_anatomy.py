@@ -8,6 +8,7 @@ one thread (the depth-0 pair's difference is what the thread pool costs).
 
     .venv/bin/python docs/experiments/small_batch_anatomy.py
 """
+
 import statistics
 import time
 

@@ -7,6 +7,7 @@ process (so that reading the big response here cannot delay the probe); prints t
 
     .venv/bin/python docs/experiments/tokenize_stall.py
 """
+
 import json
 import multiprocessing as mp
 import socket
@@ -37,8 +38,11 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     start, stop, worst = mp.Event(), mp.Event(), mp.Queue()
     prober = mp.Process(target=probe, args=(url, start, stop, worst), daemon=True)
     text = ("the quick brown fox jumps over a lazy dog while critics praise " * 40000)[:1_900_000]
@@ -56,12 +60,16 @@ def main() -> None:
                 start.set()
                 time.sleep(0.05)
                 t = time.perf_counter()
-                r = c.post("/tokenize", content=json.dumps({"inputs": text}),
-                           headers={"content-type": "application/json"})
+                r = c.post(
+                    "/tokenize", content=json.dumps({"inputs": text}), headers={"content-type": "application/json"}
+                )
                 elapsed = time.perf_counter() - t
                 stop.set()
-                print(f"/tokenize: {r.status_code}, {len(r.json()[0])} tokens, {len(r.content) / 1e6:.1f} MB in "
-                      f"{elapsed:.2f} s, worst /health {worst.get() * 1e3:.0f} ms", flush=True)
+                print(
+                    f"/tokenize: {r.status_code}, {len(r.json()[0])} tokens, {len(r.content) / 1e6:.1f} MB in "
+                    f"{elapsed:.2f} s, worst /health {worst.get() * 1e3:.0f} ms",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait()

@@ -9,6 +9,7 @@ one/sorted (> 1: sorting pays); results in docs/benchmarks.md. "auto" is the one
 
     .venv/bin/python docs/experiments/two_pass_split.py 512 1024 2048 4096 8192
 """
+
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                     res[name].append((time.perf_counter() - start) / calls / n * 1e6)
                     _cmm.force_split(-1)
         ratios = [one / srt for one, srt in zip(res["one"], res["sorted"])]
-        print(f"{str(dtype)[6:]:>8} {n:>5} tokens: " + "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in res.items())
-              + f" us/token;  one/sorted median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max "
-              f"{max(ratios):.2f}); auto level {_cmm.split_level(xs[0], *w, DEPTH)}, sorted level {sorted_at}", flush=True)
+        print(
+            f"{str(dtype)[6:]:>8} {n:>5} tokens: "
+            + "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in res.items())
+            + f" us/token;  one/sorted median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max "
+            f"{max(ratios):.2f}); auto level {_cmm.split_level(xs[0], *w, DEPTH)}, sorted level {sorted_at}",
+            flush=True,
+        )

@@ -292,7 +292,7 @@ def ffn_speedup(hidden: int, intermediate: int, trees: int, depth: int, tokens: 
     """Feedforward-only timing on random weights: the dense FFN (hidden -> intermediate -> hidden) against the
     FFF kernel with K trees of depth D, on ``tokens`` tokens (best of ``repeats``)."""
     from engine.fff import FFF
-    from engine.model import DenseFFN
+    from engine.layers import DenseFFN
 
     torch.manual_seed(seed)
     x = torch.randn(tokens, hidden)

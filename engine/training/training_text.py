@@ -19,7 +19,7 @@ Every draw comes from the caller's generator, so a run resumed from a checkpoint
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -87,8 +87,9 @@ class UltraFastBERTReplica:
         self.settings = resolved
         # loaded here, not in the app's lifespan: a broken folder fails the replica's start with one line naming
         # the problem (shown by `serve status`) rather than leaving a replica that never turns ready
-        self.loaded = load_from_settings(resolved, hint="on this node; set the 'model' argument or UFB_MODEL to a "
-                                                        "folder present on every node")
+        self.loaded = load_from_settings(
+            resolved, hint="on this node; set the 'model' argument or UFB_MODEL to a folder present on every node"
+        )
         self._state: Any = None
         self._metrics_server: discovery.MetricsServer | None = None
         self._registration: discovery.Registration | None = None
@@ -136,13 +137,15 @@ class UltraFastBERTReplica:
         key = s.api_key.get_secret_value() if s.metrics_require_key and s.api_key is not None else None
         node = discovery.node_address()
         bind = self.options.metrics_host or node
-        self._metrics_server = discovery.MetricsServer(self._state.metrics.registry, bind,
-                                                       self.options.metrics_port, key)
+        self._metrics_server = discovery.MetricsServer(
+            self._state.metrics.registry, bind, self.options.metrics_port, key
+        )
         host = node if bind in ("0.0.0.0", "::", "") else bind  # advertise something Prometheus can reach
         address = f"[{host}]:{self._metrics_server.port}" if ":" in host else f"{host}:{self._metrics_server.port}"
         labels = {"replica": self.replica, "deployment": self.deployment, "application": self.app_name}
-        self._registration = discovery.Registration(self.app_name, self.replica, self.actor_name, address, labels,
-                                                    self.options.heartbeat_s)
+        self._registration = discovery.Registration(
+            self.app_name, self.replica, self.actor_name, address, labels, self.options.heartbeat_s
+        )
         self._registration.start()
         log.info("replica %s: metrics at http://%s/metrics", self.replica, address)
 
@@ -181,7 +184,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = Settings(**settings_args)
     options = RayOptions(**ray_args)
     deployment = UltraFastBERTReplica.options(
-        **options.deployment_options(settings.shutdown_grace_s + settings.shutdown_delay_s))
+        **options.deployment_options(settings.shutdown_grace_s + settings.shutdown_delay_s)
+    )
     return deployment.bind(replica_settings(settings), options.model_dump(mode="json"))
 
 

@@ -56,8 +56,7 @@ def _bearer(app: Callable[..., Any], key: str) -> Callable[..., Any]:
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected):
             return app(environ, start_response)  # type: ignore[no-any-return]
         body = json.dumps({"error": "missing or invalid API key", "error_type": "unauthorized"}).encode()
-        start_response("401 Unauthorized", [("Content-Type", "application/json"),
-                                            ("WWW-Authenticate", "Bearer")])
+        start_response("401 Unauthorized", [("Content-Type", "application/json"), ("WWW-Authenticate", "Bearer")])
         return [body]
 
     return guarded
@@ -72,7 +71,7 @@ class MetricsServer:
         if api_key:
             app = _bearer(app, api_key)
         last: OSError | None = None
-        for candidate in ([0] if port == 0 else range(port, min(port + PORT_TRIES, 65536))):
+        for candidate in [0] if port == 0 else range(port, min(port + PORT_TRIES, 65536)):
             try:
                 self._server = make_server(host, candidate, app, _ThreadingWSGIServer, _QuietHandler)
                 break
@@ -139,8 +138,9 @@ def actor_alive(name: str) -> bool | None:
 class Registration:
     """One replica's discovery entry: written at once, renewed every ``period_s``, deleted on :meth:`stop`."""
 
-    def __init__(self, app_name: str, replica: str, actor_name: str, address: str, labels: dict[str, str],
-                 period_s: float) -> None:
+    def __init__(
+        self, app_name: str, replica: str, actor_name: str, address: str, labels: dict[str, str], period_s: float
+    ) -> None:
         self.key = _key(app_name, replica)
         self.period_s = period_s
         self._entry = {"target": address, "labels": labels, "actor": actor_name, "ttl_s": 3 * period_s}
@@ -173,8 +173,9 @@ class Registration:
             log.warning("could not remove the metrics discovery entry: %s", exc)
 
 
-def live_targets(app_name: str, *, now: Callable[[], float] = time.time,
-                 alive: Callable[[str], bool | None] = actor_alive) -> list[dict[str, Any]]:
+def live_targets(
+    app_name: str, *, now: Callable[[], float] = time.time, alive: Callable[[str], bool | None] = actor_alive
+) -> list[dict[str, Any]]:
     """The live replicas of ``app_name`` as Prometheus ``http_sd_configs`` groups, one per replica, sorted.
 
     Entries past their TTL, or whose actor Ray reports dead, are deleted here (any reader cleans up).

@@ -33,7 +33,6 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     from ray import serve
 
     from service.ray_serve.deployment import build_app
-
     from service.ray_serve.proxy import CALLBACK, CALLBACK_ENV
 
     # a local cluster started here inherits this, so its proxies answer a dead replica's requests with JSON 502
@@ -48,8 +47,13 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     # end (seen in our replica-kill test: 1 request in ~5 runs hung past the client's 30 s). The proxy's timeout
     # bounds that wait: past the service's own deadline (a live replica has answered 504 by then) plus a margin,
     # the proxy answers 408.
-    serve.start(http_options={"host": settings.host, "port": settings.port,
-                              "request_timeout_s": settings.request_timeout_s + PROXY_TIMEOUT_MARGIN_S})
+    serve.start(
+        http_options={
+            "host": settings.host,
+            "port": settings.port,
+            "request_timeout_s": settings.request_timeout_s + PROXY_TIMEOUT_MARGIN_S,
+        }
+    )
     args: dict[str, Any] = {**settings.model_dump(exclude_defaults=True), **options.model_dump(exclude_defaults=True)}
     if settings.api_key is not None:
         args["api_key"] = settings.api_key.get_secret_value()
@@ -60,10 +64,19 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
         _stop(options.app_name)
         return 2
     url = f"http://{settings.host}:{settings.port}"
-    scale = (f"{options.min_replicas or 1}..{options.max_replicas or options.replicas} replicas (autoscaling)"
-             if options.autoscaling else f"{options.replicas} replica(s)")
-    log.info("serving on Ray: %s, %s x %g CPU; Prometheus targets: %s%s", url, scale, options.cpus_per_replica,
-             url, TARGETS_PATH)
+    scale = (
+        f"{options.min_replicas or 1}..{options.max_replicas or options.replicas} replicas (autoscaling)"
+        if options.autoscaling
+        else f"{options.replicas} replica(s)"
+    )
+    log.info(
+        "serving on Ray: %s, %s x %g CPU; Prometheus targets: %s%s",
+        url,
+        scale,
+        options.cpus_per_replica,
+        url,
+        TARGETS_PATH,
+    )
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,25 +23,48 @@ class RayOptions(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="UFB_RAY_", extra="forbid", protected_namespaces=())
 
-    address: str | None = Field(None, description="Ray cluster to join (e.g. ray://head:10001 or auto); "
-                                "default: RAY_ADDRESS, else a running local cluster, else a new local one.")
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join (e.g. ray://head:10001 or auto); "
+        "default: RAY_ADDRESS, else a running local cluster, else a new local one.",
+    )
     app_name: str = Field("ultrafastbert", description="Serve application name.")
     replicas: int = Field(1, ge=1, description="Replicas (with autoscaling: how many to start with).")
-    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per replica; also its torch threads "
-                                    "unless --torch-threads is set.")
-    min_replicas: int | None = Field(None, ge=0, description="Autoscaling lower bound (turns autoscaling on; "
-                                     "default 1 when only --ray-max-replicas is given).")
+    cpus_per_replica: float = Field(
+        1.0, gt=0, description="Ray CPUs per replica; also its torch threads unless --torch-threads is set."
+    )
+    min_replicas: int | None = Field(
+        None,
+        ge=0,
+        description="Autoscaling lower bound (turns autoscaling on; default 1 when only --ray-max-replicas is given).",
+    )
     max_replicas: int | None = Field(None, ge=1, description="Autoscaling upper bound (turns autoscaling on).")
-    target_ongoing_requests: float = Field(16.0, gt=0, description="Autoscaling target: requests in flight per "
-                                           "replica.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests Ray sends one replica at once (its batcher "
-                                      "needs several to form batches); more wait in the proxy.")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Port of each replica's own /metrics; the first "
-                              "free one from here on its node (0: any free port).")
-    metrics_host: str | None = Field(None, description="Address each replica's /metrics binds to (default: the "
-                                     "node's Ray address, which Prometheus must be able to reach).")
-    heartbeat_s: float = Field(5.0, gt=0, le=300, description="How often a replica renews its discovery entry; "
-                               "entries older than 3 heartbeats are dropped.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Autoscaling target: requests in flight per replica."
+    )
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests Ray sends one replica at once (its batcher "
+        "needs several to form batches); more wait in the proxy.",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of each replica's own /metrics; the first free one from here on its node (0: any free port).",
+    )
+    metrics_host: str | None = Field(
+        None,
+        description="Address each replica's /metrics binds to (default: the "
+        "node's Ray address, which Prometheus must be able to reach).",
+    )
+    heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often a replica renews its discovery entry; entries older than 3 heartbeats are dropped.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> RayOptions:
@@ -72,9 +95,12 @@ class RayOptions(BaseSettings):
         if self.autoscaling:
             low = self.min_replicas if self.min_replicas is not None else 1
             high = self.max_replicas if self.max_replicas is not None else max(self.replicas, low)
-            opts["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
-                                          "initial_replicas": self.replicas,
-                                          "target_ongoing_requests": self.target_ongoing_requests}
+            opts["autoscaling_config"] = {
+                "min_replicas": low,
+                "max_replicas": high,
+                "initial_replicas": self.replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
         else:
             opts["num_replicas"] = self.replicas
         return opts
@@ -96,6 +122,8 @@ def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"unknown argument(s) {sorted(unknown)}: expected service settings "
-                         f"(ultrafastbert serve --help) or Ray options {sorted(RayOptions.model_fields)}")
+        raise ValueError(
+            f"unknown argument(s) {sorted(unknown)}: expected service settings "
+            f"(ultrafastbert serve --help) or Ray options {sorted(RayOptions.model_fields)}"
+        )
     return settings, ray

@@ -22,8 +22,10 @@ log = logging.getLogger("service.ray")
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "service.ray_serve.proxy:middlewares"
-MESSAGE = ("the replica handling this request failed before answering (it died or was stopped); "
-           "other replicas take new requests, so it can be retried")
+MESSAGE = (
+    "the replica handling this request failed before answering (it died or was stopped); "
+    "other replicas take new requests, so it can be retried"
+)
 
 
 class ReplicaFailed:
@@ -49,13 +51,15 @@ class ReplicaFailed:
         except Exception:
             if started:
                 raise
-            log.warning("%s %s: no response from the replica", scope.get("method"), scope.get("path"),
-                        exc_info=True)
+            log.warning("%s %s: no response from the replica", scope.get("method"), scope.get("path"), exc_info=True)
         if not started:
             # the service's error shape, built here: importing service.errors would load torch into every proxy
             body = json.dumps({"error": MESSAGE, "error_type": "replica_failed"}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"retry-after", b"1")]
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ]
             # Ray's request-id middleware (inside this one) put the id on the request; the client gets it back
             headers += [(b"x-request-id", v) for k, v in scope.get("headers", []) if k.lower() == b"x-request-id"][:1]
             await send({"type": "http.response.start", "status": 502, "headers": headers})

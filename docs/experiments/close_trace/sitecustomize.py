@@ -6,6 +6,7 @@ Every 5 s it appends the counts: connections made and lost, keep-alive closes, k
 bytes already received but unread (FIONREAD > 0), connections lost in the middle of a request, 400s from the
 parser. Instrumentation only; the service never imports it.
 """
+
 import os
 
 if os.environ.get("UFB_TRACE_CLOSES"):

@@ -1,5 +1,5 @@
 // Conditional matrix multiplication (CMM) on the CPU: the inference path of a fast feedforward layer.
-// See engine/cmm.py for the semantics; this header is the boundary between the torch glue (register.cpp)
+// See engine/cmm.py for the semantics; this header is the boundary between the torch glue (cmm_op.cpp)
 // and the raw kernel (cmm_cpu.cpp), which knows nothing about tensors.
 #pragma once
 

@@ -109,8 +109,11 @@ def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) ->
 def print_ff_row(row: dict[str, Any]) -> None:
     names = [k[: -len("_us_per_token")] for k in row if k.endswith("_us_per_token")]
     times = "  ".join(f"{n}={row[n + '_us_per_token']:.3f}" for n in names)
-    ratios = "  ".join(f"{k[len('speedup_'):-len('_vs_dense')]}={v:.0f}x"
-                       for k, v in row.items() if k.startswith("speedup_") and k.endswith("_vs_dense"))
+    ratios = "  ".join(
+        f"{k[len('speedup_') : -len('_vs_dense')]}={v:.0f}x"
+        for k, v in row.items()
+        if k.startswith("speedup_") and k.endswith("_vs_dense")
+    )
     print(f"  tokens={row['tokens']:>5}  us/token: {times}\n               vs dense: {ratios}", flush=True)
 
 
@@ -132,8 +135,7 @@ def bench_anatomy(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
                 fff = FFF(width, width, depth, trees=1, weight_dtype=dtype).eval()
                 w = fff.packed_weights()
                 random_x = [torch.randn(n, width) for _ in range(2)]
-                cases[f"depth{depth}_random"] = (lambda i, w=w, d=depth, xs=random_x:
-                                                 C.cmm(xs[i % 2], *w, d))
+                cases[f"depth{depth}_random"] = lambda i, w=w, d=depth, xs=random_x: C.cmm(xs[i % 2], *w, d)
                 if depth == 11:
                     same_x = torch.randn(1, width).expand(n, width).contiguous()
                     cases["depth11_one_path"] = lambda i, w=w, x=same_x: C.cmm(x, *w, 11)
@@ -142,8 +144,10 @@ def bench_anatomy(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
             row = {"weights": str(dtype).replace("torch.", ""), "tokens": n, "threads": 1}
             row.update({f"{k}_ns_per_token": v / n * 1e9 for k, v in secs.items()})
             rows.append(row)
-            print("  " + f"{row['weights']:>8}: " + "  ".join(f"{k}={v / n * 1e9:.0f}ns" for k, v in secs.items()),
-                  flush=True)
+            print(
+                "  " + f"{row['weights']:>8}: " + "  ".join(f"{k}={v / n * 1e9:.0f}ns" for k, v in secs.items()),
+                flush=True,
+            )
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -191,9 +195,11 @@ def bench_variants(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
             row.update({f"{k}_us_per_token": v / n * 1e6 for k, v in secs.items()})
             row.update({f"default_vs_{k}": v / secs["default"] for k, v in secs.items() if k != "default"})
             rows.append(row)
-            print(f"  {row['weights']:>8} tokens={n:>5}  default={row['default_us_per_token']:.3f} us/token;  "
-                  + "  ".join(f"vs {k}: {row['default_vs_' + k]:.2f}x" for k in cases if k != "default"),
-                  flush=True)
+            print(
+                f"  {row['weights']:>8} tokens={n:>5}  default={row['default_us_per_token']:.3f} us/token;  "
+                + "  ".join(f"vs {k}: {row['default_vs_' + k]:.2f}x" for k in cases if k != "default"),
+                flush=True,
+            )
     return rows
 
 
@@ -202,9 +208,22 @@ def bench_variants(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
 
 def encoder_config(ffn: str) -> ModelConfig:
     """UltraFastBERT-1x11 shape: crammedBERT layout, 16 layers, hidden 768, 12 heads, one tree of depth 11."""
-    return ModelConfig(layout="crammed", vocab_size=32768, hidden_size=768, num_layers=16, num_heads=12,
-                       ffn=ffn, fff_trees=1, fff_depth=11, intermediate_size=3072, max_position_embeddings=128,
-                       type_vocab_size=0, pooling="mean", normalize=False, name=f"bench-{ffn}")
+    return ModelConfig(
+        layout="crammed",
+        vocab_size=32768,
+        hidden_size=768,
+        num_layers=16,
+        num_heads=12,
+        ffn=ffn,
+        fff_trees=1,
+        fff_depth=11,
+        intermediate_size=3072,
+        max_position_embeddings=128,
+        type_vocab_size=0,
+        pooling="mean",
+        normalize=False,
+        name=f"bench-{ffn}",
+    )
 
 
 def bench_encoder(shapes: tuple[tuple[int, int], ...], repeats: int, min_seconds: float) -> list[dict[str, Any]]:
@@ -218,9 +237,17 @@ def bench_encoder(shapes: tuple[tuple[int, int], ...], repeats: int, min_seconds
     models["fff_bf16"] = UltraFastBert(encoder_config("fff")).eval()
     models["fff_bf16"].load_state_dict(models["fff"].state_dict())
     models["fff_bf16"].set_ffn_weight_dtype(torch.bfloat16)
-    hf = BertModel(BertConfig(vocab_size=32768, hidden_size=768, num_hidden_layers=16, num_attention_heads=12,
-                              intermediate_size=3072, max_position_embeddings=128),
-                   add_pooling_layer=False).eval()
+    hf = BertModel(
+        BertConfig(
+            vocab_size=32768,
+            hidden_size=768,
+            num_hidden_layers=16,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=128,
+        ),
+        add_pooling_layer=False,
+    ).eval()
 
     rows = []
     for batch, seq in shapes:
@@ -242,11 +269,15 @@ def bench_encoder(shapes: tuple[tuple[int, int], ...], repeats: int, min_seconds
             row[f"speedup_{name}_vs_hf_bert"] = secs["hf_bert"] / secs[name]
             row[f"{name}_fraction_of_amdahl"] = (secs["dense"] / secs[name]) / amdahl
         rows.append(row)
-        print(f"  {batch}x{seq}: " + "  ".join(f"{n}={secs[n] * 1e3:.1f}ms" for n in secs)
-              + f"\n         speedup fff={row['speedup_fff_vs_dense']:.2f}x bf16={row['speedup_fff_bf16_vs_dense']:.2f}x"
-              f" vs dense, amdahl bound={amdahl:.2f}x -> {row['fff_fraction_of_amdahl']:.0%} /"
-              f" {row['fff_bf16_fraction_of_amdahl']:.0%} of bound;"
-              f" vs HF BertModel {row['speedup_fff_vs_hf_bert']:.2f}x", flush=True)
+        print(
+            f"  {batch}x{seq}: "
+            + "  ".join(f"{n}={secs[n] * 1e3:.1f}ms" for n in secs)
+            + f"\n         speedup fff={row['speedup_fff_vs_dense']:.2f}x bf16={row['speedup_fff_bf16_vs_dense']:.2f}x"
+            f" vs dense, amdahl bound={amdahl:.2f}x -> {row['fff_fraction_of_amdahl']:.0%} /"
+            f" {row['fff_bf16_fraction_of_amdahl']:.0%} of bound;"
+            f" vs HF BertModel {row['speedup_fff_vs_hf_bert']:.2f}x",
+            flush=True,
+        )
     return rows
 
 
@@ -257,8 +288,7 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "kernel": C.KERNEL.describe()}
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "kernel": C.KERNEL.describe()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,7 +324,3 @@ def main(argv: list[str] | None = None) -> None:
     elif args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

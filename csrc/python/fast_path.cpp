@@ -1,137 +1,20 @@
-// Torch glue: validates tensors, splits tokens over threads and registers the op as torch.ops.ufb.cmm,
-// a real custom op (dispatcher schema + CPU kernel), so it runs under torch.inference_mode() and
-// torch.compile can trace it (its fake/meta implementation is registered from Python, engine/cmm.py).
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+// The Python fast path: bare CPython functions (METH_FASTCALL) for the calls the serving path makes per layer and
+// per batch, where pybind11's argument conversion or the dispatcher would cost as much as the kernel on one token
+// (docs/kernel.md). cmm_eager is torch.ops.ufb.cmm without the dispatcher; tensor_stamp is engine.derived's
+// staleness check; fff_forward is engine.fff.FFF.forward's serving case, which reads the module's attributes
+// (the names below) and must change with them. Each falls back to Python (NotImplemented) where unsure.
+#include "python/fast_path.h"
+
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/library.h>
 
 #include <cstring>
-#include <memory>
 #include <utility>
 
-#include "cmm_cpu.h"
+#include "cpu/cmm_op.h"
 
+namespace ufb {
 namespace {
-
-// Tokens per parallel chunk. Below two chunks' worth the call stays on the calling thread, where waking the
-// pool would cost more than it saves.
-constexpr int64_t kGrain = 4;
-
-// Validates the arguments (throws c10::Error naming the problem) and describes them to the raw kernel. `y` and
-// `leaves` are filled in by the caller once the output sizes are known (n, d_out, trees).
-ufb::CmmProblem check_problem(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
-                              const at::Tensor& w_out, int64_t depth, const at::Tensor* b_out) {
-  TORCH_CHECK(x.dim() == 2, "ufb::cmm: x must be [N, d_in], got ", x.sizes());
-  TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3 && b_in.dim() == 2,
-              "ufb::cmm: expected w_in [K, nodes, d_in], b_in [K, nodes], w_out [K, nodes, d_out]");
-  TORCH_CHECK(depth >= 0 && depth < 31, "ufb::cmm: depth must be in [0, 30], got ", depth);
-  const int64_t trees = w_in.size(0), nodes = w_in.size(1), d_in = w_in.size(2), d_out = w_out.size(2);
-  TORCH_CHECK(nodes == (int64_t(2) << depth) - 1, "ufb::cmm: depth ", depth, " needs ", (int64_t(2) << depth) - 1,
-              " nodes per tree, weights have ", nodes);
-  TORCH_CHECK(x.size(1) == d_in, "ufb::cmm: x has width ", x.size(1), ", w_in expects ", d_in);
-  TORCH_CHECK(b_in.size(0) == trees && b_in.size(1) == nodes && w_out.size(0) == trees && w_out.size(1) == nodes,
-              "ufb::cmm: b_in / w_out do not match w_in's trees and nodes");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && b_in.scalar_type() == at::kFloat,
-              "ufb::cmm: x and b_in must be float32");
-  TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type() &&
-                  (w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kBFloat16 ||
-                   w_in.scalar_type() == at::kHalf),
-              "ufb::cmm: w_in and w_out must both be float32, both bfloat16 or both float16, got ",
-              w_in.scalar_type(), " and ", w_out.scalar_type());
-  TORCH_CHECK(x.device().is_cpu() && w_in.device().is_cpu() && w_out.device().is_cpu() && b_in.device().is_cpu(),
-              "ufb::cmm: CPU tensors expected");
-  TORCH_CHECK(w_in.is_contiguous() && w_out.is_contiguous() && b_in.is_contiguous(),
-              "ufb::cmm: weights must be contiguous (pack them once with engine.cmm.pack_fff_weights)");
-  TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, "ufb::cmm: x's rows must be contiguous");  // callers ensure it
-  if (b_out != nullptr) {
-    TORCH_CHECK(b_out->dim() == 1 && b_out->size(0) == d_out, "ufb::cmm: b_out must be [d_out] = [", d_out,
-                "], got ", b_out->sizes());
-    TORCH_CHECK(b_out->scalar_type() == at::kFloat && b_out->device().is_cpu() && b_out->is_contiguous(),
-                "ufb::cmm: b_out must be a contiguous float32 CPU tensor");
-  }
-
-  ufb::CmmProblem p{};
-  p.x = x.data_ptr<float>();
-  p.x_stride = x.stride(0);
-  p.n = x.size(0);
-  p.d_in = d_in;
-  p.d_out = d_out;
-  p.trees = trees;
-  p.depth = depth;
-  p.w_in = w_in.data_ptr();
-  p.b_in = b_in.data_ptr<float>();
-  p.w_out = w_out.data_ptr();
-  p.wtype = w_in.scalar_type() == at::kBFloat16 ? ufb::WeightType::kBFloat16
-            : w_in.scalar_type() == at::kHalf   ? ufb::WeightType::kFloat16
-                                                : ufb::WeightType::kFloat32;
-  p.b_out = b_out != nullptr ? b_out->data_ptr<float>() : nullptr;
-  return p;
-}
-
-// Rows may be strided (a slice of a wider tensor); elements within a row must be adjacent.
-at::Tensor rows_contiguous(const at::Tensor& x) {
-  return (x.dim() == 2 && x.size(0) > 0 && x.stride(1) != 1) ? x.contiguous() : x;
-}
-
-// Runs a checked problem whose y (and leaves, if wanted) are set. Touches no Python object, so the eager binding
-// calls it with the GIL released.
-void run_problem(const ufb::CmmProblem& p) {
-  const int64_t n = p.n;
-  if (n == 0) return;
-  const int64_t split = ufb::cmm_split_level(p);
-  if (split > 0) {
-    // Large batch: descend the top `split` levels, sort tokens by the subtree they entered, finish in that order.
-    // Scratch left uninitialised (every element is written before it is read).
-    const std::unique_ptr<float[]> pre(new float[size_t(n * p.trees * split)]);
-    const std::unique_ptr<int32_t[]> node(new int32_t[size_t(n * p.trees)]);
-    const std::unique_ptr<int64_t[]> order(new int64_t[size_t(n)]);
-    const ufb::CmmSplit s{split, pre.get(), node.get(), order.get()};
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_prefix(p, s, begin, end); });
-    ufb::cmm_sort_tokens(p, s);
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_suffix(p, s, begin, end); });
-  } else if (n < 2 * kGrain) {
-    ufb::cmm_range(p, 0, n);
-  } else {
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { ufb::cmm_range(p, begin, end); });
-  }
-}
-
-// The custom op's CPU kernel (torch.ops.ufb.cmm): leaves is [N, K] when asked for, [0, K] otherwise.
-std::tuple<at::Tensor, at::Tensor> cmm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
-                                           const at::Tensor& w_out, int64_t depth, bool return_leaves,
-                                           const std::optional<at::Tensor>& b_out) {
-  const at::Tensor x = rows_contiguous(x_in);
-  ufb::CmmProblem p = check_problem(x, w_in, b_in, w_out, depth, b_out.has_value() ? &*b_out : nullptr);
-  at::Tensor y = at::empty({p.n, p.d_out}, x.options());
-  at::Tensor leaves = at::empty({return_leaves ? p.n : 0, p.trees}, x.options().dtype(at::kLong));
-  p.y = y.data_ptr<float>();
-  p.leaves = return_leaves ? leaves.data_ptr<int64_t>() : nullptr;
-  run_problem(p);
-  return {y, leaves};
-}
-
-// The eager calls' common body: checks, allocates y (and leaves, if wanted, else leaves stays undefined) and runs.
-// The GIL is released while more than one thread's worth of tokens computes, so other Python threads (the
-// service's event loop) run meanwhile, as they do during torch's own operators.
-void run_eager(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
-               int64_t depth, bool return_leaves, const at::Tensor* b_out, at::Tensor& y, at::Tensor& leaves) {
-  const at::Tensor x = rows_contiguous(x_in);
-  ufb::CmmProblem p = check_problem(x, w_in, b_in, w_out, depth, b_out);
-  y = at::empty({p.n, p.d_out}, x.options());
-  p.y = y.data_ptr<float>();
-  if (return_leaves) {
-    leaves = at::empty({p.n, p.trees}, x.options().dtype(at::kLong));
-    p.leaves = leaves.data_ptr<int64_t>();
-  }
-  if (p.n < 2 * kGrain) {
-    run_problem(p);  // one thread's worth: releasing and retaking the GIL would cost more than it lets others run
-  } else {
-    pybind11::gil_scoped_release no_gil;
-    run_problem(p);
-  }
-}
 
 // The same computation for eager calls from Python, as a bare CPython function (METH_FASTCALL): no pybind11
 // argument conversion, no empty leaves tensor, no tuple of two tensors, which on one token would cost as much as
@@ -379,40 +262,17 @@ PyMethodDef tensor_stamp_def = {
     "bytes that change when any argument tensor is modified in place, gets new storage or is another tensor"};
 
 PyMethodDef cmm_eager_def = {"cmm_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cmm_eager)),
-                             METH_FASTCALL, "ufb::cmm without the dispatcher (eager calls): (y, leaves or None)"};
-
+                             METH_FASTCALL, "cmm without the dispatcher (eager calls): (y, leaves or None)"};
 }  // namespace
 
-TORCH_LIBRARY(ufb, m) {
-  m.def("cmm(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int depth, bool return_leaves, Tensor? b_out=None) "
-        "-> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(ufb, CPU, m) { m.impl("cmm", &cmm_cpu); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "UltraFastBERT conditional matrix multiplication kernels (registers torch.ops.ufb.*)";
-  m.def("cpu_path", &ufb::cmm_cpu_path, "instruction-set path the CPU kernel uses");
-  // The same computation as torch.ops.ufb.cmm without the dispatcher: calling a custom op from Python spends more
-  // on schema matching and boxing than the kernel takes on one token (docs/kernel.md).
-  // engine.cmm uses this binding in eager mode and the op under torch.compile.
+void add_fast_path(pybind11::module_& m) {
+  // engine.cmm uses cmm_eager in eager mode and the op under torch.compile.
   m.add_object("cmm_eager", pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&cmm_eager_def, nullptr)));
   if (!init_fff_names()) throw pybind11::error_already_set();
   m.add_object("fff_forward",
                pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&fff_forward_def, nullptr)));
   m.add_object("tensor_stamp",
-                pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&tensor_stamp_def, nullptr)));
-  m.def(
-      "force_path",
-      [](const std::string& name) {
-        TORCH_CHECK(ufb::cmm_force_path(name), "force_path: expected 'auto', 'avx2' or 'portable', got '", name, "'");
-      },
-      "cap the instruction-set path at 'avx2' or 'portable', or restore 'auto' (tests, benchmark)");
-  m.def(
-      "split_level",
-      [](const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
-         int64_t depth) { return ufb::cmm_split_level(check_problem(x, w_in, b_in, w_out, depth, nullptr)); },
-      "the two-pass split level a call with these arguments takes (0: one pass); honours force_split (tests)");
-  m.def("force_split", &ufb::cmm_force_split,
-        "pin the two-pass split level: -1 automatic (default), 0 one pass, s > 0 split at s (tests, benchmark)");
+               pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&tensor_stamp_def, nullptr)));
 }
+
+}  // namespace ufb

@@ -1,0 +1,3 @@
+from engine.bench.suite import main
+
+main()
