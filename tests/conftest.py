@@ -37,11 +37,11 @@ TIERS = {
     "test_metrics": "service",
     "test_service": "service",
     "test_service_load": "service",
-    # real processes: uvicorn servers and the CLI, Ray, the Docker rehearsal, real Prometheus, signals
+    # real processes: uvicorn servers and the CLI, Ray, the images built with podman, real Prometheus, signals
     "test_compat_clients": "system",
     "test_connections": "system",
     "test_deploy": "system",
-    "test_docker_rehearsal": "system",
+    "test_images": "system",
     "test_loadtest": "system",
     "test_openai_client": "system",
     "test_ray": "system",
