@@ -47,9 +47,9 @@ REGISTERS = {
                 "Somewhere below, a dog barked once and the whole village fell silent."],
 }
 # Measured on the shipped model (MODEL_CARD.md); the bounds leave a margin below the measured values.
-MIN_MEAN_COS = 0.80  # the six sentences above: measured 0.854 (per sentence 0.756 .. 0.919); no FFN at all: ~0.5
+MIN_MEAN_COS = 0.80  # the six sentences above: measured 0.851 (per sentence from 0.767); no FFN at all: ~0.5
 MIN_EACH_COS = 0.68
-MIN_REGISTER_MEAN_COS = 0.60  # per register of REGISTERS: measured 0.637 (technical) .. 0.883 (fiction)
+MIN_REGISTER_MEAN_COS = 0.62  # per register of REGISTERS: measured 0.662 (product review) .. 0.885 (fiction)
 
 
 @pytest.fixture(scope="module")
