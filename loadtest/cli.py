@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from loadtest import runner
-from loadtest.runner import ROUTES, Report, Workload, batch_shape, closed_loop, open_loop, scrape
+from loadtest.runner import ROUTES, Report, Workload, batch_shape, closed_loop, endpoint, open_loop, scrape
 from loadtest.servers import LocalServer, rss_of
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -52,6 +52,14 @@ def _load_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="/v1/embeddings: the request's model, one for all targets or one per target "
+        "(default: the first model each server lists at .../models)",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     p.add_argument(
         "--server-arg",
@@ -65,7 +73,7 @@ def _load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _workload(a: argparse.Namespace) -> Workload:
+def _workload(a: argparse.Namespace, model: str | None = None) -> Workload:
     return Workload(
         route=a.route,
         inputs_per_request=a.inputs_per_request,
@@ -73,7 +81,33 @@ def _workload(a: argparse.Namespace) -> Workload:
         seed=a.seed,
         source=a.source,
         api_key=a.api_key,
+        model=model or "ufb",
     )
+
+
+def served_model(url: str, route: str, timeout_s: float = 10.0) -> str | None:
+    """The first model id an OpenAI-compatible server lists (``GET .../models`` beside its embeddings endpoint),
+    or None when it lists none; what ``--model-name`` defaults to for /v1/embeddings."""
+    import httpx
+
+    models = endpoint(url, route).rsplit("/", 1)[0] + "/models"
+    try:
+        r = httpx.get(models, timeout=timeout_s)
+        data = r.json().get("data") if r.status_code == 200 else None
+        return str(data[0]["id"]) if data else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def _model_name(a: argparse.Namespace, url: str, index: int = 0) -> str | None:
+    """The OpenAI model name for target ``index``: --model-name (one for all targets, or one each), else the first
+    model the server lists."""
+    given = getattr(a, "model_name", None) or []
+    if a.route != "/v1/embeddings":
+        return None
+    if given:
+        return str(given[0] if len(given) == 1 else given[index])
+    return served_model(url, a.route)
 
 
 def _is_url(target: str) -> bool:
@@ -84,6 +118,10 @@ def _is_url(target: str) -> bool:
 def _target(target: str, a: argparse.Namespace) -> Iterator[tuple[str, int | None]]:
     """(url, server pid or None) for a URL or a model folder (started here and stopped afterwards)."""
     if _is_url(target):
+        try:
+            endpoint(target, a.route)
+        except ValueError as exc:
+            raise SystemExit(f"loadtest: {exc}") from None
         yield target.rstrip("/"), None
         return
     if not Path(target).is_dir():
@@ -144,7 +182,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.rate is not None and a.concurrency is not None:
         raise SystemExit("loadtest run: give --concurrency (closed loop) or --rate (open loop), not both")
     with _target(a.target, a) as (url, _):
-        rep = asyncio.run(_run_one(url, a, _workload(a), concurrency=a.concurrency or 1, rate=a.rate))
+        wl = _workload(a, _model_name(a, url))
+        rep = asyncio.run(_run_one(url, a, wl, concurrency=a.concurrency or 1, rate=a.rate))
     _emit(a, _clean(rep.to_dict()), rep.text())
     return 0 if rep.ok > 0 else 1
 
@@ -209,17 +248,23 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if not loads:
         loads = [("c", c) for c in (1, 8, 32, 128)]
     names = _names(a.targets, a.names)
+    given = getattr(a, "model_name", None) or []
+    if len(given) not in (0, 1, len(a.targets)):
+        raise SystemExit(f"loadtest compare: give one --model-name, or one per target, not {len(given)}")
     base = names[-1]
     results: dict[str, list[list[Report]]] = {n: [[] for _ in loads] for n in names}
+    models: dict[str, str | None] = {}
 
     def one(name: str, url: str, i: int) -> None:
         kind, value = loads[i]
+        if name not in models:
+            models[name] = _model_name(a, url, names.index(name))
         # every run gets a fresh, identical text stream
         rep = asyncio.run(
             _run_one(
                 url,
                 a,
-                _workload(a),
+                _workload(a, models[name]),
                 concurrency=int(value) if kind == "c" else None,
                 rate=value if kind == "r" else None,
             )
@@ -312,7 +357,7 @@ def cmd_soak(a: argparse.Namespace) -> int:
     points = []
     with _target(a.target, a) as (url, started_pid):
         pid = a.pid or started_pid
-        wl = _workload(a)
+        wl = _workload(a, _model_name(a, url))
         t0 = time.monotonic()
         first = True
         while time.monotonic() - t0 < total_s:
@@ -531,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
         "targets",
         nargs="+",
         metavar="TARGET",
-        help="URLs or model folders, at least two; the last is the baseline of the ratios",
+        help="server URLs (a root such as http://host:8000, or an endpoint such as Infinity's "
+        "http://host:7997/embeddings) or model folders, at least two; the last is the baseline of the ratios",
     )
     p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="display names, one per target")
     p.add_argument("--concurrency", "-c", type=int, nargs="+", default=None, help="default: 1 8 32 128")

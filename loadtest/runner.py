@@ -19,6 +19,7 @@ import math
 import random
 import ssl
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,23 @@ except ImportError:  # optional (the 'loadtest' extra): everything but sending l
 MISSING_AIOHTTP = "the load generator needs aiohttp: pip install 'ultrafastbert-serve[loadtest]' (or aiohttp)"
 
 ROUTES = ("/v1/embeddings", "/embed", "/predict", "/classify")
+
+
+@functools.lru_cache(maxsize=64)
+def endpoint(url: str, route: str) -> str:
+    """Where a request for ``route`` goes on the server ``url``.
+
+    A URL without a path is a server root: ``http://host:8000`` + ``/v1/embeddings``. A URL with a path names
+    the endpoint itself, so servers that mount routes elsewhere can be targeted too, e.g. Infinity's
+    ``http://host:7997/embeddings``; its last segment must be the route's (``embeddings`` for /v1/embeddings)."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path:
+        return url.rstrip("/") + route
+    last = route.rsplit("/", 1)[-1]
+    if path.rsplit("/", 1)[-1] != last:
+        raise ValueError(f"{url}: a target URL's path must end with /{last} for route {route} (or give no path)")
+    return urllib.parse.urlunsplit(parts._replace(path=path))
 
 
 @dataclass
@@ -58,6 +76,7 @@ class Workload:
     seed: int = 0
     source: str = "auto"
     api_key: str | None = None
+    model: str = "ufb"  # the OpenAI request's "model"; servers that host several (Infinity) route by it
     mix: TextMix = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,7 +88,7 @@ class Workload:
         texts = self.mix.texts(self.inputs_per_request)
         one: Any = texts[0] if self.inputs_per_request == 1 else texts
         if self.route == "/v1/embeddings":
-            return {"input": one, "model": "ufb", "encoding_format": self.encoding_format}, len(texts)
+            return {"input": one, "model": self.model, "encoding_format": self.encoding_format}, len(texts)
         if self.route == "/predict" and self.inputs_per_request > 1:
             one = [[t] for t in texts]  # TEI's batch form: a flat list of two strings would be a sentence pair
         return {"inputs": one}, len(texts)
@@ -200,7 +219,7 @@ def _transport_error(exc: BaseException) -> str:
 async def _one(client: Client, workload: Workload, sent: float) -> Sample:
     body, n = workload.body()
     try:
-        async with client.session.post(client.url + workload.route, json=body, headers=workload.headers()) as r:
+        async with client.session.post(endpoint(client.url, workload.route), json=body, headers=workload.headers()) as r:
             await r.read()
             status, h = r.status, r.headers
     except (asyncio.TimeoutError, aiohttp.ClientError) as exc:

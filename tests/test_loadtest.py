@@ -7,6 +7,7 @@ import ast
 import asyncio
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from loadtest import cli
 from loadtest.corpus import SENTENCES, TextMix
-from loadtest.runner import Workload, closed_loop, open_loop, percentile
+from loadtest.runner import Workload, closed_loop, endpoint, open_loop, percentile
 from loadtest.servers import LocalServer, free_port
 
 SHORT = ["--duration", "1.5", "--warmup", "0.3"]
@@ -261,6 +262,68 @@ def test_compare_three_targets_take_turns_with_ratios_against_the_last(
         cli.main([*args[:4], "--names", "a", "b", "-c", "2"])
     with pytest.raises(SystemExit, match="at least two"):
         cli.main(["compare", server.url, "-c", "2"])
+
+
+def test_endpoint_rule_for_server_roots_and_endpoint_urls() -> None:
+    assert endpoint("http://h:8000", "/v1/embeddings") == "http://h:8000/v1/embeddings"
+    assert endpoint("http://h:8000/", "/embed") == "http://h:8000/embed"
+    assert endpoint("http://h:7997/embeddings", "/v1/embeddings") == "http://h:7997/embeddings"
+    assert endpoint("https://h/api/v1/embeddings/", "/v1/embeddings") == "https://h/api/v1/embeddings"
+    with pytest.raises(ValueError, match="must end with /embed"):
+        endpoint("http://h:7997/embeddings", "/embed")
+    with pytest.raises(SystemExit, match="must end with /embeddings"):
+        cli.main(["run", "http://127.0.0.1:9/v1/models", "-c", "1", *SHORT])
+
+
+@pytest.fixture()
+def foreign_server() -> Any:
+    """An OpenAI-compatible server laid out as Infinity is: ``/embeddings`` and ``/models`` at the root, and a
+    request for a model it does not list answers 400."""
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "org/minilm", "object": "model"}]})
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body["model"])
+        if body["model"] != "org/minilm":
+            return web.json_response({"error": "unknown model"}, status=400)
+        return web.json_response({"object": "list", "data": [{"index": 0, "embedding": [0.0, 1.0]}]})
+
+    app = web.Application()
+    app.add_routes([web.get("/models", models), web.post("/embeddings", embeddings)])
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    port = free_port()
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}", seen
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_compare_takes_any_openai_compatible_endpoint(
+    server: Any, foreign_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An Infinity-style endpoint URL beside our server: each gets the model name its server lists."""
+    url, seen = foreign_server
+    args = ["compare", f"{url}/embeddings", server.url, "--names", "other", "ufb", "-c", "1", *SHORT, "--json"]
+    assert cli.main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    other = data["reports"]["other"][0][0]
+    assert other["ok"] == other["requests"] > 0 and other["errors"] == {}
+    assert data["reports"]["ufb"][0][0]["ok"] > 0 and set(seen) == {"org/minilm"}
+    seen.clear()
+    assert cli.main(["run", f"{url}/embeddings", "--model-name", "other/model", "-c", "1", *SHORT, "--json"]) == 1
+    assert set(seen) == {"other/model"} and set(json.loads(capsys.readouterr().out)["errors"]) == {"400"}
+    with pytest.raises(SystemExit, match="one --model-name, or one per target"):
+        cli.main([*args[:5], "--model-name", "a", "b", "c"])
 
 
 def test_soak_reports_rss_and_p99_over_time(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
