@@ -78,7 +78,7 @@ class Source:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of a text whose paragraphs are separated by newlines (a simple rule: end mark, space, capital)."""
-    out = []
+    out: list[str] = []
     for para in text.split("\n"):
         para = " ".join(para.split())
         if not para:

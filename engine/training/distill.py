@@ -36,13 +36,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
 from engine.fff import FFF
+from engine.layers import EncoderLayer
 from engine.model import ClassificationHead, UltraFastBert
 from engine.training.fff_fit import fit_output_rows, split_routing
 from engine.training.training_text import CorpusText, TrainingText, seeded
@@ -148,7 +149,7 @@ def collect_ffn_pairs(
     filled = [0]
     pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
     hooks = []
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(cast("list[EncoderLayer]", model.layers)):
 
         def hook(_m: Any, args: tuple, out: torch.Tensor, i: int = i) -> None:
             pending[i] = (args[0].reshape(-1, h), out.reshape(-1, h))
@@ -163,7 +164,10 @@ def collect_ffn_pairs(
             model(ids, mask)
             take = min(int(mask.sum()), n_tokens - filled[0])
             for i in range(n_layers):
-                x, y = pending[i]  # type: ignore[misc]
+                pair = pending[i]
+                if pair is None:
+                    raise RuntimeError(f"the hook on layer {i}'s FFN did not run")
+                x, y = pair
                 xs[i][filled[0] : filled[0] + take] = x[:take].half()
                 ys[i][filled[0] : filled[0] + take] = y[:take].half()
             filled[0] += take
@@ -177,12 +181,20 @@ def collect_ffn_pairs(
     return [x[: filled[0]] for x in xs], [y[: filled[0]] for y in ys]
 
 
+def _layer_fff(model: UltraFastBert, i: int) -> FFF:
+    """Layer ``i``'s FFN, an FFF in every student the grow and layer-wise phases train."""
+    ffn = cast("EncoderLayer", model.layers[i]).ffn
+    if not isinstance(ffn, FFF):
+        raise TypeError(f"layer {i}'s FFN is a {type(ffn).__name__}, not an FFF")
+    return ffn
+
+
 @torch.no_grad()
 def relative_error(fff: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """||fff(x) - y|| / ||y - mean(y)|| on a token sample (the FFN output's variance is the scale)."""
     was = fff.training
     fff.train(False)
-    pred = fff._forward_masked(x.float())[0] if hasattr(fff, "_forward_masked") else fff(x.float())
+    pred = fff._forward_masked(x.float())[0] if isinstance(fff, FFF) else fff(x.float())
     fff.train(was)
     yf = y.float()
     return float((pred - yf).norm() / (yf - yf.mean(0)).norm())
@@ -317,14 +329,18 @@ def _cosine_lr(base: float, step: int, total: int, warmup: int, time_fraction: f
 
 def _training_text(opts: DistillOptions, teacher: LoadedModel) -> TrainingText | CorpusText:
     """The text batches are drawn from: a built corpus folder (streamed), or in-memory texts."""
+    text: TrainingText | CorpusText
     if opts.texts is None and Path(opts.corpus).is_dir():
         tok = teacher.tokenizer
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        if cls_id is None or sep_id is None:
+            raise ValueError(f"the teacher's tokenizer ({teacher.path}) has no [CLS]/[SEP] tokens")
         text = CorpusText(
             opts.corpus,
             opts.max_length,
             opts.seed,
-            cls_id=tok.token_to_id("[CLS]"),
-            sep_id=tok.token_to_id("[SEP]"),
+            cls_id=cls_id,
+            sep_id=sep_id,
             weighting=opts.register_weighting,
             token_noise=opts.token_noise,
             vocab_size=tok.vocab_size,
@@ -436,17 +452,18 @@ def distill(
         n_tok = xs[0].shape[0]
         probe = torch.randperm(n_tok, generator=seeded(opts.seed, 2))[: min(4096, n_tok)]
         errs_before, errs_after = [], []
-        for i, layer in enumerate(model.layers):
+        for i in range(n_layers):
+            fff = _layer_fff(model, i)
             x, y = xs[i].float(), ys[i].float()
-            errs_before.append(relative_error(layer.ffn, xs[i][probe], ys[i][probe]))
-            _fit_added_trees(layer.ffn, old, x, y)
-            errs_after.append(relative_error(layer.ffn, xs[i][probe], ys[i][probe]))
+            errs_before.append(relative_error(fff, xs[i][probe], ys[i][probe]))
+            _fit_added_trees(fff, old, x, y)
+            errs_after.append(relative_error(fff, xs[i][probe], ys[i][probe]))
             log.info(
                 "layer %d: relative error %.3f -> %.3f with %d added trees",
                 i,
                 errs_before[-1],
                 errs_after[-1],
-                layer.ffn.trees - old,
+                fff.trees - old,
             )
         del xs, ys
         state["grow_errors"] = {"before": errs_before, "after": errs_after}
@@ -475,12 +492,12 @@ def distill(
             if opts.layer_init == "fit":
                 t_fit = time.monotonic()
                 for i in range(n_layers):
-                    fff = model.layers[i].ffn
+                    fff = _layer_fff(model, i)
                     x, y = xs[i].float(), ys[i].float()
                     split_routing(fff, x, y)
                     fit_output_rows(fff, x, y)
                 log.info("layer-wise: splits and output rows fitted in closed form (%.0f s)", time.monotonic() - t_fit)
-            errs = [relative_error(model.layers[i].ffn, xs[i][probe], ys[i][probe]) for i in range(n_layers)]
+            errs = [relative_error(_layer_fff(model, i), xs[i][probe], ys[i][probe]) for i in range(n_layers)]
             weights = [max(e, 0.25 * max(errs)) for e in errs]  # every layer gets at least a quarter share
             total = opts.layer_steps * n_layers
             state["alloc"] = [max(1, round(total * w / sum(weights))) for w in weights]
@@ -490,7 +507,7 @@ def distill(
         alloc = state["alloc"]
         while state["phase"] == "layerwise" and state["layer"] < n_layers and not should_stop():
             i = state["layer"]
-            fff = model.layers[i].ffn
+            fff = _layer_fff(model, i)
             params = list(fff.parameters())
             optim = torch.optim.Adam(params, lr=opts.layer_lr)
             if optim_state is not None:
@@ -604,7 +621,7 @@ def distill(
             s_layers = layer_outputs(model, ids, mask)
             s_emb = sentence_embedding(model, s_layers[-1], mask)
             m = mask.bool()
-            hid = sum(F.mse_loss(s[m], t[m]) for s, t in zip(s_layers, t_layers)) / n_layers
+            hid = cast(torch.Tensor, sum(F.mse_loss(s[m], t[m]) for s, t in zip(s_layers, t_layers))) / n_layers
             emb = (1 - (s_emb * t_emb).sum(-1)).mean()
             rel = relation_loss(s_emb, t_emb) if opts.relation_weight else emb.new_zeros(())
             loss = opts.hidden_weight * hid + opts.embed_weight * emb + opts.relation_weight * rel

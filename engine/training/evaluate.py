@@ -355,7 +355,7 @@ def ffn_speedup(
 
 def format_table(report: dict[str, Any]) -> str:
     r, s = report["results"], report["summary"]
-    rows = [("check", "teacher", "student", "ablation", "stud/teach", "gap closed")]
+    rows: list[tuple[str, ...]] = [("check", "teacher", "student", "ablation", "stud/teach", "gap closed")]
     for check in QUALITY_CHECKS:
         rows.append(
             (

@@ -16,7 +16,7 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -123,7 +123,10 @@ def vader_snippets(root: Path, kind: str) -> list[tuple[str, float, str]]:
     inner = _one(root, "vaderSentiment-*/additional_resources/hutto_ICWSM_2014.tar.gz")
     with tarfile.open(inner) as t:
         member = next(m for m in t.getmembers() if m.name.endswith(f"{VADER_SETS[kind]}_GroundTruth.txt"))
-        raw = t.extractfile(member).read().decode("utf-8", errors="replace")  # type: ignore[union-attr]
+        f = t.extractfile(member)
+        if f is None:
+            raise ValueError(f"{inner}: {member.name} is not a regular file")
+        raw = f.read().decode("utf-8", errors="replace")
     out = []
     for line in raw.splitlines():
         parts = line.split("\t")
@@ -132,7 +135,7 @@ def vader_snippets(root: Path, kind: str) -> list[tuple[str, float, str]]:
     return out
 
 
-def _vader(kind: str):  # type: ignore[no-untyped-def]
+def _vader(kind: str) -> Callable[[Path], Documents]:
     def read(root: Path) -> Documents:
         for key, _score, text in vader_snippets(root, kind):
             yield key, text
@@ -413,7 +416,7 @@ def dictd_entries(root: Path, name: str) -> Documents:
         yield parts[0], re.sub(r"(?<=\S)\n[ \t]*(?=\S)", " ", body)
 
 
-def _dictd(name: str):  # type: ignore[no-untyped-def]
+def _dictd(name: str) -> Callable[[Path], Documents]:
     def read(root: Path) -> Documents:
         yield from dictd_entries(root, name)
 
