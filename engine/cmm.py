@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ def _register_fake() -> None:
     """Shape-only implementation so torch.compile / FakeTensor tracing can see through the op."""
 
     @torch.library.register_fake("ufb::cmm")
-    def _(x, w_in, b_in, w_out, depth, return_leaves, b_out=None):  # type: ignore[no-untyped-def]
+    def _(x, w_in, b_in, w_out, depth, return_leaves, b_out=None):
         n = x.shape[0]
         y = x.new_empty((n, w_out.shape[2]), dtype=torch.float32)
         leaves = x.new_empty((n, w_in.shape[0]) if return_leaves else (0, w_in.shape[0]), dtype=torch.int64)
@@ -98,7 +99,7 @@ if KERNEL.compiled:
 is_compiling = torch.compiler.is_compiling
 
 
-def extension():  # type: ignore[no-untyped-def]
+def extension() -> ModuleType | None:
     """The compiled module ``engine._cmm`` (its other helpers, e.g. ``tensor_stamp``), or None where it did not
     load."""
     return _ext if KERNEL.compiled else None
@@ -132,6 +133,8 @@ def cmm(
     if _EAGER is not None and x.is_cpu:
         if not is_compiling():
             return _EAGER(x, w_in, b_in, w_out, depth, return_leaves, b_out)  # already (y, leaves or None)
+        if _OP is None:  # bound with _EAGER: both or neither
+            raise RuntimeError("engine._cmm loaded but torch.ops.ufb.cmm is not bound")
         y, leaves = _OP(x, w_in, b_in, w_out, depth, return_leaves, b_out)
         return y, (leaves if return_leaves else None)
     y, leaves = cmm_reference(x, w_in, b_in, w_out, depth, b_out)

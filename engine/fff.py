@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ class FFF(nn.Module):
         super().__init__()
         self.d_in, self.d_out, self.depth, self.trees = d_in, d_out, depth, trees
         self.n_nodes = cmm_ops.n_nodes(depth)
-        self._packed: Derived[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = Derived()
+        self._packed: Derived[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = Derived()
         self.linear_in = nn.Linear(d_in, trees * self.n_nodes, bias=True)
         self.linear_out = nn.Linear(trees * self.n_nodes, d_out, bias=bias_out)
         self.reset_parameters()
@@ -129,10 +130,12 @@ class FFF(nn.Module):
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The packed weights and the float32 output bias (None without one): every argument of the kernel call."""
         # The parameter dicts are read directly: nn.Module attribute lookup costs microseconds, which matters
-        # when a whole FFF call on one token takes a few.
-        lin_in = self._modules["linear_in"]._parameters
-        lin_out = self._modules["linear_out"]._parameters
-        sources = (lin_in["weight"], lin_in["bias"], lin_out["weight"])
+        # when a whole FFF call on one token takes a few. Both linears always exist, and so do both weights and
+        # linear_in's bias; only linear_out's bias may be None.
+        modules = cast("dict[str, nn.Module]", self._modules)
+        lin_in = modules["linear_in"]._parameters
+        lin_out = modules["linear_out"]._parameters
+        sources = cast("tuple[torch.Tensor, ...]", (lin_in["weight"], lin_in["bias"], lin_out["weight"]))
         bias = lin_out["bias"]
         return self._packed.get(sources if bias is None else (*sources, bias), self._pack, self._weight_dtype)
 
@@ -167,6 +170,7 @@ class FFF(nn.Module):
         if shape[-1] != self.d_in:
             raise ValueError(f"FFF expects inputs of width {self.d_in}, got shape {tuple(shape)}")
         flat = x if len(shape) == 2 else x.reshape(-1, self.d_in)
+        leaves: torch.Tensor | None
         if self._impl == "masked" or (self.training and torch.is_grad_enabled()):
             y, leaves = self._forward_masked(flat)
         else:
@@ -178,6 +182,8 @@ class FFF(nn.Module):
             else:
                 y, leaves = cmm_ops.cmm(flat, w_in, b_in, w_out, self.depth, self.record_leaves, bias)
         if self.record_leaves:
+            if leaves is None:  # every path returns them when record_leaves is on
+                raise RuntimeError("the CMM kernel returned no leaves although record_leaves is on")
             self._leaves[threading.get_ident()] = leaves
         if y.dtype != x.dtype:
             y = y.to(x.dtype)

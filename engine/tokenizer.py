@@ -49,8 +49,8 @@ class Tokenizer:
         tokenizer.no_truncation()
         self._tok = tokenizer
         self._files = files  # the source files, copied verbatim by save()
-        pad = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), None)
-        self.pad_token_id: int = tokenizer.token_to_id(pad) if pad else 0
+        ids = (tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>"))
+        self.pad_token_id: int = next((i for i in ids if i is not None), 0)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> Tokenizer:

@@ -226,6 +226,14 @@ def _spread(xs: list[float]) -> str:
     return f"{_median(finite):.2f} ({min(finite):.2f}-{max(finite):.2f})" if finite else "nan"
 
 
+Cell = Callable[[dict[str, Any]], str]  # a compare table's cell from its row
+
+
+def _for_target(name: str, cell: Callable[[dict[str, Any], str], str]) -> Cell:
+    """``cell`` for the target ``name``: binds the name now, not when the cell is rendered."""
+    return lambda row: cell(row, name)
+
+
 def _names(targets: Sequence[str], given: Sequence[str] | None) -> list[str]:
     """Display names, one per target: ``--names`` if given, else the targets; made unique if they repeat."""
     if given and len(given) != len(targets):
@@ -285,7 +293,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
                 for r in range(a.repeat):
                     for j in _turn_order(len(names), r):
                         one(names[j], urls[j], i)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, (kind, value) in enumerate(loads):
         sides = {n: _side(results[n][i]) for n in names}
         b = sides[base]
@@ -304,20 +312,20 @@ def cmd_compare(a: argparse.Namespace) -> int:
             rows[-1]["rps_ratio_turns"] = turns
             rows[-1]["rps_ratio_paired"] = {n: _median(t) for n, t in turns.items()}
     stat = f"median of {a.repeat} alternating runs" if a.repeat > 1 else "one run each"
-    # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> value, format)
-    columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = []
+    # columns: each target's req/s and p99, then each non-baseline target's ratios; (title, row -> cell)
+    columns: list[tuple[str, Cell]] = []
     for n in names:
         columns += [
-            (f"{n} req/s", lambda r, n=n: f"{r['sides'][n]['rps']:.2f}"),
-            (f"{n} p99 ms", lambda r, n=n: f"{r['sides'][n]['p99_ms']:.1f}"),
+            (f"{n} req/s", _for_target(n, lambda r, name: f"{r['sides'][name]['rps']:.2f}")),
+            (f"{n} p99 ms", _for_target(n, lambda r, name: f"{r['sides'][name]['p99_ms']:.1f}")),
         ]
     for n in names[:-1]:
         columns += [
-            (f"req/s {n}/{base}", lambda r, n=n: f"{r['rps_ratio'][n]:.2f}"),
-            (f"p99 {n}/{base}", lambda r, n=n: f"{r['p99_ratio'][n]:.2f}"),
+            (f"req/s {n}/{base}", _for_target(n, lambda r, name: f"{r['rps_ratio'][name]:.2f}")),
+            (f"p99 {n}/{base}", _for_target(n, lambda r, name: f"{r['p99_ratio'][name]:.2f}")),
         ]
         if a.repeat > 1:
-            columns.append((f"turns {n}/{base}", lambda r, n=n: _spread(r["rps_ratio_turns"][n])))
+            columns.append((f"turns {n}/{base}", _for_target(n, lambda r, name: _spread(r["rps_ratio_turns"][name]))))
     cells = [[get(r) for _, get in columns] for r in rows]
     widths = [max(9, len(title), *(len(c[k]) for c in cells)) for k, (title, _) in enumerate(columns)]
     lines = [
@@ -326,12 +334,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
         + ("; turns: median (min-max) of the per-turn req/s ratios" if a.repeat > 1 else ""),
         " ".join(["load".ljust(16)] + [f"{t:>{w}}" for (t, _), w in zip(columns, widths)] + ["errors"]),
     ]
-    for r, row_cells in zip(rows, cells):
+    for row, row_cells in zip(rows, cells):
         lines.append(
             " ".join(
-                [r["load"].ljust(16)]
+                [row["load"].ljust(16)]
                 + [f"{c:>{w}}" for c, w in zip(row_cells, widths)]
-                + ["/".join(str(r["sides"][n]["errors"]) for n in names)]
+                + ["/".join(str(row["sides"][n]["errors"]) for n in names)]
             )
         )
     data = {
@@ -354,7 +362,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_soak(a: argparse.Namespace) -> int:
     total_s = a.minutes * 60.0
     interval = a.interval or max(5.0, total_s / 20)
-    points = []
+    points: list[dict[str, Any]] = []  # one JSON record per window
     with _target(a.target, a) as (url, started_pid):
         pid = a.pid or started_pid
         wl = _workload(a, _model_name(a, url))

@@ -214,7 +214,7 @@ def _run_engine(
         shapes = []
         for b in split_batches(ids, batch_size, max_batch_tokens):
             out, _ = backend.forward(Task.EMBED, b, record_leaves)
-            assert out.shape[0] == len(b)
+            assert isinstance(out, torch.Tensor) and out.shape[0] == len(b)
             shapes.append((len(b), sum(map(len, b))))
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, shapes
@@ -222,7 +222,9 @@ def _run_engine(
     end = time.perf_counter() + warmup_s
     while time.perf_counter() < end:
         step()
-    tok_s, fwd_s, shapes = [], [], []
+    tok_s: list[float] = []
+    fwd_s: list[float] = []
+    shapes: list[tuple[int, int]] = []
     t_start = time.perf_counter()
     end = t_start + duration_s
     while time.perf_counter() < end and (max_batches is None or len(shapes) < max_batches):

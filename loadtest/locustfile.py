@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 try:
-    from locust import FastHttpUser, between, task  # type: ignore[import-not-found]
+    from locust import FastHttpUser, between, task
 except ImportError:
     raise SystemExit(
         "loadtest/locustfile.py runs under Locust, which is not installed: pip install locust, then "

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -42,7 +43,7 @@ class LocalServer:
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None  # the open log_path while the server runs
 
     @property
     def pid(self) -> int | None:
@@ -66,8 +67,9 @@ class LocalServer:
             "warning",
             *self.args,
         ]
-        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        stdout = self._log if self._log is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         self.wait_ready()
         return self
 
@@ -97,8 +99,8 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._log not in (None, subprocess.DEVNULL):
-            self._log.close()  # type: ignore[union-attr]
+        if self._log is not None:
+            self._log.close()
         self.proc = None
 
     def __enter__(self) -> LocalServer:

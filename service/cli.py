@@ -28,8 +28,9 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 # ---------------------------------------------------------------------------------------------------- serve
 
 
-def _flag_type(annotation: Any) -> tuple[Callable[[str], Any] | None, list[str] | None, bool]:
-    """(argparse type, choices, is_bool) for a Settings field annotation."""
+def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None, bool]:
+    """(argparse type, choices, is_bool) for a Settings field annotation (a bool's type, ``str``, goes unused: its
+    flag takes no value)."""
     from pydantic import SecretStr
 
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -40,7 +41,7 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any] | None, list[str] 
         choices = [str(a) for a in typing.get_args(annotation)]
         return _any_case(choices), choices, False
     if annotation is bool:
-        return None, None, True
+        return str, None, True
     if annotation in (int, float):
         return annotation, None, False
     if annotation is SecretStr or annotation is Path or annotation is str:
@@ -140,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # uvicorn annotates int
         log_level=settings.log_level,
         http=IdleClosingHTTPProtocol,
         timeout_keep_alive=settings.keep_alive_timeout_s,

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from engine.backend import Task
+from engine.backend import Outputs, Task
 from engine.batcher import Result, check_vocabulary
 from engine.errors import EmptyInput, InputTooLong, Overloaded
 from engine.tokenizer import Tokenizer
@@ -60,7 +60,7 @@ class ClientGone(Exception):
 
 
 def _state(request: Request) -> ServiceState:
-    return request.app.state.service  # type: ignore[no-any-return]
+    return request.app.state.service
 
 
 def _ready_state(request: Request) -> ServiceState:
@@ -186,25 +186,30 @@ async def _submit_in_slices(
     batcher = state.batcher
     assert batcher is not None
     size = state.settings.max_inputs_per_request
-    seqs: list[Any] = texts if texts is not None else ids  # type: ignore[assignment]
-    if len(seqs) <= size:
+    if texts is not None:
+        n_inputs = len(texts)
+    elif ids is not None:
+        n_inputs = len(ids)
+    else:
+        raise ValueError("a submission needs texts or token ids")
+    if n_inputs <= size:
         return await batcher.submit(
             task, texts=texts, token_ids=ids, truncate=truncate, direction=direction, deadline=deadline
         )
     _check_whole_request(state, texts, ids)  # errors that name an input by its index, before any slice runs
-    starts = range(0, len(seqs), size)
+    starts = range(0, n_inputs, size)
     window = asyncio.Semaphore(SLICES_IN_FLIGHT)
 
     async def one(start: int) -> Result:
-        part = seqs[start : start + size]
+        end = start + size
         delay = 0.01
         async with window:
             while True:
                 try:
                     return await batcher.submit(
                         task,
-                        texts=part if texts is not None else None,
-                        token_ids=part if ids is not None else None,
+                        texts=texts[start:end] if texts is not None else None,
+                        token_ids=ids[start:end] if ids is not None else None,
                         truncate=truncate,
                         direction=direction,
                         deadline=deadline,
@@ -227,8 +232,8 @@ async def _submit_in_slices(
         raise
     outputs = [r.outputs for r in results]
     return Result(
-        outputs=torch.cat(outputs)
-        if isinstance(outputs[0], torch.Tensor)  # type: ignore[arg-type]
+        outputs=torch.cat([_one_tensor(o) for o in outputs])
+        if isinstance(outputs[0], torch.Tensor)
         else [row for rows in outputs for row in rows],  # Task.EMBED_ALL: a tensor per input
         token_counts=[c for r in results for c in r.token_counts],
         tokenization_s=sum(r.tokenization_s for r in results),
@@ -248,6 +253,20 @@ def _check_whole_request(state: ServiceState, texts: list[str] | None, ids: list
         if not seq:
             raise EmptyInput(f"input {i} is an empty list of token ids")
         check_vocabulary(seq, i, state.backend.vocab_size)
+
+
+def _one_tensor(outputs: Outputs) -> torch.Tensor:
+    """The outputs of every task but EMBED_ALL: one tensor, a row per input."""
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"expected one tensor of outputs, got {type(outputs).__name__}")
+    return outputs
+
+
+def _per_input(outputs: Outputs) -> list[torch.Tensor]:
+    """The outputs of EMBED_ALL: a tensor per input."""
+    if not isinstance(outputs, list):
+        raise TypeError(f"expected a tensor per input, got {type(outputs).__name__}")
+    return outputs
 
 
 def _shape_embeddings(outputs: torch.Tensor, normalize: bool, dimensions: int | None) -> torch.Tensor:
@@ -289,7 +308,7 @@ def _check_classifier(request: Request) -> ServiceState:
 
 
 def _check_dimensions(request: Request, dimensions: int | None) -> None:
-    hidden = _ready_state(request).loaded.config.hidden_size
+    hidden = _ready_state(request).loaded_model.config.hidden_size
     if dimensions is not None and dimensions > hidden:
         raise E.validation(f"dimensions {dimensions} is larger than the model's {hidden}", param="dimensions")
 
@@ -324,7 +343,7 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
         max_inputs=_state(request).settings.max_inputs_per_openai_request,
         param="input",
     )
-    vectors = _shape_embeddings(result.outputs, True, body.dimensions)
+    vectors = _shape_embeddings(_one_tensor(result.outputs), True, body.dimensions)
     enc = _b64 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "embedding": enc(v), "index": i} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens}
@@ -337,7 +356,7 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
 async def embed(body: S.EmbedRequest, request: Request) -> Response:
     _check_dimensions(request, body.dimensions)
     result, headers, _ = await _infer(request, Task.EMBED, body.inputs, body.truncate, body.truncation_direction)
-    vectors = _shape_embeddings(result.outputs, body.normalize, body.dimensions)
+    vectors = _shape_embeddings(_one_tensor(result.outputs), body.normalize, body.dimensions)
     return JSON(vectors.tolist(), headers=headers)
 
 
@@ -357,7 +376,7 @@ async def embed_all(body: S.EmbedAllRequest, request: Request) -> Response:
     again in Python floats, per request. Streaming bounds both to one input's rows, and a client that reads
     slowly holds back only its own rendering."""
     result, headers, _ = await _infer(request, Task.EMBED_ALL, body.inputs, body.truncate, body.truncation_direction)
-    states: list[torch.Tensor] = result.outputs  # type: ignore[assignment]
+    states = _per_input(result.outputs)
     return StreamingResponse(_json_array(states), media_type="application/json", headers=headers)
 
 
@@ -379,7 +398,7 @@ async def classify(body: S.ClassifyRequest, request: Request) -> Response:
     _check_classifier(request)
     result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
     scores = "none" if body.raw_scores else "softmax"
-    return JSON(_predictions(state, result.outputs, scores, body.top_k), headers=headers)
+    return JSON(_predictions(state, _one_tensor(result.outputs), scores, body.top_k), headers=headers)
 
 
 @router.post(
@@ -396,7 +415,7 @@ async def predict(body: S.PredictRequest, request: Request) -> Response:
     state = _check_classifier(request)
     texts, batched = _predict_inputs(body.inputs, state.model_name)
     result, headers, state = await _infer(request, Task.CLASSIFY, texts, body.truncate, body.truncation_direction)
-    preds = _predictions(state, result.outputs, "none" if body.raw_scores else "softmax", None)
+    preds = _predictions(state, _one_tensor(result.outputs), "none" if body.raw_scores else "softmax", None)
     return JSON(preds if batched else preds[0], headers=headers)
 
 
@@ -414,9 +433,10 @@ def _predict_inputs(inputs: str | list[str] | list[list[str]], model: str) -> tu
         return [inputs], False
     if not inputs:
         raise E.empty("the input is empty", param="inputs")
-    if isinstance(inputs[0], str):
+    first = inputs[0]
+    if isinstance(first, str):
         if len(inputs) == 1:
-            return [inputs[0]], False  # type: ignore[list-item]
+            return [first], False
         if len(inputs) == 2:
             raise pair("the input")
         raise E.validation(
@@ -424,7 +444,7 @@ def _predict_inputs(inputs: str | list[str] | list[list[str]], model: str) -> tu
             'or a batch [["a"], ["b"], ...]',
             param="inputs",
         )
-    texts = []
+    texts: list[str] = []
     for i, item in enumerate(inputs):
         if len(item) == 2:
             raise pair(f"input {i}")
@@ -433,7 +453,7 @@ def _predict_inputs(inputs: str | list[str] | list[list[str]], model: str) -> tu
                 f"input {i} has {len(item)} strings; each batch item is [text] (or a pair)", param="inputs"
             )
         texts.append(item[0])
-    return texts, True  # type: ignore[return-value]
+    return texts, True
 
 
 @router.post("/", responses=_ERRORS, tags=["TEI"], include_in_schema=False)
@@ -470,7 +490,8 @@ async def _text_classification(body: S.TextClassificationRequest, request: Reque
     result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
     params = body.parameters
     return JSON(
-        _predictions(state, result.outputs, params.function_to_apply or "softmax", params.top_k), headers=headers
+        _predictions(state, _one_tensor(result.outputs), params.function_to_apply or "softmax", params.top_k),
+        headers=headers,
     )
 
 
@@ -500,7 +521,7 @@ async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
         raise E.too_many_inputs(len(texts), state.settings.max_inputs_per_request)
     assert state.batcher is not None
     content = await state.batcher.run_in_tokenizer_pool(
-        _tokens_json, state.loaded.tokenizer, texts, body.add_special_tokens
+        _tokens_json, state.loaded_model.tokenizer, texts, body.add_special_tokens
     )
     return Response(content, media_type="application/json")
 
@@ -558,8 +579,9 @@ async def decode(body: S.DecodeRequest, request: Request) -> Response:
     assert state.batcher is not None and state.backend is not None
     for i, seq in enumerate(seqs):
         check_vocabulary(seq, i, state.backend.vocab_size)  # InvalidInput: 422 through the batcher-error handler
+    tokenizer = state.loaded_model.tokenizer
     texts = await state.batcher.run_in_tokenizer_pool(
-        lambda: [state.loaded.tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs]
+        lambda: [tokenizer.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs]
     )
     return JSON(texts)
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,12 +19,16 @@ from engine.batcher import Batcher, BatcherLimits, worker_threads
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
+if TYPE_CHECKING:  # imported lazily at run time, so the service module imports even without the extension
+    from engine.checkpoint import LoadedModel
+    from engine.cmm import KernelInfo
+
 log = logging.getLogger("service")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_from_settings(settings: Settings, *, hint: str = "pass --model PATH or set UFB_MODEL") -> Any:
+def load_from_settings(settings: Settings, *, hint: str = "pass --model PATH or set UFB_MODEL") -> LoadedModel:
     """The model ``settings`` names, packed in their weight dtype, with torch's threads set first (packing runs
     on them). Used where a process loads before it serves (the CLI, each Ray replica), so a broken folder fails
     the start: a missing folder raises :class:`engine.checkpoint.CheckpointError` with ``hint`` on what to set.
@@ -54,7 +58,7 @@ def native_bfloat16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
-def kernel_info() -> Any:
+def kernel_info() -> KernelInfo:
     """``engine.cmm.KERNEL``; imported lazily so the service module imports even without the extension."""
     from engine.cmm import KERNEL
 
@@ -64,7 +68,7 @@ def kernel_info() -> Any:
 class ServiceState:
     """Everything the routes need, created by ``create_app`` and started by the app's lifespan."""
 
-    def __init__(self, settings: Settings, loaded: Any | None, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, loaded: LoadedModel | None, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.loaded = loaded
         self.metrics = metrics
@@ -90,6 +94,13 @@ class ServiceState:
         return str(getattr(self.loaded, "name", None) or "ultrafastbert")
 
     @property
+    def loaded_model(self) -> LoadedModel:
+        """The loaded model: a service past loading has one (a ready one always does)."""
+        if self.loaded is None:
+            raise RuntimeError(f"no model is loaded (state: {self.phase})")
+        return self.loaded
+
+    @property
     def labels(self) -> list[str] | None:
         return None if self.loaded is None else self.loaded.config.labels
 
@@ -107,11 +118,12 @@ class ServiceState:
         try:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)
-            if self.loaded is None:
+            loaded = self.loaded
+            if loaded is None:
                 self.phase = Phase.LOADING
                 from engine.checkpoint import load_model
 
-                self.loaded = await asyncio.to_thread(
+                loaded = self.loaded = await asyncio.to_thread(
                     load_model, self.settings.model, weight_dtype=DTYPES[self.settings.weight_dtype]
                 )
             self._build()
@@ -124,14 +136,14 @@ class ServiceState:
                 self.phase = Phase.READY
                 self.ready_since = time.time()
                 self.metrics.ready.set(1)
-                log.info("ready: serving %s", self.model_name, extra={"model_path": str(self.loaded.path)})
+                log.info("ready: serving %s", self.model_name, extra={"model_path": str(loaded.path)})
         except Exception as exc:  # noqa: BLE001 - reported by /ready and /info, and logged
             self.phase = Phase.FAILED
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("the model could not be started: %s", self.error)
 
     def _build(self) -> None:
-        loaded = self.loaded
+        loaded = self.loaded_model
         model_max = int(loaded.config.max_position_embeddings)
         wanted = self.settings.max_input_tokens
         if wanted and wanted > model_max:
@@ -142,7 +154,7 @@ class ServiceState:
             log.warning(
                 "compute_dtype bfloat16 on a CPU without AMX or AVX-512-BF16: expect it to be slower than float32"
             )
-        self.neurons_per_token = [tuple(x) for x in loaded.model.neurons_per_token()]  # type: ignore[misc]
+        self.neurons_per_token = [(e, d) for e, d in loaded.model.neurons_per_token()]
         self.metrics.set_model(
             self.neurons_per_token,
             self.backend.tree_shape,

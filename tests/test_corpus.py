@@ -19,8 +19,9 @@ TOPICS = ("river", "market", "winter", "engine", "garden", "violin", "harbour", 
 
 
 def _doc(topic: str, i: int, n: int = 4) -> str:
-    return "\n".join(f"The {topic} number {i} had story line {j} about the {TOPICS[(i + j) % len(TOPICS)]} today."
-                     for j in range(n))
+    return "\n".join(
+        f"The {topic} number {i} had story line {j} about the {TOPICS[(i + j) % len(TOPICS)]} today." for j in range(n)
+    )
 
 
 def _news(root: Path) -> Iterator[tuple[str, str]]:
@@ -38,15 +39,22 @@ def _reviews(root: Path) -> Iterator[tuple[str, str]]:
 
 def _questions(root: Path) -> Iterator[tuple[str, str]]:
     for i in range(10):
-        yield f"q{i}", (f"How does question {i} about the {TOPICS[i]} work? "
-                        f"It works by answering the {TOPICS[i]} questions well.")
+        yield (
+            f"q{i}",
+            (
+                f"How does question {i} about the {TOPICS[i]} work? "
+                f"It works by answering the {TOPICS[i]} questions well."
+            ),
+        )
 
 
 def _sources() -> list[C.Source]:
     pkg = C.Package("pypi", "none", "0")
-    return [C.Source("news-a", "news", pkg, "test", _news, holdout=0.2),
-            C.Source("reviews-a", "reviews", pkg, "test", _reviews, holdout=0.2),
-            C.Source("faq-a", "questions", pkg, "test", _questions, heldout_only=True)]
+    return [
+        C.Source("news-a", "news", pkg, "test", _news, holdout=0.2),
+        C.Source("reviews-a", "reviews", pkg, "test", _reviews, holdout=0.2),
+        C.Source("faq-a", "questions", pkg, "test", _questions, heldout_only=True),
+    ]
 
 
 def _sentences(folder: Path) -> list[str]:
@@ -80,8 +88,9 @@ def test_duplicates_are_removed_across_sources_and_documents(built: tuple[Path, 
     folded = [C.sentence_hash(s) for s in every]
     assert len(folded) == len(set(folded))
     # the copied document and the upper-case copy of a news sentence in every review were dropped
-    assert report["sources"]["news-a"]["train"]["duplicates"] + report["sources"]["news-a"]["heldout"][
-        "duplicates"] == 4
+    assert (
+        report["sources"]["news-a"]["train"]["duplicates"] + report["sources"]["news-a"]["heldout"]["duplicates"] == 4
+    )
     assert sum(report["sources"]["reviews-a"][side]["duplicates"] for side in ("train", "heldout")) == 40
     assert not any("##" in s for s in every)
 
@@ -109,7 +118,7 @@ def test_token_store_matches_the_training_text(built: tuple[Path, dict], minilm_
     tok = Tokenizer.from_folder(minilm_dir)
     for row, sentence in zip(index[::7], train[::7]):
         off, n, _ = (int(v) for v in row)
-        assert tokens[off: off + n].tolist() == tok.encode([sentence], max_length=512, truncate=True)[0][1:-1]
+        assert tokens[off : off + n].tolist() == tok.encode([sentence], max_length=512, truncate=True)[0][1:-1]
     assert np.all(np.diff(index[:, 2]) >= 0)  # documents are numbered in order
 
 
@@ -153,7 +162,10 @@ def test_corpus_text_rejects_bad_arguments(built: tuple[Path, dict]) -> None:
 
 def test_sentence_rules() -> None:
     assert C.split_sentences("One sentence here. Another one follows!\nA new paragraph (really).") == [
-        "One sentence here.", "Another one follows!", "A new paragraph (really)."]
+        "One sentence here.",
+        "Another one follows!",
+        "A new paragraph (really).",
+    ]
     assert C.is_english_sentence("The cat sat on the mat all afternoon.")
     assert not C.is_english_sentence("too short")
     assert not C.is_english_sentence("1234 5678 9012 3456 7890 1234 5678")
@@ -165,19 +177,32 @@ def test_sentence_rules() -> None:
 def test_html_and_source_readers(tmp_path: Path) -> None:
     from engine.training import sources as S
 
-    text = S.html_text("<html><head><title>x</title></head><body><nav>Skip me</nav><p>First <b>bold</b> "
-                       "paragraph.</p><pre>code = 1</pre><ul><li>An item.</li></ul><script>var a;</script></body>")
+    text = S.html_text(
+        "<html><head><title>x</title></head><body><nav>Skip me</nav><p>First <b>bold</b> "
+        "paragraph.</p><pre>code = 1</pre><ul><li>An item.</li></ul><script>var a;</script></body>"
+    )
     assert text.splitlines() == ["First bold paragraph.", "An item."]
-    assert {s.register for s in S.SOURCES} >= {"encyclopedic", "news", "fiction", "reviews", "email",
-                                                  "technical", "definitions", "questions-answers"}
+    assert {s.register for s in S.SOURCES} >= {
+        "encyclopedic",
+        "news",
+        "fiction",
+        "reviews",
+        "email",
+        "technical",
+        "definitions",
+        "questions-answers",
+    }
     assert len({s.name for s in S.SOURCES}) == len(S.SOURCES)
     assert any(s.heldout_only for s in S.SOURCES)
     wn = tmp_path / "usr/share/wordnet"
     wn.mkdir(parents=True)
-    (wn / "data.noun").write_text("  1 This software and database is being provided\n"
-                                  "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 000 | a member of the "
-                                  "genus Canis; \"the dog barked all night\"\n")
+    (wn / "data.noun").write_text(
+        "  1 This software and database is being provided\n"
+        "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 000 | a member of the "
+        'genus Canis; "the dog barked all night"\n'
+    )
     for pos in ("verb", "adj", "adv"):
         (wn / f"data.{pos}").write_text("")
     assert list(S.wordnet_glosses(tmp_path)) == [
-        ("noun:02084071", "Dog: a member of the genus Canis.\nThe dog barked all night.")]
+        ("noun:02084071", "Dog: a member of the genus Canis.\nThe dog barked all night.")
+    ]

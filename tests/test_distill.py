@@ -22,9 +22,11 @@ from engine.checkpoint import load_model
 from engine.training.distill import DistillOptions, distill
 from service.app import create_app
 
-WORDS = ("the film was a quiet triumph of light and memory; every scene felt alive and honest yet the plot "
-         "dragged on while the actors seemed lost in a script nobody had finished writing before shooting began "
-         "history of the city river bridge market winter summer music science theory numbers war peace").split()
+WORDS = (
+    "the film was a quiet triumph of light and memory; every scene felt alive and honest yet the plot "
+    "dragged on while the actors seemed lost in a script nobody had finished writing before shooting began "
+    "history of the city river bridge market winter summer music science theory numbers war peace"
+).split()
 
 
 def _texts(n: int, seed: int = 0) -> list[str]:
@@ -42,8 +44,14 @@ def tiny_teacher(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from transformers import BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("teacher") / "tiny-bert-teacher"
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     model = BertModel(cfg, add_pooling_layer=False)
     with torch.no_grad():  # make the FFNs matter, so the ablation differs from the teacher
@@ -59,9 +67,25 @@ def tiny_teacher(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _opts(teacher: Path, out: Path, **kw: object) -> DistillOptions:
     texts = _texts(160)
     head = (_texts(40, seed=1), ["fresh" if i % 2 else "rotten" for i in range(40)])
-    base = DistillOptions(teacher=str(teacher), out=str(out), trees=2, depth=2, seed=3, layer_steps=12, steps=8,
-                          layer_lr=3e-3, lr=1e-3, layer_batch_tokens=256, batch_size=8, max_length=32,
-                          cache_tokens=2000, checkpoint_every=5, save_dtype="float32", texts=texts, head_data=head)
+    base = DistillOptions(
+        teacher=str(teacher),
+        out=str(out),
+        trees=2,
+        depth=2,
+        seed=3,
+        layer_steps=12,
+        steps=8,
+        layer_lr=3e-3,
+        lr=1e-3,
+        layer_batch_tokens=256,
+        batch_size=8,
+        max_length=32,
+        cache_tokens=2000,
+        checkpoint_every=5,
+        save_dtype="float32",
+        texts=texts,
+        head_data=head,
+    )
     return replace(base, **kw)
 
 
@@ -136,9 +160,12 @@ def test_evaluate_on_a_tiny_model(distilled: Path, tiny_teacher: Path, tmp_path:
 
     docs = _texts(8, seed=5)
     sims = [float(i % 3) / 2 for i in range(8 * 7 // 2)]
-    texts = {"heldout": _texts(30, seed=4), "lee": (docs, sims),
-             "train": (_texts(40, seed=6), ["fresh" if i % 3 else "rotten" for i in range(40)]),
-             "test": (_texts(20, seed=7), ["fresh" if i % 3 else "rotten" for i in range(20)])}
+    texts = {
+        "heldout": _texts(30, seed=4),
+        "lee": (docs, sims),
+        "train": (_texts(40, seed=6), ["fresh" if i % 3 else "rotten" for i in range(40)]),
+        "test": (_texts(20, seed=7), ["fresh" if i % 3 else "rotten" for i in range(20)]),
+    }
     report = evaluate(distilled, tiny_teacher, texts=texts)
     r = report["results"]
     assert r["teacher"]["cos_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -163,11 +190,16 @@ def test_evaluate_per_register(distilled: Path, tiny_teacher: Path) -> None:
 
     docs = _texts(8, seed=5)
     sims = [float(i % 3) / 2 for i in range(8 * 7 // 2)]
-    texts = {"heldout": _texts(12, seed=4), "lee": (docs, sims),
-             "train": (_texts(20, seed=6), ["fresh" if i % 3 else "rotten" for i in range(20)]),
-             "test": (_texts(10, seed=7), ["fresh" if i % 3 else "rotten" for i in range(10)])}
-    sets = {"movies": _texts(30, seed=8), "other": [f"question {i}: where is the {w}?" for i, w in
-                                                    enumerate(WORDS[:25])]}
+    texts = {
+        "heldout": _texts(12, seed=4),
+        "lee": (docs, sims),
+        "train": (_texts(20, seed=6), ["fresh" if i % 3 else "rotten" for i in range(20)]),
+        "test": (_texts(10, seed=7), ["fresh" if i % 3 else "rotten" for i in range(10)]),
+    }
+    sets = {
+        "movies": _texts(30, seed=8),
+        "other": [f"question {i}: where is the {w}?" for i, w in enumerate(WORDS[:25])],
+    }
     labels = ["positive" if i % 2 else "negative" for i in range(30)]
     probe = {"train": (_texts(30, seed=12), labels), "tweets": (_texts(30, seed=13), labels[::-1])}
     report = evaluate(distilled, tiny_teacher, texts=texts, register_texts=sets, probe_data=probe)
@@ -175,7 +207,8 @@ def test_evaluate_per_register(distilled: Path, tiny_teacher: Path) -> None:
     assert set(p) == {"teacher", "student", "ablation"} and all(set(v) == {"tweets"} for v in p.values())
     assert all(0 <= v["tweets"] <= 1 for v in p.values())
     assert report["summary"]["probe_gap_points"]["tweets"] == pytest.approx(
-        100 * (p["student"]["tweets"] - p["teacher"]["tweets"]))
+        100 * (p["student"]["tweets"] - p["teacher"]["tweets"])
+    )
     assert "sentiment probe" in format_table(report)
     regs = report["registers"]
     assert set(regs) == {"movies", "other"} and regs["movies"]["sentences"] == 30
@@ -196,8 +229,9 @@ def test_register_sentences_spread_over_documents(tmp_path: Path) -> None:
     from engine.training.evaluate import register_sentences
 
     (tmp_path / "heldout").mkdir()
-    (tmp_path / "heldout" / "a.txt").write_text("".join("".join(f"a{d}s{i}\n" for i in range(50)) + "\n"
-                                                        for d in range(3)))
+    (tmp_path / "heldout" / "a.txt").write_text(
+        "".join("".join(f"a{d}s{i}\n" for i in range(50)) + "\n" for d in range(3))
+    )
     (tmp_path / "heldout" / "b.txt").write_text("b0s0\nb0s1\n\n")
     (tmp_path / REPORT_FILE).write_text(json.dumps({"sources": {"a": {"register": "r1"}, "b": {"register": "r2"}}}))
     sets = register_sentences(tmp_path, 6, seed=1)
@@ -206,8 +240,9 @@ def test_register_sentences_spread_over_documents(tmp_path: Path) -> None:
     assert sets == register_sentences(tmp_path, 6, seed=1)
 
 
-def test_grow_keeps_the_earlier_trees_and_fits_the_added_ones(tiny_teacher: Path, distilled: Path,
-                                                               tmp_path: Path) -> None:
+def test_grow_keeps_the_earlier_trees_and_fits_the_added_ones(
+    tiny_teacher: Path, distilled: Path, tmp_path: Path
+) -> None:
     """``grow_from``: the grown student starts as the earlier one (added trees' output rows at zero), the added
     trees are then fitted to what the earlier trees miss (every layer's error goes down), and end-to-end training
     follows; an interrupted grown run resumes to the same state."""
@@ -273,15 +308,35 @@ def test_cli_defaults_match_distill_options() -> None:
 
     args = build_parser().parse_args(["distill"])
     defaults = DistillOptions()
-    pairs = {"out": "out", "trees": "trees", "depth": "depth", "seed": "seed", "time_budget": "time_budget_min",
-             "layerwise_share": "layerwise_share", "layer_steps": "layer_steps", "steps": "steps",
-             "layer_lr": "layer_lr", "lr": "lr", "layer_batch_tokens": "layer_batch_tokens",
-             "batch_size": "batch_size", "max_length": "max_length", "cache_tokens": "cache_tokens",
-             "head_train_size": "head_train_size", "save_dtype": "save_dtype", "teacher": "teacher",
-             "hidden_weight": "hidden_weight", "embed_weight": "embed_weight", "relation_weight": "relation_weight",
-             "sampling": "sampling", "token_noise": "token_noise", "corpus": "corpus",
-             "routing_tau": "routing_tau", "grow_from": "grow_from", "register_weighting": "register_weighting",
-             "init_student": "init_student"}
+    pairs = {
+        "out": "out",
+        "trees": "trees",
+        "depth": "depth",
+        "seed": "seed",
+        "time_budget": "time_budget_min",
+        "layerwise_share": "layerwise_share",
+        "layer_steps": "layer_steps",
+        "steps": "steps",
+        "layer_lr": "layer_lr",
+        "lr": "lr",
+        "layer_batch_tokens": "layer_batch_tokens",
+        "batch_size": "batch_size",
+        "max_length": "max_length",
+        "cache_tokens": "cache_tokens",
+        "head_train_size": "head_train_size",
+        "save_dtype": "save_dtype",
+        "teacher": "teacher",
+        "hidden_weight": "hidden_weight",
+        "embed_weight": "embed_weight",
+        "relation_weight": "relation_weight",
+        "sampling": "sampling",
+        "token_noise": "token_noise",
+        "corpus": "corpus",
+        "routing_tau": "routing_tau",
+        "grow_from": "grow_from",
+        "register_weighting": "register_weighting",
+        "init_student": "init_student",
+    }
     for arg, field_name in pairs.items():
         assert getattr(args, arg) == getattr(defaults, field_name), arg
 
@@ -300,8 +355,9 @@ def test_init_student_continues_end_to_end_only(tiny_teacher: Path, distilled: P
         assert 0 < moved < 2 * opts.lr, name  # one Adam step (each weight moves at most ~lr) off the earlier ones
 
 
-def test_fresh_windows_and_token_noise_resume_to_the_same_state(tiny_teacher: Path, distilled: Path,
-                                                                 tmp_path: Path) -> None:
+def test_fresh_windows_and_token_noise_resume_to_the_same_state(
+    tiny_teacher: Path, distilled: Path, tmp_path: Path
+) -> None:
     """End-to-end batches built afresh each step (``sampling="windows"``, ``token_noise``) are drawn from the step's
     own generator, so an interrupted run ends where an uninterrupted one does; the options reach the saved config."""
     kw = {"init_student": str(distilled), "steps": 4, "sampling": "windows", "token_noise": 0.2}
@@ -353,7 +409,7 @@ def test_zero_trees_trains_the_no_feedforward_control(tiny_teacher: Path, distil
     assert loaded.config.ffn == "none" and loaded.model.fffs() == []
     assert loaded.model.neurons_per_token()[0][0] == 0
     teacher = load_model(tiny_teacher)
-    moved = (loaded.model.layers[0].attention.query.weight - teacher.model.layers[0].attention.query.weight)
+    moved = loaded.model.layers[0].attention.query.weight - teacher.model.layers[0].attention.query.weight
     assert moved.abs().max() > 0  # attention was trained
     ids = [loaded.tokenizer.encode(["a quiet film"], max_length=32, truncate=True)[0]]
     assert torch.isfinite(loaded.model.embed_ids(ids)).all()
@@ -387,13 +443,14 @@ def test_linear_head_ignores_constant_features() -> None:
 
 
 def test_closed_form_layer_fit(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
-    final = distill(_opts(tiny_teacher, tmp_path / "fit", layer_init="fit", refit_out=True, steps=2),
-                    progress=False)
+    final = distill(_opts(tiny_teacher, tmp_path / "fit", layer_init="fit", refit_out=True, steps=2), progress=False)
     extra = load_model(final).config.extra
     assert extra["distill"]["layer_init"] == "fit" and extra["distill"]["refit_out"] is True
     teacher_init = load_model(distilled).config.extra["layer_errors_init"]
     # before any step, the fitted layers are already closer to their FFNs than the teacher-neuron initialisation
-    assert all(f < t for f, t in zip(extra["layer_errors_init"], teacher_init)), (extra["layer_errors_init"],
-                                                                                  teacher_init)
+    assert all(f < t for f, t in zip(extra["layer_errors_init"], teacher_init)), (
+        extra["layer_errors_init"],
+        teacher_init,
+    )
     with pytest.raises(ValueError, match="layer_init"):
         distill(_opts(tiny_teacher, tmp_path / "bad", layer_init="pca"), progress=False)

@@ -33,8 +33,9 @@ from engine.config import ModelConfig
 from engine.fff import FFF
 from engine.model import UltraFastBert
 
-FF_TOKENS = (1, 16, 128, 1024, 8192)
-ENCODER_SHAPES = ((1, 128), (8, 128), (32, 128))
+FF_TOKENS: tuple[int, ...] = (1, 16, 128, 1024, 8192)
+ENCODER_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (8, 128), (32, 128))
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # FFF.packed_weights(): w_in, b_in, w_out
 
 
 def measure(contenders: dict[str, Callable[[int], Any]], repeats: int, min_seconds: float) -> dict[str, float]:
@@ -89,9 +90,17 @@ def bench_ff_layer(tokens: tuple[int, ...], repeats: int, min_seconds: float) ->
         }
         if C.KERNEL.compiled:
             for tag, w in packed.items():
-                contenders[f"cmm_op_{tag}"] = lambda i, w=w: C.cmm(pick(i), *w, depth)
+
+                def op(i: int, w: Packed = w) -> Any:
+                    return C.cmm(pick(i), *w, depth)
+
+                contenders[f"cmm_op_{tag}"] = op
         for tag, module in modules.items():
-            contenders[f"fff_module_{tag}"] = lambda i, m=module: m(pick(i))
+
+            def call_module(i: int, m: FFF = module) -> Any:
+                return m(pick(i))
+
+            contenders[f"fff_module_{tag}"] = call_module
         with torch.inference_mode():
             secs = measure(contenders, repeats, min_seconds if n <= 1024 else min_seconds * 2)
         row: dict[str, Any] = {"tokens": n}
@@ -135,10 +144,18 @@ def bench_anatomy(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
                 fff = FFF(width, width, depth, trees=1, weight_dtype=dtype).eval()
                 w = fff.packed_weights()
                 random_x = [torch.randn(n, width) for _ in range(2)]
-                cases[f"depth{depth}_random"] = lambda i, w=w, d=depth, xs=random_x: C.cmm(xs[i % 2], *w, d)
+
+                def random_paths(i: int, w: Packed = w, d: int = depth, xs: list[torch.Tensor] = random_x) -> Any:
+                    return C.cmm(xs[i % 2], *w, d)
+
+                cases[f"depth{depth}_random"] = random_paths
                 if depth == 11:
                     same_x = torch.randn(1, width).expand(n, width).contiguous()
-                    cases["depth11_one_path"] = lambda i, w=w, x=same_x: C.cmm(x, *w, 11)
+
+                    def one_path(i: int, w: Packed = w, x: torch.Tensor = same_x) -> Any:
+                        return C.cmm(x, *w, 11)
+
+                    cases["depth11_one_path"] = one_path
             with torch.inference_mode():
                 secs = measure(cases, repeats, min_seconds)
             row = {"weights": str(dtype).replace("torch.", ""), "tokens": n, "threads": 1}
@@ -184,10 +201,10 @@ def bench_variants(repeats: int, min_seconds: float) -> list[dict[str, Any]]:
             xs = [torch.randn(n, width) for _ in range(2)]
             one_pass, avx2 = _pinned(split=0), _pinned(path="avx2")
             cases: dict[str, Callable[[int], Any]] = {
-                "default": lambda i, x=xs: C.cmm(x[i % 2], *w, depth),
-                "one_pass": lambda i, x=xs: one_pass(lambda: C.cmm(x[i % 2], *w, depth)),
-                "avx2": lambda i, x=xs: avx2(lambda: C.cmm(x[i % 2], *w, depth)),
-                "dispatcher": lambda i, x=xs: torch.ops.ufb.cmm.default(x[i % 2], *w, depth, False),
+                "default": lambda i: C.cmm(xs[i % 2], *w, depth),
+                "one_pass": lambda i: one_pass(lambda: C.cmm(xs[i % 2], *w, depth)),
+                "avx2": lambda i: avx2(lambda: C.cmm(xs[i % 2], *w, depth)),
+                "dispatcher": lambda i: torch.ops.ufb.cmm.default(xs[i % 2], *w, depth, False),
             }
             with torch.inference_mode():
                 secs = measure(cases, repeats, min_seconds)
@@ -234,9 +251,10 @@ def bench_encoder(shapes: tuple[tuple[int, int], ...], repeats: int, min_seconds
         model = UltraFastBert(encoder_config(ffn)).eval()
         model.init_weights(seed=0)
         models[ffn] = model
-    models["fff_bf16"] = UltraFastBert(encoder_config("fff")).eval()
-    models["fff_bf16"].load_state_dict(models["fff"].state_dict())
-    models["fff_bf16"].set_ffn_weight_dtype(torch.bfloat16)
+    fff_bf16 = UltraFastBert(encoder_config("fff")).eval()
+    fff_bf16.load_state_dict(models["fff"].state_dict())
+    fff_bf16.set_ffn_weight_dtype(torch.bfloat16)
+    models["fff_bf16"] = fff_bf16
     hf = BertModel(
         BertConfig(
             vocab_size=32768,
@@ -254,9 +272,13 @@ def bench_encoder(shapes: tuple[tuple[int, int], ...], repeats: int, min_seconds
         gen = torch.Generator().manual_seed(batch)
         inputs = [torch.randint(1, 32768, (batch, seq), generator=gen) for _ in range(2)]
         mask = torch.ones(batch, seq, dtype=torch.long)
-        contenders: dict[str, Callable[[int], Any]] = {
-            name: (lambda i, m=m: m(inputs[i % 2], mask)) for name, m in models.items()
-        }
+        contenders: dict[str, Callable[[int], Any]] = {}
+        for name, m in models.items():
+
+            def run(i: int, m: torch.nn.Module = m) -> Any:
+                return m(inputs[i % 2], mask)
+
+            contenders[name] = run
         contenders["hf_bert"] = lambda i: hf(input_ids=inputs[i % 2], attention_mask=mask)
         with torch.inference_mode():
             secs = measure(contenders, repeats, min_seconds)

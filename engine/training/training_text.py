@@ -38,8 +38,16 @@ def seeded(seed: int, *parts: int) -> torch.Generator:
 
 
 class TrainingText:
-    def __init__(self, tokenizer: Tokenizer, texts: Sequence[str], max_length: int, seed: int, *,
-                 sampling: str = "fixed", token_noise: float = 0.0) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        texts: Sequence[str],
+        max_length: int,
+        seed: int,
+        *,
+        sampling: str = "fixed",
+        token_noise: float = 0.0,
+    ) -> None:
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if not 0.0 <= token_noise < 1.0:
@@ -57,8 +65,9 @@ class TrainingText:
         if not self.pieces:
             raise ValueError("the training text has no tokens")
         self.chunks = self._pack(torch.Generator().manual_seed(seed), seeded(seed, 1))
-        self.frequencies = torch.bincount(torch.tensor([t for p in self.pieces for t in p]),
-                                          minlength=tokenizer.vocab_size).double()
+        self.frequencies = torch.bincount(
+            torch.tensor([t for p in self.pieces for t in p]), minlength=tokenizer.vocab_size
+        ).double()
 
     def _wrap(self, body: list[int]) -> list[int]:
         return [self.cls_id] + body[: self.max_length - 2] + [self.sep_id]
@@ -99,8 +108,9 @@ class TrainingText:
         if hit.numel() == 0:
             return seq
         out = list(seq)
-        for pos, tok in zip(hit.tolist(), torch.multinomial(self.frequencies, hit.numel(), replacement=True,
-                                                            generator=gen).tolist()):
+        for pos, tok in zip(
+            hit.tolist(), torch.multinomial(self.frequencies, hit.numel(), replacement=True, generator=gen).tolist()
+        ):
             out[1 + pos] = tok
         return out
 
@@ -129,8 +139,18 @@ class CorpusText:
     consecutive sentences of the same document while they fit (a longer first sentence is cut). Nothing is held in
     memory but the index of sentences."""
 
-    def __init__(self, corpus: str, max_length: int, seed: int, *, cls_id: int, sep_id: int,
-                 weighting: str = "sqrt", token_noise: float = 0.0, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        corpus: str,
+        max_length: int,
+        seed: int,
+        *,
+        cls_id: int,
+        sep_id: int,
+        weighting: str = "sqrt",
+        token_noise: float = 0.0,
+        vocab_size: int | None = None,
+    ) -> None:
         import numpy as np
 
         from engine.training.corpus import SENTENCES_FILE, TOKENS_FILE, load_report
@@ -174,13 +194,13 @@ class CorpusText:
 
     def _window(self, start: int, target: int) -> list[int]:
         off, n, doc = (int(v) for v in self.index[start])
-        body = self.tokens[off: off + n].tolist()
+        body = self.tokens[off : off + n].tolist()
         i = start + 1
         while i < len(self.index) and int(self.index[i, 2]) == doc:
             off, n, _ = (int(v) for v in self.index[i])
             if len(body) + n > target - 2:
                 break
-            body.extend(self.tokens[off: off + n].tolist())
+            body.extend(self.tokens[off : off + n].tolist())
             i += 1
         return [self.cls_id] + body[: target - 2] + [self.sep_id]
 
@@ -188,8 +208,10 @@ class CorpusText:
         assert self.frequencies is not None
         hit = (torch.rand(len(seq) - 2, generator=gen) < self.token_noise).nonzero().squeeze(1)
         out = list(seq)
-        for pos, tok in zip(hit.tolist(), torch.multinomial(self.frequencies, max(1, hit.numel()), replacement=True,
-                                                            generator=gen).tolist()):
+        for pos, tok in zip(
+            hit.tolist(),
+            torch.multinomial(self.frequencies, max(1, hit.numel()), replacement=True, generator=gen).tolist(),
+        ):
             out[1 + pos] = tok
         return out
 

@@ -23,11 +23,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
+from starlette.types import Lifespan as AppLifespan
 
 from service.app import create_app
 from service.ray_serve import discovery
@@ -105,7 +106,7 @@ class UltraFastBERTReplica:
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
         return app
 
-    def _lifespan(self, inner: Lifespan) -> Lifespan:
+    def _lifespan(self, inner: AppLifespan[Any]) -> Lifespan:
         @contextlib.asynccontextmanager
         async def lifespan(app: Any) -> AsyncIterator[None]:
             async with inner(app):
@@ -183,7 +184,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     settings_args, ray_args = split_args(args or {})
     settings = Settings(**settings_args)
     options = RayOptions(**ray_args)
-    deployment = UltraFastBERTReplica.options(
+    # @serve.deployment made the class a Deployment; mypy keeps a decorated class's own type
+    deployment = cast(Deployment, UltraFastBERTReplica).options(
         **options.deployment_options(settings.shutdown_grace_s + settings.shutdown_delay_s)
     )
     return deployment.bind(replica_settings(settings), options.model_dump(mode="json"))

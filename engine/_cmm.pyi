@@ -1,0 +1,23 @@
+"""Types of the compiled extension ``engine._cmm``: keep in step with csrc/cpu/cmm_op.cpp (``add_cpu_controls``)
+and csrc/python/fast_path.cpp (``add_fast_path``)."""
+
+from types import NotImplementedType
+
+import torch
+
+def cpu_path() -> str: ...
+def force_path(name: str) -> None: ...
+def split_level(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, depth: int) -> int: ...
+def force_split(split: int) -> None: ...
+def cmm_eager(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    depth: int,
+    return_leaves: bool,
+    b_out: torch.Tensor | None = None,
+    /,
+) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+def fff_forward(module: object, x: object, /) -> torch.Tensor | NotImplementedType: ...
+def tensor_stamp(*tensors: torch.Tensor) -> bytes: ...
