@@ -16,6 +16,7 @@ import torch
 
 from engine.errors import InputTooLong
 from engine.packing import DEFAULT_MAX_PADDING_RATIO
+from engine.precision import quantize_int8
 
 
 class Task(str, Enum):
@@ -47,7 +48,7 @@ class ModelBackend:
     """Runs batches through a loaded model; the batcher's inference workers call :meth:`forward`, possibly at once
     (the model is only read, and FFF leaves are recorded per thread)."""
 
-    COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+    COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.qint8)  # engine.precision
 
     def __init__(
         self,
@@ -58,7 +59,8 @@ class ModelBackend:
         if compute_dtype not in self.COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {self.COMPUTE_DTYPES}, got {compute_dtype}")
         self.compute_dtype = compute_dtype
-        self.model = loaded.model
+        # int8: a quantized copy serves; the loaded model stays float32 for whoever else holds it
+        self.model = quantize_int8(loaded.model) if compute_dtype == torch.qint8 else loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.vocab_size = int(getattr(self.tokenizer, "vocab_size", self.config.vocab_size))

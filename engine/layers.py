@@ -69,10 +69,26 @@ class SelfAttention(nn.Module, ABC):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
+        # Inference only: the q/k/v projection as one module, so it can be swapped whole (int8: engine.precision).
+        self.qkv_fused: nn.Module | None = None
 
     @abstractmethod
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., H]`` -> ``[..., 3, heads, head_dim]`` (q, k, v)."""
+
+    @abstractmethod
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q/k/v projection as one ``[3H, H]`` weight and its bias, in the output order of :meth:`qkv_heads`."""
+
+    def use_fused_projection(self) -> None:
+        """From now on project q/k/v through ``qkv_fused``, one ``nn.Linear`` with the same function."""
+        weight, bias = self.projection_weights()
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+            if bias is not None:
+                fused.bias.copy_(bias)
+        self.qkv_fused = fused
 
     def pack_inference_weights(self) -> None:
         """Build any inference-time copy of the projections now (see :meth:`UltraFastBert.pack_inference_weights`)."""

@@ -621,7 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pool", type=int, default=None, help="inputs drawn per step (default: the batch size)")
     p.add_argument(
-        "--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="as the service's --compute-dtype"
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "int8"),
+        default="float32",
+        help="as the service's --compute-dtype",
     )
     p.add_argument(
         "--workers",
@@ -645,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compute-dtype",
-        choices=("float32", "bfloat16"),
+        choices=("float32", "bfloat16", "int8"),
         default="float32",
         help="for the engine run and the server (passed as --compute-dtype)",
     )

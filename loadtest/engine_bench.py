@@ -197,10 +197,11 @@ def _run_engine(
 
     from engine.backend import ModelBackend, Task
     from engine.checkpoint import load_model
+    from engine.precision import COMPUTE_DTYPES
     from loadtest.runner import percentile
 
     loaded = load_model(model) if isinstance(model, (str, Path)) else model
-    backend = ModelBackend(loaded, compute_dtype=getattr(torch, compute_dtype))
+    backend = ModelBackend(loaded, compute_dtype=COMPUTE_DTYPES[compute_dtype])
     mix = TextMix(seed=seed, source=source)
     max_len = backend.max_input_tokens
 

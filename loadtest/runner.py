@@ -219,7 +219,8 @@ def _transport_error(exc: BaseException) -> str:
 async def _one(client: Client, workload: Workload, sent: float) -> Sample:
     body, n = workload.body()
     try:
-        async with client.session.post(endpoint(client.url, workload.route), json=body, headers=workload.headers()) as r:
+        url = endpoint(client.url, workload.route)
+        async with client.session.post(url, json=body, headers=workload.headers()) as r:
             await r.read()
             status, h = r.status, r.headers
     except (asyncio.TimeoutError, aiohttp.ClientError) as exc:

@@ -47,10 +47,11 @@ class Settings(BaseSettings):
     weight_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the packed FFF weights."
     )
-    compute_dtype: Literal["float32", "bfloat16"] = Field(
+    compute_dtype: Literal["float32", "bfloat16", "int8"] = Field(
         "float32",
-        description="Dtype of the encoder's matrix products and attention (torch.autocast). bfloat16 "
-        "runs on AMX / AVX-512-BF16 where the CPU has them: faster, embeddings move by ~1e-3 in cosine.",
+        description="Precision of the encoder's dense matrix products (engine/precision.py): bfloat16 "
+        "(autocast; native on AMX / AVX-512-BF16, emulated and slower elsewhere) or int8 (dynamically quantized "
+        "linears). Both are opt-in: their fidelity to float32 is in docs/serving.md.",
     )
     torch_threads: int | None = Field(
         None,

@@ -16,6 +16,7 @@ import torch
 
 from engine.backend import ModelBackend, Task
 from engine.batcher import Batcher, BatcherLimits, worker_threads
+from engine.precision import COMPUTE_DTYPES, cpu_features, is_native
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -51,13 +52,6 @@ class Phase:
     FAILED = "failed"
 
 
-def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512-BF16); elsewhere torch emulates it."""
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
-
-
 def kernel_info() -> KernelInfo:
     """``engine.cmm.KERNEL``; imported lazily so the service module imports even without the extension."""
     from engine.cmm import KERNEL
@@ -80,6 +74,7 @@ class ServiceState:
         self.neurons_per_token: list[tuple[int, int]] = []
         self.shutdown_started: float | None = None  # time.monotonic() of begin_shutdown
         self.ready_since: float | None = None  # time.time() when the model became ready (OpenAI's "created")
+        self.cpu = cpu_features()
 
     # ------------------------------------------------------------------ derived facts
 
@@ -149,10 +144,12 @@ class ServiceState:
         if wanted and wanted > model_max:
             log.warning("max_input_tokens %d exceeds the model's %d positions; using %d", wanted, model_max, model_max)
         self.max_input_tokens = min(wanted or model_max, model_max)
-        self.backend = ModelBackend(loaded, compute_dtype=DTYPES[self.settings.compute_dtype])
-        if self.backend.compute_dtype == torch.bfloat16 and not native_bfloat16():
+        self.backend = ModelBackend(loaded, compute_dtype=COMPUTE_DTYPES[self.settings.compute_dtype])
+        if not is_native(self.backend.compute_dtype, self.cpu):
             log.warning(
-                "compute_dtype bfloat16 on a CPU without AMX or AVX-512-BF16: expect it to be slower than float32"
+                "compute_dtype %s is not native on this CPU (%s): expect it to be slower than float32",
+                self.settings.compute_dtype,
+                self.cpu,
             )
         self.neurons_per_token = [(e, d) for e, d in loaded.model.neurons_per_token()]
         self.metrics.set_model(
@@ -163,6 +160,9 @@ class ServiceState:
                 "path": str(loaded.path),
                 "layout": loaded.config.layout,
                 "ffn": loaded.config.ffn,
+                "compute_dtype": self.settings.compute_dtype,
+                "compute_native": str(is_native(self.backend.compute_dtype, self.cpu)).lower(),
+                "cpu_capability": self.cpu.capability,
             },
         )
         kernel = kernel_info()

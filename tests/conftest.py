@@ -28,6 +28,7 @@ TIERS = {
     "test_layering": "engine",
     "test_model": "engine",
     "test_model_inference": "engine",
+    "test_precision": "engine",
     "test_text_data": "engine",
     "test_tokenizer": "engine",
     "test_training_text": "engine",

@@ -249,7 +249,7 @@ def test_compute_dtype_bfloat16_serves_close_to_float32(tiny_loaded, monkeypatch
             return info["model"]["compute_dtype"], torch.tensor(r.json())
 
     dtype32, fp32 = run(embeddings(make_app(tiny_loaded)))
-    monkeypatch.setattr("service.state.native_bfloat16", lambda: False)
+    monkeypatch.setattr("service.state.is_native", lambda *_: False)
     with caplog.at_level("WARNING", logger="service"):
         dtype16, bf16 = run(embeddings(make_app(tiny_loaded, compute_dtype="bfloat16")))
     assert (dtype32, dtype16) == ("float32", "bfloat16")

@@ -69,8 +69,13 @@ class BertSelfAttention(SelfAttention):
     def pack_inference_weights(self) -> None:
         self.fused_qkv()
 
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.fused_qkv()
+
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if self.qkv_fused is not None:
+            fused = self.qkv_fused(x)
+        elif torch.is_grad_enabled():
             fused = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         else:
             weight, bias = self.fused_qkv()

@@ -63,8 +63,12 @@ class CrammedSelfAttention(SelfAttention):
         self.qkv = nn.Linear(h, 3 * h, bias=False)
         self.out = nn.Linear(h, h, bias=False)
 
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.qkv.weight.detach(), None
+
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv(x).unflatten(-1, (self.num_heads, 3, self.head_dim)).transpose(-3, -2)
+        proj = self.qkv if self.qkv_fused is None else self.qkv_fused
+        return proj(x).unflatten(-1, (self.num_heads, 3, self.head_dim)).transpose(-3, -2)
 
 
 class CrammedLayer(EncoderLayer):
