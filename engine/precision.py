@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.qint8}
 
@@ -63,7 +65,7 @@ def is_native(compute_dtype: torch.dtype, features: CpuFeatures | None = None) -
     return True
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: M) -> M:
     """A copy of ``model`` whose dense linears run as dynamically quantized int8 (``model`` is left as it is).
 
     Quantized: every attention's q/k/v projection (as one fused linear) and output projection, and a dense
