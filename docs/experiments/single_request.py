@@ -30,7 +30,8 @@ def main(model: str, text: str = "The movie was great.") -> None:
             total.append(float(r.headers["x-total-time"]))
         print(
             f"{text!r} ({r.headers['x-compute-tokens']} tokens): p50 {statistics.median(lat):.2f} ms at the client, "
-            f"server x-total-time {statistics.median(total):.2f} ms, x-inference-time {statistics.median(inference):.2f} ms"
+            f"server x-total-time {statistics.median(total):.2f} ms, "
+            f"x-inference-time {statistics.median(inference):.2f} ms"
         )
 
 
