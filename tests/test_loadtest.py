@@ -323,7 +323,7 @@ def test_compare_takes_any_openai_compatible_endpoint(
     assert cli.main(["run", f"{url}/embeddings", "--model-name", "other/model", "-c", "1", *SHORT, "--json"]) == 1
     assert set(seen) == {"other/model"} and set(json.loads(capsys.readouterr().out)["errors"]) == {"400"}
     with pytest.raises(SystemExit, match="one --model-name, or one per target"):
-        cli.main([*args[:5], "--model-name", "a", "b", "c"])
+        cli.main(["compare", f"{url}/embeddings", server.url, "--model-name", "a", "b", "c", "-c", "1", *SHORT])
 
 
 def test_soak_reports_rss_and_p99_over_time(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
