@@ -16,7 +16,7 @@ import torch
 
 from engine.errors import InputTooLong
 from engine.packing import DEFAULT_MAX_PADDING_RATIO
-from engine.precision import quantize_int8
+from engine.precision import COMPUTE_DTYPES, quantize_int8
 
 
 class Task(str, Enum):
@@ -48,7 +48,7 @@ class ModelBackend:
     """Runs batches through a loaded model; the batcher's inference workers call :meth:`forward`, possibly at once
     (the model is only read, and FFF leaves are recorded per thread)."""
 
-    COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.qint8)  # engine.precision
+    COMPUTE_DTYPES = tuple(COMPUTE_DTYPES.values())
 
     def __init__(
         self,

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ValidationError
 from engine.backend import Outputs, Task
 from engine.batcher import Result, check_vocabulary
 from engine.errors import EmptyInput, InputTooLong, Overloaded
-from engine.precision import COMPUTE_DTYPES, is_native
 from engine.tokenizer import Tokenizer
 from service import __version__
 from service import errors as E
@@ -697,7 +696,7 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "labels": c.labels,
             "weight_dtype": s.weight_dtype,
             "compute_dtype": s.compute_dtype,
-            "compute_native": is_native(COMPUTE_DTYPES[s.compute_dtype], state.cpu),
+            "compute_native": state.compute_native,
         }
     npt = [
         {"layer": i, "evaluated": e, "dense": d, "fraction": (e / d) if d else None}

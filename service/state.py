@@ -79,6 +79,11 @@ class ServiceState:
     # ------------------------------------------------------------------ derived facts
 
     @property
+    def compute_native(self) -> bool:
+        """Whether the configured compute precision runs in hardware on this CPU (engine.precision)."""
+        return is_native(COMPUTE_DTYPES[self.settings.compute_dtype], self.cpu)
+
+    @property
     def ready(self) -> bool:
         return self.phase == Phase.READY
 
@@ -145,7 +150,7 @@ class ServiceState:
             log.warning("max_input_tokens %d exceeds the model's %d positions; using %d", wanted, model_max, model_max)
         self.max_input_tokens = min(wanted or model_max, model_max)
         self.backend = ModelBackend(loaded, compute_dtype=COMPUTE_DTYPES[self.settings.compute_dtype])
-        if not is_native(self.backend.compute_dtype, self.cpu):
+        if not self.compute_native:
             log.warning(
                 "compute_dtype %s is not native on this CPU (%s): expect it to be slower than float32",
                 self.settings.compute_dtype,
@@ -161,7 +166,7 @@ class ServiceState:
                 "layout": loaded.config.layout,
                 "ffn": loaded.config.ffn,
                 "compute_dtype": self.settings.compute_dtype,
-                "compute_native": str(is_native(self.backend.compute_dtype, self.cpu)).lower(),
+                "compute_native": str(self.compute_native).lower(),
                 "cpu_capability": self.cpu.capability,
             },
         )
