@@ -131,7 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.connections import IdleClosingHTTPProtocol
+    from service.connections import connection_options
 
     app = create_app(settings, loaded)
     # a float: int() made a grace under 1 s "0 -> None", i.e. wait for ever
@@ -143,10 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # uvicorn annotates int
         log_level=settings.log_level,
-        http=IdleClosingHTTPProtocol,
-        timeout_keep_alive=settings.keep_alive_timeout_s,
-        backlog=settings.backlog,
-        headers=[("Keep-Alive", f"timeout={settings.keep_alive_timeout_s}")],
+        **connection_options(settings),
     )
     server = _Server(config, on_exit=app.state.service.begin_shutdown, delay_s=settings.shutdown_delay_s)
     log.info("listening on http://%s:%d", settings.host, settings.port)

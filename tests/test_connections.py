@@ -5,20 +5,26 @@ through one ``httpx.AsyncClient``, pauses of 3-6 s between a user's requests. Wi
 (5 s) the server closed connections around the moment a user came back, and requests that crossed the
 close got no response at all (``httpx.ReadError``); with the service's default (75 s) the server closes none.
 Everything is on loopback, on the tiny random model, with small admission caps so that part of each wave is shed.
+The keep-alive timer of service/connections.py is also checked alone, under uvicorn in this process with an app
+that can be slow (which connections it closes, and which it must not).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import httpx
 import torch
+import uvicorn
 from service_support import metric, metric_samples, reference_embedding, tiny_loaded  # noqa: F401
 
 from loadtest.servers import LocalServer, rss_of
+from service.settings import Settings
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 CONNECTIONS = 300  # requests in flight at once, each on its own connection
@@ -81,7 +87,23 @@ def test_burst_of_reused_connections_loses_no_request(tiny_model_dir: Path, tiny
             async with httpx.AsyncClient(base_url=srv.url, limits=limits, timeout=60) as c:
                 return [r for user in await asyncio.gather(*(_user(c, u) for u in range(CONNECTIONS))) for r in user]
 
-        results = asyncio.run(asyncio.wait_for(burst(), 150))
+        # the server's RSS sampled through the burst: its peak, not only where it ends, must stay bounded
+        rss_samples: list[float] = []
+        sampling = threading.Event()
+
+        def sample_rss() -> None:
+            while not sampling.wait(0.05):
+                rss = rss_of(srv.pid)
+                if rss is not None:
+                    rss_samples.append(rss)
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+        try:
+            results = asyncio.run(asyncio.wait_for(burst(), 150))
+        finally:
+            sampling.set()
+            sampler.join()
         rss_after = rss_of(srv.pid)
         after = httpx.post(srv.url + "/embed", json={"inputs": "right after the burst"}, timeout=10)
         samples = metric_samples(httpx.get(srv.url + "/metrics", timeout=10).text)
@@ -106,15 +128,116 @@ def test_burst_of_reused_connections_loses_no_request(tiny_model_dir: Path, tiny
     reused = sum(reused for i, _, reused in results if i >= CONNECTIONS)
     later = len(results) - CONNECTIONS
     assert reused >= 0.9 * later, f"only {reused} of {later} requests of the later waves reused a connection"
-    assert rss_before is not None and rss_after is not None
-    assert rss_after - rss_before < RSS_GROWTH_BOUND, f"RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
+    assert rss_before is not None and rss_after is not None and len(rss_samples) >= 20, len(rss_samples)
+    rss_peak = max(rss_samples + [rss_after])
+    assert rss_peak - rss_before < RSS_GROWTH_BOUND, (
+        f"RSS {rss_before / 2**20:.0f} -> peak {rss_peak / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
+    )
     assert metric(samples, "ufb_queue_depth") == 0 and metric(samples, "ufb_queue_tokens") == 0
     assert metric(samples, "ufb_failures_total", cause="overloaded") == len(shed)
     assert after.status_code == 200
+    # the server's keep-alive timeout is its default, and it says so to clients
+    assert after.headers["keep-alive"] == f"timeout={Settings.model_fields['keep_alive_timeout_s'].default}"
     assert torch.allclose(
         torch.tensor(after.json()[0]), reference_embedding(tiny_loaded, "right after the burst"), atol=1e-5, rtol=0
     )
 
+
+# ----------------------------------------------------------------------------------- the protocol's timer alone
+
+PROTOCOL_KEEP_ALIVE_S = 1  # the smallest keep_alive_timeout_s the settings allow
+SLOW_S = 2.5  # longer than the keep-alive timeout: a connection busy this long must not be closed
+
+
+async def _slow_app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """An ASGI app that waits ``before`` seconds before its response and ``during`` seconds between its headers
+    and its body (query parameters)."""
+    query = dict(parse_qsl(scope["query_string"].decode()))
+    while (await receive()).get("more_body"):
+        pass
+    await asyncio.sleep(float(query.get("before", 0)))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+    await asyncio.sleep(float(query.get("during", 0)))
+    await send({"type": "http.response.body", "body": b"done"})
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One whole HTTP/1.1 response with a Content-Length: status line, lower-cased headers, body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")[:-2]
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}
+    return status, headers, await reader.readexactly(int(headers[b"content-length"]))
+
+
+def test_keep_alive_timer_closes_only_connections_with_no_request_in_progress() -> None:
+    """service/connections.py's protocol under uvicorn with a 1 s keep-alive timeout: a silent connection is closed
+    after the timeout (not before), and so is one idle after its response; a connection whose request arrived,
+    is half sent, is being computed or is being written is never closed by the timer, however long that takes."""
+    from service.connections import connection_options
+
+    async def scenario() -> None:
+        options = connection_options(Settings(keep_alive_timeout_s=PROTOCOL_KEEP_ALIVE_S))
+        config = uvicorn.Config(_slow_app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", **options)
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            assert not serving.done(), serving.exception()
+            await asyncio.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            return reader, writer, time.monotonic()
+
+        async def closed_after(reader: asyncio.StreamReader, since: float) -> float:
+            assert await asyncio.wait_for(reader.read(1), 15) == b"", "data where a close was expected"
+            return time.monotonic() - since
+
+        def request(query: str = "") -> bytes:
+            return f"GET /?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+
+        async def silent() -> float:
+            reader, _, opened = await connect()
+            return await closed_after(reader, opened)
+
+        async def answered_then_idle(query: str, pause_first_s: float = 0.0, parts: tuple[bytes, ...] = ()) -> float:
+            """One request (sent in ``parts`` with SLOW_S between them, if given) and a second on the same
+            connection; both must be answered whole. Returns how long the connection stayed open after."""
+            reader, writer, _ = await connect()
+            await asyncio.sleep(pause_first_s)
+            for k, part in enumerate(parts or (request(query),)):
+                if k:
+                    await asyncio.sleep(SLOW_S)
+                writer.write(part)
+            status, headers, body = await _response(reader)
+            assert status == b"HTTP/1.1 200 OK" and body == b"done", (query, status, body)
+            assert headers[b"keep-alive"] == f"timeout={PROTOCOL_KEEP_ALIVE_S}".encode()
+            await asyncio.sleep(PROTOCOL_KEEP_ALIVE_S / 2)  # reused well within the timeout
+            writer.write(request())
+            status, _, body = await _response(reader)
+            assert status == b"HTTP/1.1 200 OK" and body == b"done", ("second request", query, status, body)
+            done = time.monotonic()
+            return await closed_after(reader, done)
+
+        try:
+            idle = await asyncio.gather(
+                silent(),
+                answered_then_idle("", pause_first_s=PROTOCOL_KEEP_ALIVE_S / 2),  # first byte before the timeout
+                answered_then_idle(f"before={SLOW_S}"),  # computed for longer than the timeout
+                answered_then_idle(f"during={SLOW_S}"),  # written for longer than the timeout
+                answered_then_idle("", parts=(b"GET / HTTP/1.1\r\nHost: t\r\n", b"\r\n")),  # half sent as long
+            )
+        finally:
+            server.should_exit = True
+            await serving
+        # each closed by the timer once idle for the timeout: not before, and not many seconds later
+        for seconds in idle:
+            assert PROTOCOL_KEEP_ALIVE_S - 0.2 <= seconds < PROTOCOL_KEEP_ALIVE_S + 10, idle
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# ------------------------------------------------------------------------------------------------ slow loris
 
 IDLE = 250  # connections that connect and send nothing
 PARTIAL = 250  # connections that send part of a request's headers and stop

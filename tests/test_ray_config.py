@@ -182,6 +182,8 @@ def test_serve_config_is_valid_and_equals_the_rayservice_config() -> None:
     # the proxy's bound, as `serve --ray` sets it: the replicas' deadline plus the margin
     deadline = app.args.get("request_timeout_s", Settings.model_fields["request_timeout_s"].default)
     assert schema.http_options.request_timeout_s == deadline + PROXY_TIMEOUT_MARGIN_S
+    keep_alive = app.args.get("keep_alive_timeout_s", Settings.model_fields["keep_alive_timeout_s"].default)
+    assert schema.http_options.keep_alive_timeout_s == keep_alive
     build_app(app.args)  # the arguments are ones build_app accepts
 
     manifest = yaml.safe_load((RAY_DIR / "rayservice.yaml").read_text())

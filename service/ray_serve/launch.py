@@ -52,6 +52,8 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
             "host": settings.host,
             "port": settings.port,
             "request_timeout_s": settings.request_timeout_s + PROXY_TIMEOUT_MARGIN_S,
+            # the proxies hold the clients' connections: the same keep-alive rule as one process (docs/overload.md)
+            "keep_alive_timeout_s": settings.keep_alive_timeout_s,
         }
     )
     args: dict[str, Any] = {**settings.model_dump(exclude_defaults=True), **options.model_dump(exclude_defaults=True)}
