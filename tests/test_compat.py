@@ -387,8 +387,11 @@ def test_load_generator_and_locustfile_without_their_optional_dependencies(tmp_p
     def python(code: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
 
-    helped = python(blocked + "from loadtest.cli import main; raise SystemExit(main(['--help']))")
-    assert helped.returncode == 0 and "usage" in helped.stdout, helped.stderr
+    # `python -m loadtest --help`, run as that command runs it
+    helped = python(
+        blocked + "import runpy; sys.argv = ['loadtest', '--help']; runpy.run_module('loadtest', run_name='__main__')"
+    )
+    assert helped.returncode == 0 and "usage" in helped.stdout and "Traceback" not in helped.stderr, helped.stderr
     refused = python(
         blocked + "from loadtest.cli import main; "
         "raise SystemExit(main(['run', 'http://127.0.0.1:9', '--duration', '1']))"

@@ -92,19 +92,30 @@ def test_openai_client_lists_and_retrieves_the_model(server: str) -> None:
 
 def test_openai_client_errors_are_status_errors(server: str) -> None:
     """Each status gives the client's exception for it, with OpenAI's error fields (message, type, param, code)."""
+
+    def fields(exc: openai.APIStatusError) -> tuple[int, str | None, str | None, str | None]:
+        assert exc.message and isinstance(exc.body, dict) and set(exc.body) == {"message", "type", "param", "code"}
+        return exc.status_code, exc.type, exc.code, exc.param
+
     with pytest.raises(openai.AuthenticationError) as e401:
         _client(server, key="wrong").embeddings.create(model="m", input="hello")
-    assert (e401.value.code, e401.value.type) == ("invalid_api_key", "invalid_request_error")
+    assert fields(e401.value) == (401, "invalid_request_error", "invalid_api_key", None)
     assert "API key" in e401.value.message
     with pytest.raises(openai.BadRequestError) as e400:
         _client(server).embeddings.create(model="m", input=[])
-    assert (e400.value.code, e400.value.param, e400.value.type) == ("empty", "input", "invalid_request_error")
+    assert fields(e400.value) == (400, "invalid_request_error", "empty", "input") and "empty" in e400.value.message
     with pytest.raises(openai.UnprocessableEntityError) as e422:
         _client(server).embeddings.create(model="m", input="hello", dimensions=10_000)
-    assert (e422.value.code, e422.value.param) == ("validation", "dimensions") and "10000" in e422.value.message
+    assert fields(e422.value) == (422, "invalid_request_error", "validation", "dimensions")
+    assert "10000" in e422.value.message
     with pytest.raises(openai.APIStatusError) as e413:
         _client(server).embeddings.create(model="m", input=["a"] * 2049)
-    assert e413.value.status_code == 413 and e413.value.code == "too_many_inputs" and "2048" in e413.value.message
+    assert fields(e413.value) == (413, "invalid_request_error", "too_many_inputs", "input")
+    assert "2048" in e413.value.message
+    with pytest.raises(openai.APIStatusError) as e413_body:  # refused by the body-size middleware, before routing
+        _client(server).embeddings.create(model="m", input="word " * 500_000)
+    assert fields(e413_body.value) == (413, "invalid_request_error", "payload_too_large", None)
+    assert "bytes" in e413_body.value.message
 
 
 def test_openai_client_rate_limit_error_on_a_full_queue(tiny_loaded) -> None:
@@ -140,7 +151,8 @@ def test_openai_client_rate_limit_error_on_a_full_queue(tiny_loaded) -> None:
             for t in busy:
                 t.join(30)
     err = e429.value
-    assert err.code == "overloaded" and err.type == "rate_limit_error" and "queue is full" in err.message
+    assert (err.status_code, err.code, err.type) == (429, "overloaded", "rate_limit_error")
+    assert "queue is full" in err.message and set(err.body) == {"message", "type", "param", "code"}
     assert int(err.response.headers["retry-after"]) >= 1
 
 
