@@ -2,10 +2,10 @@
 InferenceClient on the base URL (TEI's POST /) and on the explicit routes, and LangChain's OpenAIEmbeddings. The
 openai client's own tests, errors included, are in test_openai_client.py.
 
-LangChain's HuggingFaceEndpointEmbeddings is not here: its current release (langchain-huggingface 1.2.3) refuses a
-URL for ``model`` ("must be a HuggingFace repo ID"), and the releases that took one declare huggingface-hub<1.0,
-which cannot be installed beside transformers 5 (huggingface-hub>=2.4). What it sent to a TEI URL,
-``InferenceClient.feature_extraction`` on the base URL, is tested below."""
+LangChain's HuggingFaceEndpointEmbeddings is not here: its releases since 1.2.2 refuse a URL for ``model`` ("must be
+a HuggingFace repo ID"), and those that took one cannot be installed beside our other dependencies (1.0 to 1.2.1
+declare huggingface-hub<1.0 or <2.0, transformers 5 needs >=2.4; 0.3.x declares langchain-core<1.0, langchain-openai
+1.8 needs >=1.8). What it sent to a TEI URL, ``InferenceClient.feature_extraction`` on the base URL, is tested below."""
 
 from __future__ import annotations
 
