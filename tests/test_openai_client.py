@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 import time
@@ -64,13 +65,20 @@ def _client(base: str, key: str = API_KEY) -> openai.OpenAI:
 def test_openai_client_embeddings(server: str, tiny_loaded, encoding_format: str | None) -> None:
     texts = ["The quick brown fox.", "A much longer sentence about nothing in particular, really."]
     kwargs = {} if encoding_format is None else {"encoding_format": encoding_format}
-    resp = _client(server).embeddings.create(model="ultrafastbert", input=texts, **kwargs)
+    sent: list[dict] = []
+    http = httpx.Client(event_hooks={"request": [lambda r: sent.append(json.loads(r.content))]})
+    client = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=30, http_client=http)
+    resp = client.embeddings.create(model="ultrafastbert", input=texts, user="user-7", **kwargs)
+    assert sent[0]["encoding_format"] == (encoding_format or "base64") and sent[0]["user"] == "user-7"
     assert [d.index for d in resp.data] == [0, 1]
     assert resp.usage.prompt_tokens == resp.usage.total_tokens > 0
     assert resp.model == tiny_loaded.name
     for text, item in zip(texts, resp.data):
         ref = reference_embedding(tiny_loaded, text).numpy()
         assert np.allclose(_vector(item.embedding), ref, atol=1e-5)
+        # no format given: the client asked for base64 (above) and decoded it into floats itself
+        assert isinstance(item.embedding, str) == (encoding_format == "base64")
+    client.close()
 
 
 def test_openai_client_single_string_and_dimensions(server: str, tiny_loaded) -> None:
