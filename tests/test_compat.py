@@ -327,8 +327,9 @@ def test_log_level_flag_is_case_insensitive() -> None:
 
 
 def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys) -> None:
-    """A line logged inside a request (here by the last-resort error handler) has the request's id, like its
-    access-log line; a line logged outside any request has none."""
+    """A line logged inside a request (here by the last-resort error handler, and by the inference worker thread
+    about that request's input) has the request's id, like its access-log line; a line logged outside any request
+    has none."""
     from service.logs import setup_logging
 
     app = make_app(tiny_loaded)
@@ -347,6 +348,22 @@ def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys)
             r = await c.post("/embed", json={"inputs": "a"}, headers={"x-request-id": "req-123"})
             del app.state.service.neurons_for
             assert (await c.post("/v1/embeddings", json={"input": "a", "user": "user-42"})).status_code == 200
+
+            backend = app.state.service.backend
+            forward, zebra = backend.forward, tiny_loaded.tokenizer.encode(["zebra"], max_length=10, truncate=False)[0]
+
+            def non_finite(task, ids, record):  # the worker thread finds a NaN in this request's row
+                out, leaves = forward(task, ids, record)
+                out = out.clone()
+                for i, seq in enumerate(ids):
+                    if list(seq) == zebra:
+                        out[i, 0] = float("nan")
+                return out, leaves
+
+            backend.forward = non_finite
+            nan = await c.post("/embed", json={"inputs": "zebra"}, headers={"x-request-id": "req-nan"})
+            del backend.forward
+            assert nan.status_code == 500 and "non-finite" in nan.json()["error"], nan.text
             return r
 
     try:
@@ -362,9 +379,11 @@ def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys)
     unhandled = [line for line in lines if line["message"].startswith("unhandled error")]
     assert unhandled and all(line["request_id"] == "req-123" for line in unhandled)
     access = [line for line in lines if line["logger"] == "service.access"]
-    assert [line["request_id"] for line in access if line["route"] == "/embed"] == ["req-123"]
+    assert [line["request_id"] for line in access if line["route"] == "/embed"] == ["req-123", "req-nan"]
     assert [line.get("user") for line in access if line["route"] == "/v1/embeddings"] == ["user-42"]  # OpenAI's
     assert "request_id" not in by_message["outside any request"]
+    (worker,) = [line for line in lines if "non-finite values" in line["message"]]
+    assert worker["request_id"] == "req-nan" and worker["logger"] == "engine.batcher"
 
 
 def test_created_series_only_when_asked(tiny_loaded) -> None:
