@@ -202,6 +202,11 @@ def test_openai_routes_answer_openais_error_object_middleware_included(tiny_load
                 "tei_401": await c.post("/embed", json={"inputs": "a"}),
                 "tei_413": await c.post("/embed", content=b" " * 5000, headers=key),
                 "user": await c.post("/v1/embeddings", json={"input": "a", "user": "user-42"}, headers=key),
+                "nulls": await c.post(  # OpenAI's optional fields, sent as null by clients that write every field
+                    "/v1/embeddings",
+                    json={"input": "a", "model": None, "encoding_format": None, "dimensions": None, "user": None},
+                    headers=key,
+                ),
             }
 
     r = run(main())
@@ -227,6 +232,9 @@ def test_openai_routes_answer_openais_error_object_middleware_included(tiny_load
     assert r["tei_401"].json() == {"error": r["tei_401"].json()["error"], "error_type": "unauthorized"}
     assert r["tei_413"].json()["error_type"] == "payload_too_large"
     assert r["user"].status_code == 200
+    assert r["nulls"].status_code == 200 and r["nulls"].json()["data"][0]["embedding"] == pytest.approx(
+        r["user"].json()["data"][0]["embedding"]
+    )  # floats, full size
 
 
 # ---------------------------------------------------------------------------------------------- large requests
