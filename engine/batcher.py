@@ -24,6 +24,7 @@ This module must not import the ``service`` package: metrics reach the service t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import threading
@@ -149,6 +150,9 @@ class _Request:
     first_start: float | None = None
     last_end: float | None = None
     finished: bool = False  # resolved, failed, cancelled or expired: its queued items are garbage
+    # the submitter's context variables (the service's request id among them): lines the worker logs about this
+    # request alone are logged inside it
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 @dataclass(eq=False)
@@ -572,7 +576,7 @@ class Batcher:
                     req.finished = True
                     done.append(req)
         for req, index in broken:
-            log.error("the model produced non-finite values for input %d of a request", index)
+            req.context.run(log.error, "the model produced non-finite values for input %d of a request", index)
             self._fail(
                 req, InferenceFailed(f"the model produced non-finite values (NaN or infinity) for input {index}")
             )

@@ -79,8 +79,10 @@ class OpenAIEmbeddingRequest(_Body):
         "(up to max_inputs_per_openai_request, 2,048 by default, as OpenAI allows).",
     )
     model: str | None = Field(None, description="Accepted and not checked: this server serves one model.")
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="float: lists of numbers; base64: each vector's little-endian float32 bytes."
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float",
+        description="float: lists of numbers; base64: each vector's little-endian float32 bytes. Optional as in "
+        "OpenAI's API: null means float, like dimensions, user and model, whose null is their default.",
     )
     dimensions: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Keep the first N dimensions and renormalise to unit length (at most the model's size)."

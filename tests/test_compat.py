@@ -202,6 +202,11 @@ def test_openai_routes_answer_openais_error_object_middleware_included(tiny_load
                 "tei_401": await c.post("/embed", json={"inputs": "a"}),
                 "tei_413": await c.post("/embed", content=b" " * 5000, headers=key),
                 "user": await c.post("/v1/embeddings", json={"input": "a", "user": "user-42"}, headers=key),
+                "nulls": await c.post(  # OpenAI's optional fields, sent as null by clients that write every field
+                    "/v1/embeddings",
+                    json={"input": "a", "model": None, "encoding_format": None, "dimensions": None, "user": None},
+                    headers=key,
+                ),
             }
 
     r = run(main())
@@ -227,6 +232,9 @@ def test_openai_routes_answer_openais_error_object_middleware_included(tiny_load
     assert r["tei_401"].json() == {"error": r["tei_401"].json()["error"], "error_type": "unauthorized"}
     assert r["tei_413"].json()["error_type"] == "payload_too_large"
     assert r["user"].status_code == 200
+    assert r["nulls"].status_code == 200 and r["nulls"].json()["data"][0]["embedding"] == pytest.approx(
+        r["user"].json()["data"][0]["embedding"]
+    )  # floats, full size
 
 
 # ---------------------------------------------------------------------------------------------- large requests
@@ -327,8 +335,9 @@ def test_log_level_flag_is_case_insensitive() -> None:
 
 
 def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys) -> None:
-    """A line logged inside a request (here by the last-resort error handler) has the request's id, like its
-    access-log line; a line logged outside any request has none."""
+    """A line logged inside a request (here by the last-resort error handler, and by the inference worker thread
+    about that request's input) has the request's id, like its access-log line; a line logged outside any request
+    has none."""
     from service.logs import setup_logging
 
     app = make_app(tiny_loaded)
@@ -347,6 +356,22 @@ def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys)
             r = await c.post("/embed", json={"inputs": "a"}, headers={"x-request-id": "req-123"})
             del app.state.service.neurons_for
             assert (await c.post("/v1/embeddings", json={"input": "a", "user": "user-42"})).status_code == 200
+
+            backend = app.state.service.backend
+            forward, zebra = backend.forward, tiny_loaded.tokenizer.encode(["zebra"], max_length=10, truncate=False)[0]
+
+            def non_finite(task, ids, record):  # the worker thread finds a NaN in this request's row
+                out, leaves = forward(task, ids, record)
+                out = out.clone()
+                for i, seq in enumerate(ids):
+                    if list(seq) == zebra:
+                        out[i, 0] = float("nan")
+                return out, leaves
+
+            backend.forward = non_finite
+            nan = await c.post("/embed", json={"inputs": "zebra"}, headers={"x-request-id": "req-nan"})
+            del backend.forward
+            assert nan.status_code == 500 and "non-finite" in nan.json()["error"], nan.text
             return r
 
     try:
@@ -362,9 +387,11 @@ def test_every_log_line_of_a_request_carries_its_request_id(tiny_loaded, capsys)
     unhandled = [line for line in lines if line["message"].startswith("unhandled error")]
     assert unhandled and all(line["request_id"] == "req-123" for line in unhandled)
     access = [line for line in lines if line["logger"] == "service.access"]
-    assert [line["request_id"] for line in access if line["route"] == "/embed"] == ["req-123"]
+    assert [line["request_id"] for line in access if line["route"] == "/embed"] == ["req-123", "req-nan"]
     assert [line.get("user") for line in access if line["route"] == "/v1/embeddings"] == ["user-42"]  # OpenAI's
     assert "request_id" not in by_message["outside any request"]
+    (worker,) = [line for line in lines if "non-finite values" in line["message"]]
+    assert worker["request_id"] == "req-nan" and worker["logger"] == "engine.batcher"
 
 
 def test_created_series_only_when_asked(tiny_loaded) -> None:
@@ -387,8 +414,11 @@ def test_load_generator_and_locustfile_without_their_optional_dependencies(tmp_p
     def python(code: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
 
-    helped = python(blocked + "from loadtest.cli import main; raise SystemExit(main(['--help']))")
-    assert helped.returncode == 0 and "usage" in helped.stdout, helped.stderr
+    # `python -m loadtest --help`, run as that command runs it
+    helped = python(
+        blocked + "import runpy; sys.argv = ['loadtest', '--help']; runpy.run_module('loadtest', run_name='__main__')"
+    )
+    assert helped.returncode == 0 and "usage" in helped.stdout and "Traceback" not in helped.stderr, helped.stderr
     refused = python(
         blocked + "from loadtest.cli import main; "
         "raise SystemExit(main(['run', 'http://127.0.0.1:9', '--duration', '1']))"

@@ -2,10 +2,10 @@
 InferenceClient on the base URL (TEI's POST /) and on the explicit routes, and LangChain's OpenAIEmbeddings. The
 openai client's own tests, errors included, are in test_openai_client.py.
 
-LangChain's HuggingFaceEndpointEmbeddings is not here: its current release (langchain-huggingface 1.2.3) refuses a
-URL for ``model`` ("must be a HuggingFace repo ID"), and the releases that took one declare huggingface-hub<1.0,
-which cannot be installed beside transformers 5 (huggingface-hub>=2.4). What it sent to a TEI URL,
-``InferenceClient.feature_extraction`` on the base URL, is tested below."""
+LangChain's HuggingFaceEndpointEmbeddings is not here: its releases since 1.2.2 refuse a URL for ``model`` ("must be
+a HuggingFace repo ID"), and those that took one cannot be installed beside our other dependencies (1.0 to 1.2.1
+declare huggingface-hub<1.0 or <2.0, transformers 5 needs >=2.4; 0.3.x declares langchain-core<1.0, langchain-openai
+1.8 needs >=1.8). What it sent to a TEI URL, ``InferenceClient.feature_extraction`` on the base URL, is tested below."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from service_support import make_app, reference_embedding, reference_logits, serve_in_thread, tiny_loaded  # noqa: F401
+from service_support import (  # noqa: F401  (tiny_loaded is a fixture)
+    make_app,
+    metric,
+    metric_samples,
+    reference_embedding,
+    reference_logits,
+    serve_in_thread,
+    tiny_loaded,
+)
 
 # Not "hf_..."-shaped: huggingface_hub sends requests with such a token to Hugging Face's router, not the URL given.
 API_KEY = "compat-key"
@@ -83,16 +91,26 @@ def test_inference_client_on_the_explicit_routes(server: str, tiny_loaded) -> No
 
 def test_langchain_openai_embeddings(server: str, tiny_loaded) -> None:
     """OpenAIEmbeddings with check_embedding_ctx_length=False sends the texts (by default it sends tiktoken ids,
-    which mean nothing to a BERT vocabulary); 70 documents go in one request, above the 32 of TEI's routes."""
+    which mean nothing to a BERT vocabulary), at its default of 1,000 per request: 1,001 documents are two
+    requests, one of them far above the 32 inputs of TEI's routes."""
+    import httpx
     from langchain_openai import OpenAIEmbeddings
 
     emb = OpenAIEmbeddings(
         model="ultrafastbert", base_url=server + "/v1", api_key=API_KEY, check_embedding_ctx_length=False, max_retries=0
     )
-    docs = [f"document number {i} is about {'cats' if i % 2 else 'dogs'}" for i in range(70)]
+    assert emb.chunk_size == 1000
+
+    def requests_served() -> float:
+        text = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).text
+        return metric(metric_samples(text), "ufb_requests_total", route="/v1/embeddings", status="200")
+
+    before = requests_served()
+    docs = [f"document number {i} is about {'cats' if i % 2 else 'dogs'}" for i in range(1001)]
     vectors = emb.embed_documents(docs)
-    assert len(vectors) == 70
-    for text, vec in zip(docs, vectors):
-        assert np.allclose(vec, reference_embedding(tiny_loaded, text).numpy(), atol=1e-5)
+    assert requests_served() - before == 2
+    assert len(vectors) == 1001
+    for i in [*range(0, 1001, 40), 999, 1000]:  # both requests, first and last of each
+        assert np.allclose(vectors[i], reference_embedding(tiny_loaded, docs[i]).numpy(), atol=1e-5), i
     query = emb.embed_query("which pets?")
     assert np.allclose(query, reference_embedding(tiny_loaded, "which pets?").numpy(), atol=1e-5)

@@ -150,6 +150,13 @@ def test_promtool_checks_the_prometheus_config(config: Path) -> None:
         pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
     done = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "SUCCESS" in done.stdout + done.stderr, done.stdout + done.stderr
+    for rules in rule_files(config):  # promtool checks the rule files a config names, too
+        assert f"Checking {rules.relative_to(ROOT)}" in done.stdout or f"Checking {rules}" in done.stdout, done.stdout
+
+
+def rule_files(config: Path) -> list[Path]:
+    """The rule files a Prometheus config names, resolved as Prometheus does: relative to the config's folder."""
+    return [(config.parent / f).resolve() for f in yaml.safe_load(config.read_text()).get("rule_files") or []]
 
 
 def test_dockerfile_is_multistage_non_root_with_healthcheck_and_default_model() -> None:
@@ -245,6 +252,10 @@ def test_prometheus_scrapes_the_compose_service() -> None:
     config_path = config_flag.split("=", 1)[1]
     assert mounts[config_path] == str((DOCKER / "prometheus.yml").resolve())
     cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    # the TEI recording rules are loaded, and every rule file is mounted where the config looks for it
+    assert (DOCKER / "prometheus-tei-rules.yml").resolve() in rule_files(DOCKER / "prometheus.yml")
+    for name in cfg["rule_files"]:
+        assert mounts[str(Path(config_path).parent / name)] == str((DOCKER / name).resolve()), name
     job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "ufb")
     assert job.get("metrics_path", "/metrics") == "/metrics"
     port = env_of(c["services"]["ufb"])["UFB_PORT"]
@@ -324,6 +335,7 @@ def test_real_prometheus_evaluates_every_dashboard_expression(tiny_model_dir: Pa
         for job in cfg["scrape_configs"]:
             target = f"127.0.0.1:{srv.port}" if job["job_name"] == "ufb" else f"127.0.0.1:{prom_port}"
             job["static_configs"] = [{"targets": [target]}]
+        cfg["rule_files"] = [str(p) for p in rule_files(DOCKER / "prometheus.yml")]  # the config moves to tmp_path
         with running_prometheus(cfg, prom_port, tmp_path) as base:
             drive_dashboard_traffic(srv.url, concurrency=4, timeout_s=10)
             targets = httpx.get(base + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
@@ -331,3 +343,10 @@ def test_real_prometheus_evaluates_every_dashboard_expression(tiny_model_dir: Pa
             assert ufb and ufb[0]["health"] == "up", ufb
             failures = dashboard_failures(base)
             assert not failures, "\n".join(failures)
+            # the TEI recording rules it loads evaluate cleanly and record TEI's names (tests/test_tei_rules.py
+            # checks each series' value)
+            groups = httpx.get(base + "/api/v1/rules", timeout=5).json()["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            assert rules and all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+            tei = httpx.get(base + "/api/v1/query", params={"query": "te_request_count"}, timeout=5).json()
+            assert tei["data"]["result"] and float(tei["data"]["result"][0]["value"][1]) > 0, tei

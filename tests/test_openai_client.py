@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 import time
@@ -64,13 +65,20 @@ def _client(base: str, key: str = API_KEY) -> openai.OpenAI:
 def test_openai_client_embeddings(server: str, tiny_loaded, encoding_format: str | None) -> None:
     texts = ["The quick brown fox.", "A much longer sentence about nothing in particular, really."]
     kwargs = {} if encoding_format is None else {"encoding_format": encoding_format}
-    resp = _client(server).embeddings.create(model="ultrafastbert", input=texts, **kwargs)
+    sent: list[dict] = []
+    http = httpx.Client(event_hooks={"request": [lambda r: sent.append(json.loads(r.content))]})
+    client = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=30, http_client=http)
+    resp = client.embeddings.create(model="ultrafastbert", input=texts, user="user-7", **kwargs)
+    assert sent[0]["encoding_format"] == (encoding_format or "base64") and sent[0]["user"] == "user-7"
     assert [d.index for d in resp.data] == [0, 1]
     assert resp.usage.prompt_tokens == resp.usage.total_tokens > 0
     assert resp.model == tiny_loaded.name
     for text, item in zip(texts, resp.data):
         ref = reference_embedding(tiny_loaded, text).numpy()
         assert np.allclose(_vector(item.embedding), ref, atol=1e-5)
+        # no format given: the client asked for base64 (above) and decoded it into floats itself
+        assert isinstance(item.embedding, str) == (encoding_format == "base64")
+    client.close()
 
 
 def test_openai_client_single_string_and_dimensions(server: str, tiny_loaded) -> None:
@@ -92,19 +100,30 @@ def test_openai_client_lists_and_retrieves_the_model(server: str) -> None:
 
 def test_openai_client_errors_are_status_errors(server: str) -> None:
     """Each status gives the client's exception for it, with OpenAI's error fields (message, type, param, code)."""
+
+    def fields(exc: openai.APIStatusError) -> tuple[int, str | None, str | None, str | None]:
+        assert exc.message and isinstance(exc.body, dict) and set(exc.body) == {"message", "type", "param", "code"}
+        return exc.status_code, exc.type, exc.code, exc.param
+
     with pytest.raises(openai.AuthenticationError) as e401:
         _client(server, key="wrong").embeddings.create(model="m", input="hello")
-    assert (e401.value.code, e401.value.type) == ("invalid_api_key", "invalid_request_error")
+    assert fields(e401.value) == (401, "invalid_request_error", "invalid_api_key", None)
     assert "API key" in e401.value.message
     with pytest.raises(openai.BadRequestError) as e400:
         _client(server).embeddings.create(model="m", input=[])
-    assert (e400.value.code, e400.value.param, e400.value.type) == ("empty", "input", "invalid_request_error")
+    assert fields(e400.value) == (400, "invalid_request_error", "empty", "input") and "empty" in e400.value.message
     with pytest.raises(openai.UnprocessableEntityError) as e422:
         _client(server).embeddings.create(model="m", input="hello", dimensions=10_000)
-    assert (e422.value.code, e422.value.param) == ("validation", "dimensions") and "10000" in e422.value.message
+    assert fields(e422.value) == (422, "invalid_request_error", "validation", "dimensions")
+    assert "10000" in e422.value.message
     with pytest.raises(openai.APIStatusError) as e413:
         _client(server).embeddings.create(model="m", input=["a"] * 2049)
-    assert e413.value.status_code == 413 and e413.value.code == "too_many_inputs" and "2048" in e413.value.message
+    assert fields(e413.value) == (413, "invalid_request_error", "too_many_inputs", "input")
+    assert "2048" in e413.value.message
+    with pytest.raises(openai.APIStatusError) as e413_body:  # refused by the body-size middleware, before routing
+        _client(server).embeddings.create(model="m", input="word " * 500_000)
+    assert fields(e413_body.value) == (413, "invalid_request_error", "payload_too_large", None)
+    assert "bytes" in e413_body.value.message
 
 
 def test_openai_client_rate_limit_error_on_a_full_queue(tiny_loaded) -> None:
@@ -140,7 +159,8 @@ def test_openai_client_rate_limit_error_on_a_full_queue(tiny_loaded) -> None:
             for t in busy:
                 t.join(30)
     err = e429.value
-    assert err.code == "overloaded" and err.type == "rate_limit_error" and "queue is full" in err.message
+    assert (err.status_code, err.code, err.type) == (429, "overloaded", "rate_limit_error")
+    assert "queue is full" in err.message and set(err.body) == {"message", "type", "param", "code"}
     assert int(err.response.headers["retry-after"]) >= 1
 
 
