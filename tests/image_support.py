@@ -285,6 +285,7 @@ class Identity:
 def resolve_user(root: Path, user: str) -> Identity:
     """``USER name[:group]`` or ``uid[:gid]`` the way the runtime resolves it, from the image's own passwd/group."""
     name, _, group = user.partition(":")
+    name = name or "root"
 
     def lookup(file: str, key: str, field: int) -> int:
         if key.isdigit():
@@ -295,7 +296,7 @@ def resolve_user(root: Path, user: str) -> Identity:
                 return int(parts[field])
         raise ImageError(f"{key!r} is not in the image's /{file}")
 
-    uid = lookup("etc/passwd", name or "root", 2)
+    uid = lookup("etc/passwd", name, 2)
     entry = next(
         (
             p

@@ -112,6 +112,14 @@ def _wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
         time.sleep(1)
 
 
+def _wait_for_line(proc: subprocess.Popen, log: Path, text: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while text not in log.read_text(errors="replace"):
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
 def _assert_runs_as(proc: subprocess.Popen, who: images.Identity) -> None:
     """The container's PID 1 runs with the image's user and group."""
     status = Path(f"/proc/{images.namespace_init(proc.pid)}/status").read_text()
@@ -230,7 +238,9 @@ def test_ray_image_builds_and_serves_on_ray_as_user_ray(
             _assert_runs_as(proc, who)
             assert _get_json(_url(port, "/info"))["kernel"]["compiled"]
             assert len(_embed(port)) == 384
-            # /ready can answer before `serve.run` returns: SIGTERM may land during the deployment or after it
+            # /ready answers before `serve.run` has returned; `docker stop` of a running service comes after it
+            # (tests/test_ray.py stops one during the deployment)
+            _wait_for_line(proc, log, "serving on Ray")
             assert images.stop(proc, timeout=120) == 0, log.read_text()[-3000:]
         finally:
             if proc.poll() is None:
