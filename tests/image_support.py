@@ -174,7 +174,11 @@ def build(
     ignorefile: Path | None,
     timeout: float = 2400,
 ) -> None:
-    """``podman build`` (chroot isolation, Docker's image format so HEALTHCHECK is kept), its output in ``log``."""
+    """``podman build`` (chroot isolation, Docker's image format so HEALTHCHECK is kept), its output in ``log``.
+
+    The image the tag named before, when the build replaced it, is removed with the layers only it used (the layer
+    cache keeps the steps the new image shares), so a run after each change does not leave gigabytes behind."""
+    before = image_id(tag)
     conf_text, mounts, _ = pip_config()
     with tempfile.TemporaryDirectory(prefix="ufb-pipconf-") as tmp:
         conf = Path(tmp) / "pip.conf"
@@ -213,6 +217,43 @@ def build(
     if done.returncode != 0:
         tail = "\n".join(line for line in log.read_text().splitlines() if "WARNING: Location" not in line)[-4000:]
         raise ImageError(f"podman build of {dockerfile} failed with status {done.returncode}:\n{tail}")
+    if before is not None and before != image_id(tag):
+        subprocess.run(["podman", "rmi", before], capture_output=True)  # in use by a container: it stays
+
+
+def image_id(tag: str) -> str | None:
+    done = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def context_files(context: Path, ignorefile: Path) -> set[str]:
+    """The files a build of ``context`` with ``ignorefile`` receives, as podman's builder filters them: copied whole
+    into a throw-away image (``FROM scratch``, ``COPY . /context/``) and listed from it."""
+    tag = "localhost/ufb-test-context:probe"
+    with tempfile.TemporaryDirectory(prefix="ufb-context-") as tmp:
+        containerfile = Path(tmp) / "Containerfile"
+        containerfile.write_text("FROM scratch\nCOPY . /context/\n")
+        podman(
+            "build",
+            "--isolation",
+            "chroot",
+            "-q",
+            "-f",
+            str(containerfile),
+            "--ignorefile",
+            str(ignorefile),
+            "-t",
+            tag,
+            str(context),
+            timeout=600,
+            nice=True,
+        )
+    try:
+        top = Path(podman("image", "mount", tag)) / "context"
+        return {p.relative_to(top).as_posix() for p in top.rglob("*") if p.is_file() or p.is_symlink()}
+    finally:
+        subprocess.run(["podman", "image", "umount", tag], capture_output=True)
+        subprocess.run(["podman", "rmi", tag], capture_output=True)
 
 
 def config(tag: str) -> dict:
@@ -238,11 +279,13 @@ def container_root(tag: str) -> Iterator[Path]:
 class Identity:
     uid: int
     gid: int
+    home: str  # the user's home in the image's /etc/passwd ("/" when it has no entry), HOME unless ENV sets one
 
 
 def resolve_user(root: Path, user: str) -> Identity:
     """``USER name[:group]`` or ``uid[:gid]`` the way the runtime resolves it, from the image's own passwd/group."""
     name, _, group = user.partition(":")
+    name = name or "root"
 
     def lookup(file: str, key: str, field: int) -> int:
         if key.isdigit():
@@ -253,24 +296,23 @@ def resolve_user(root: Path, user: str) -> Identity:
                 return int(parts[field])
         raise ImageError(f"{key!r} is not in the image's /{file}")
 
-    uid = lookup("etc/passwd", name or "root", 2)
-    if group:
-        gid = lookup("etc/group", group, 2)
-    else:
-        gid = next(
-            (
-                int(p[3])
-                for p in (line.split(":") for line in (root / "etc/passwd").read_text().splitlines())
-                if p[0] == name or (name.isdigit() and p[2] == name)
-            ),
-            0,
-        )
-    return Identity(uid, gid)
+    uid = lookup("etc/passwd", name, 2)
+    entry = next(
+        (
+            p
+            for p in (line.split(":") for line in (root / "etc/passwd").read_text().splitlines())
+            if p[0] == name or (name.isdigit() and p[2] == name)
+        ),
+        None,
+    )
+    gid = lookup("etc/group", group, 2) if group else int(entry[3]) if entry else 0
+    return Identity(uid, gid, entry[5] if entry else "/")
 
 
 def command_in(root: Path, argv: list[str], env: dict[str, str], workdir: str, who: Identity) -> list[str]:
     """A host command that runs ``argv`` inside ``root`` like a container process: own mount and PID namespaces
-    (``argv`` is PID 1), /proc and /dev mounted, chroot, the image's user, working directory and environment only."""
+    (``argv`` is PID 1), /proc and /dev mounted, chroot, the image's user, working directory and environment only
+    (plus HOME from the user's entry, as ``docker run`` adds it)."""
     inner = [
         "chroot",
         f"--userspec={who.uid}:{who.gid}",
@@ -280,7 +322,7 @@ def command_in(root: Path, argv: list[str], env: dict[str, str], workdir: str, w
         "-i",
         "-C",
         workdir,
-        *(f"{k}={v}" for k, v in env.items()),
+        *(f"{k}={v}" for k, v in {"HOME": who.home, **env}.items()),
         *argv,
     ]
     script = 'mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && shift && exec "$@"'

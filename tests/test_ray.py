@@ -5,7 +5,8 @@ command, default model, 2 replicas) starts a local Ray instance; this process jo
 replicas answer concurrent requests exactly like the single-process service; requests spread over both; every
 ``ufb_`` metric is on every replica's own endpoint and the real Prometheus finds both replicas through
 ``/ray/targets`` and evaluates every dashboard expression; a replica killed under load is replaced, only requests
-that were in flight fail (JSON 502), none hangs; SIGTERM stops everything with exit status 0.
+that were in flight fail (JSON 502), none hangs; SIGTERM stops everything with exit status 0, also while the
+replicas are still starting.
 
 Skipped when ray is not installed (``make test`` installs the ``ray`` extra).
 """
@@ -85,18 +86,18 @@ def default_loaded() -> Any:
     return load_model(DEFAULT_MODEL_PATH)
 
 
-@pytest.fixture(scope="module")
-def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService]:
-    """``ultrafastbert serve --ray`` with 2 replicas of the default model on a new local Ray instance; this test
-    process joins the cluster as a driver (to kill a replica and read Serve's status)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("ray") / "serve.log"
+def _serve_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UFB_", "RAY_"))}
     # token auth off for this throw-away cluster: the joining driver then needs no token file in $HOME
     env.update(
         RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false"
     )
-    cmd = [
+    return env
+
+
+def _serve_command(port: int, replicas: int) -> list[str]:
+    """``serve --ray`` on a new local Ray instance."""
+    return [
         sys.executable,
         "-m",
         "service",
@@ -107,7 +108,7 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
         "--port",
         str(port),
         "--ray-replicas",
-        str(REPLICAS),
+        str(replicas),
         "--ray-cpus-per-replica",
         "0.5",
         "--ray-app-name",
@@ -121,8 +122,18 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
         "--request-timeout-s",
         str(REQUEST_TIMEOUT_S),
     ]
+
+
+@pytest.fixture(scope="module")
+def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService]:
+    """``ultrafastbert serve --ray`` with 2 replicas of the default model on a new local Ray instance; this test
+    process joins the cluster as a driver (to kill a replica and read Serve's status)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("ray") / "serve.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _serve_command(port, REPLICAS), cwd=ROOT, env=_serve_env(), stdout=log, stderr=subprocess.STDOUT
+        )
     service = RayService(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -350,3 +361,32 @@ def test_sigterm_stops_the_application_and_the_local_cluster(ray_service: RaySer
     assert "stopped cleanly" in ray_service.log()
     with pytest.raises(httpx.HTTPError):
         httpx.get(ray_service.url + "/health", timeout=2)
+
+
+def test_sigterm_during_the_deployment_stops_cleanly(tmp_path: Path) -> None:
+    """``docker stop`` or a pod's deletion while the replicas are still starting: the deployment is abandoned and the
+    local cluster stopped, with status 0 (not the 15 of the SIGTERM handler ``ray.init`` installs)."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            _serve_command(port, 1), cwd=ROOT, env=_serve_env(), stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 180
+        # logged once the cluster is up and the service's own handlers are in place, before Serve starts
+        while "Ray cluster at" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"serve --ray exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no Ray cluster in 180 s:\n{log_path.read_text()[-4000:]}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log_path.read_text()[-4000:]
+        text = log_path.read_text(errors="replace")
+        assert "SIGTERM during the deployment" in text and "stopped cleanly" in text, text[-4000:]
+        assert "serving on Ray" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
