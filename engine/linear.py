@@ -70,9 +70,9 @@ def _traced_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, computed by the kernel where it applies (see the module docstring)."""
-    if _enabled and (KERNEL_MAX_ROWS is None or _rows(x) <= KERNEL_MAX_ROWS):
+    if _enabled and _EAGER is not None and (KERNEL_MAX_ROWS is None or _rows(x) <= KERNEL_MAX_ROWS):
         if not cmm_ops.is_compiling():
-            y = _EAGER(x, weight, bias)  # bound: _enabled implies it
+            y = _EAGER(x, weight, bias)
             if y is not NotImplemented:
                 return y
         elif _OP is not None and _traced_applies(x, weight, bias):
