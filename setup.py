@@ -1,7 +1,7 @@
 """Builds the CMM kernel (csrc/) as a torch C++ extension, against the torch already installed.
 
-csrc/ops.cpp registers the op, csrc/cpu/ holds the CPU kernel, csrc/python/ the CPython fast path; the sources in
-csrc/cuda/ are compiled only where torch has CUDA and nvcc is present.
+csrc/ops.cpp registers the ops, csrc/cpu/ holds the CPU kernels (CMM and the dense linear), csrc/python/ the
+CPython fast path; the sources in csrc/cuda/ are compiled only where torch has CUDA and nvcc is present.
 """
 
 import os
@@ -17,7 +17,14 @@ cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
 if os.environ.get("UFB_KERNEL_DEBUG"):
     cxx = ["-O0", "-g", "-fopenmp", "-std=c++17"]
 
-sources = ["csrc/ops.cpp", "csrc/cpu/cmm_op.cpp", "csrc/cpu/cmm_cpu.cpp", "csrc/python/fast_path.cpp"]
+sources = [
+    "csrc/ops.cpp",
+    "csrc/cpu/cmm_op.cpp",
+    "csrc/cpu/cmm_cpu.cpp",
+    "csrc/cpu/linear_op.cpp",
+    "csrc/cpu/linear_cpu.cpp",
+    "csrc/python/fast_path.cpp",
+]
 cuda_sources = sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))
 # CUDA sources need a CUDA build of torch and the CUDA toolkit; UFB_NO_CUDA=1 builds the CPU extension regardless.
 has_cuda = torch.version.cuda is not None and CUDA_HOME is not None

@@ -71,7 +71,8 @@ def _load_kernel() -> KernelInfo:
 
 
 def _register_fake() -> None:
-    """Shape-only implementation so torch.compile / FakeTensor tracing can see through the op."""
+    """Shape-only implementations so torch.compile / FakeTensor tracing can see through the ops (``ufb::cmm`` and
+    ``ufb::linear``, engine.linear's kernel)."""
 
     @torch.library.register_fake("ufb::cmm")
     def _(x, w_in, b_in, w_out, depth, return_leaves, b_out=None):
@@ -79,6 +80,10 @@ def _register_fake() -> None:
         y = x.new_empty((n, w_out.shape[2]), dtype=torch.float32)
         leaves = x.new_empty((n, w_in.shape[0]) if return_leaves else (0, w_in.shape[0]), dtype=torch.int64)
         return y, leaves
+
+    @torch.library.register_fake("ufb::linear")
+    def _(x, weight, bias=None):
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
 KERNEL: KernelInfo = _load_kernel()

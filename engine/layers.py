@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import linear as dense
 from engine.fff import FFF
 from engine.packing import Packing
 
@@ -97,7 +98,7 @@ class SelfAttention(nn.Module, ABC):
         b, t, _ = x.shape
         q, k, v = self.qkv_heads(x).permute(2, 0, 3, 1, 4).unbind(0)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask)  # scale 1/sqrt(head_dim)
-        return self.out(context.transpose(1, 2).reshape(b, t, -1))
+        return dense.apply(self.out, context.transpose(1, 2).reshape(b, t, -1))
 
     def forward_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         """``[N, H]`` packed tokens: projections over all of them at once, attention per length group."""
@@ -110,7 +111,7 @@ class SelfAttention(nn.Module, ABC):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
             context = context.transpose(1, 2).reshape(g.n * g.t, -1)
             parts.append(context if g.scatter is None else context.index_select(0, g.scatter))
-        return self.out(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return dense.apply(self.out, parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 # ---------------------------------------------------------------------------------------------------- feedforward
@@ -125,7 +126,7 @@ class DenseFFN(nn.Module):
         self.dense_out = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_out(F.gelu(self.dense_in(x)))
+        return dense.apply(self.dense_out, F.gelu(dense.apply(self.dense_in, x)))
 
 
 class NoFFN(nn.Module):

@@ -14,6 +14,8 @@
 #include <unistd.h>
 #include <vector>
 
+#include "cpu/isa.h"
+
 namespace ufb {
 namespace {
 
@@ -253,6 +255,15 @@ void run_on_path(const CmmProblem& p, const CmmSplit* s, int pass, int64_t begin
 std::atomic<int64_t> g_force_split{-1};
 
 }  // namespace
+
+Isa float32_isa() {
+  const CmmProblem fp32{};
+  switch (path_for(fp32)) {
+    case Path::kAvx512: return Isa::kAvx512;
+    case Path::kAvx2: return Isa::kAvx2;
+    default: return Isa::kPortable;
+  }
+}
 
 void cmm_range(const CmmProblem& p, int64_t begin, int64_t end) { run_on_path(p, nullptr, 0, begin, end); }
 

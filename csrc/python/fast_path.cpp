@@ -1,6 +1,6 @@
 // The Python fast path: bare CPython functions (METH_FASTCALL) for the calls the serving path makes per layer and
 // per batch, where pybind11's argument conversion or the dispatcher would cost as much as the kernel on one token
-// (docs/kernel.md). cmm_eager is torch.ops.ufb.cmm without the dispatcher; tensor_stamp is engine.derived's
+// (docs/kernel.md). cmm_eager and linear_eager are torch.ops.ufb.cmm and .linear without the dispatcher; tensor_stamp is engine.derived's
 // staleness check; fff_forward is engine.fff.FFF.forward's serving case, which reads the module's attributes
 // (the names below) and must change with them. Each falls back to Python (NotImplemented) where unsure.
 #include "python/fast_path.h"
@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "cpu/cmm_op.h"
+#include "cpu/linear_op.h"
 
 namespace ufb {
 namespace {
@@ -62,6 +63,26 @@ PyObject* cmm_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
     PyTuple_SET_ITEM(out, 1, Py_None);
   }
   return out;
+  END_HANDLE_TH_ERRORS
+}
+
+// engine.linear's eager call, linear_eager(x, weight, bias=None): torch.ops.ufb.linear over x [..., K] without the
+// dispatcher, for the calls linear_applies accepts (float32 CPU, no autograd to record, no autocast); anything else
+// returns NotImplemented and Python runs F.linear, which also raises the usual errors for bad arguments.
+PyObject* linear_eager_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2 && nargs != 3) {
+    PyErr_Format(PyExc_TypeError, "linear_eager(x, weight, bias=None) takes 2 or 3 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  const bool has_bias = nargs == 3 && args[2] != Py_None;
+  if (!THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) || (has_bias && !THPVariable_Check(args[2])))
+    Py_RETURN_NOTIMPLEMENTED;
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& weight = THPVariable_Unpack(args[1]);
+  const at::Tensor* bias = has_bias ? &THPVariable_Unpack(args[2]) : nullptr;
+  if (!linear_applies(x, weight, bias)) Py_RETURN_NOTIMPLEMENTED;
+  return THPVariable_Wrap(linear_eager(x, weight, bias));
   END_HANDLE_TH_ERRORS
 }
 
@@ -263,11 +284,17 @@ PyMethodDef tensor_stamp_def = {
 
 PyMethodDef cmm_eager_def = {"cmm_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cmm_eager)),
                              METH_FASTCALL, "cmm without the dispatcher (eager calls): (y, leaves or None)"};
+
+PyMethodDef linear_eager_def = {
+    "linear_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&linear_eager_py)), METH_FASTCALL,
+    "torch.ops.ufb.linear over x [..., K] without the dispatcher, or NotImplemented where F.linear must run"};
 }  // namespace
 
 void add_fast_path(pybind11::module_& m) {
   // engine.cmm uses cmm_eager in eager mode and the op under torch.compile.
   m.add_object("cmm_eager", pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&cmm_eager_def, nullptr)));
+  m.add_object("linear_eager",
+               pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&linear_eager_def, nullptr)));
   if (!init_fff_names()) throw pybind11::error_already_set();
   m.add_object("fff_forward",
                pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&fff_forward_def, nullptr)));

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine import linear as dense
 from engine.derived import Derived
 from engine.layers import Embeddings, EncoderLayer, Layout, SelfAttention
 from engine.packing import Packing
@@ -74,12 +74,12 @@ class BertSelfAttention(SelfAttention):
 
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
         if self.qkv_fused is not None:
-            fused = self.qkv_fused(x)
+            fused = dense.apply(self.qkv_fused, x)
         elif torch.is_grad_enabled():
             fused = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         else:
             weight, bias = self.fused_qkv()
-            fused = F.linear(x, weight, bias)
+            fused = dense.linear(x, weight, bias)
         return fused.unflatten(-1, (3, self.num_heads, self.head_dim))
 
 

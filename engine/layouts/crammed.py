@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from engine import linear as dense
 from engine.layers import Embeddings, EncoderLayer, Layout, SelfAttention
 from engine.packing import Packing
 
@@ -68,7 +69,7 @@ class CrammedSelfAttention(SelfAttention):
 
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.qkv if self.qkv_fused is None else self.qkv_fused
-        return proj(x).unflatten(-1, (self.num_heads, 3, self.head_dim)).transpose(-3, -2)
+        return dense.apply(proj, x).unflatten(-1, (self.num_heads, 3, self.head_dim)).transpose(-3, -2)
 
 
 class CrammedLayer(EncoderLayer):
