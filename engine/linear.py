@@ -45,10 +45,6 @@ def use_kernel(on: bool) -> None:
     _enabled = on
 
 
-def kernel_enabled() -> bool:
-    return _enabled
-
-
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() >= 1 and x.shape[-1] else 0
 

@@ -31,6 +31,9 @@ from loadtest.runner import ROUTES, Report, Workload, batch_shape, closed_loop, 
 from loadtest.servers import LocalServer, rss_of
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# the service's --compute-dtype choices (service.settings; engine.precision.COMPUTE_DTYPES), named here so that
+# `--help` does not import torch
+COMPUTE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def _load_options(p: argparse.ArgumentParser) -> None:
@@ -622,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=None, help="inputs drawn per step (default: the batch size)")
     p.add_argument(
         "--compute-dtype",
-        choices=("float32", "bfloat16", "int8"),
+        choices=COMPUTE_DTYPES,
         default="float32",
         help="as the service's --compute-dtype",
     )
@@ -648,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compute-dtype",
-        choices=("float32", "bfloat16", "int8"),
+        choices=COMPUTE_DTYPES,
         default="float32",
         help="for the engine run and the server (passed as --compute-dtype)",
     )

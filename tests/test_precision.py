@@ -4,6 +4,8 @@ routing decisions, and how much a sequence's result depends on what it is batche
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,8 @@ from register_texts import REGISTERS
 from engine.backend import ModelBackend, Task
 from engine.checkpoint import load_model
 from engine.precision import COMPUTE_DTYPES, CpuFeatures, cpu_features, is_native, quantize_int8
-from service.settings import DEFAULT_MODEL_PATH
+from loadtest import cli as loadtest_cli
+from service.settings import DEFAULT_MODEL_PATH, Settings
 
 # Bounds a little below what the shipped model measures (docs/serving.md, "Precision"); float32 is exact.
 BOUNDS = {
@@ -33,6 +36,9 @@ def test_cpu_features_and_what_is_native() -> None:
     assert is_native(torch.float32, none) and not is_native(torch.bfloat16, none) and not is_native(torch.qint8, none)
     assert is_native(torch.bfloat16, amx) and is_native(torch.qint8, amx)
     assert set(COMPUTE_DTYPES) == {"float32", "bfloat16", "int8"}
+    # the service's setting and the load generator's flag offer exactly these
+    assert set(get_args(Settings.model_fields["compute_dtype"].annotation)) == set(COMPUTE_DTYPES)
+    assert set(loadtest_cli.COMPUTE_DTYPES) == set(COMPUTE_DTYPES)
 
 
 @pytest.mark.parametrize(("layout", "ffn"), [("bert", "fff"), ("crammed", "fff"), ("bert", "dense")])

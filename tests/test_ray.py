@@ -124,6 +124,17 @@ def _serve_command(port: int, replicas: int) -> list[str]:
     ]
 
 
+def _wait_for_line(
+    proc: subprocess.Popen, log_path: Path, text: str, timeout_s: float = 180, poll_s: float = 0.5
+) -> None:
+    """Until ``serve --ray`` has logged ``text``; fails if it exits first or takes longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while text not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None, f"serve --ray exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout_s} s:\n{log_path.read_text()[-4000:]}"
+        time.sleep(poll_s)
+
+
 @pytest.fixture(scope="module")
 def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService]:
     """``ultrafastbert serve --ray`` with 2 replicas of the default model on a new local Ray instance; this test
@@ -137,11 +148,7 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
     service = RayService(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            deadline = time.monotonic() + 180
-            while "serving on Ray" not in log_path.read_text(errors="replace"):
-                assert proc.poll() is None, f"serve --ray exited with {proc.returncode}:\n{service.log()}"
-                assert time.monotonic() < deadline, f"serve --ray not up in 180 s:\n{service.log()}"
-                time.sleep(0.5)
+            _wait_for_line(proc, log_path, "serving on Ray")
             gcs = re.search(r"Ray cluster at (\S+)", log_path.read_text(errors="replace"))
             assert gcs, service.log()
             mp.setenv("RAY_AUTH_MODE", "disabled")
@@ -373,12 +380,8 @@ def test_sigterm_during_the_deployment_stops_cleanly(tmp_path: Path) -> None:
             _serve_command(port, 1), cwd=ROOT, env=_serve_env(), stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 180
         # logged once the cluster is up and the service's own handlers are in place, before Serve starts
-        while "Ray cluster at" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, f"serve --ray exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no Ray cluster in 180 s:\n{log_path.read_text()[-4000:]}"
-            time.sleep(0.05)
+        _wait_for_line(proc, log_path, "Ray cluster at", poll_s=0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, log_path.read_text()[-4000:]
         text = log_path.read_text(errors="replace")
