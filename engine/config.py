@@ -35,6 +35,9 @@ class ModelConfig:
     states, then applies ``dense`` (hidden -> ``classifier_dim``) + ``classifier_activation`` when
     ``classifier_dim`` is set, then ``classifier`` (-> len(labels)). That is the crammedBERT pooler + head when
     ``classifier_dim`` is 1024 and a plain linear probe when it is None.
+
+    ``dense_ffn_layers`` makes an FFF model a hybrid: those layers keep a dense FFN of ``intermediate_size``
+    (spending compute where a tree fits its FFN worst); every other layer is an FFF.
     """
 
     layout: str = "bert"
@@ -45,6 +48,7 @@ class ModelConfig:
     ffn: str = "fff"
     fff_trees: int = 1
     fff_depth: int = 7
+    dense_ffn_layers: list[int] = field(default_factory=list)  # FFF models only: layers with a dense FFN
     intermediate_size: int = 1536
     hidden_act: str = "gelu"
     max_position_embeddings: int = 512
@@ -62,6 +66,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.labels is not None:
             self.labels = list(self.labels)
+        if isinstance(self.dense_ffn_layers, (list, tuple)):
+            self.dense_ffn_layers = list(self.dense_ffn_layers)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -103,6 +109,21 @@ class ModelConfig:
                 isinstance(self.fff_depth, int) and 0 <= self.fff_depth <= 20,
                 f"fff_depth must be in 0..20, got {self.fff_depth!r}",
             )
+        layers = self.dense_ffn_layers
+        need(
+            isinstance(layers, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in layers)
+            and len(set(layers)) == len(layers),
+            f"dense_ffn_layers must be distinct layer indices in 0..{self.num_layers - 1}, got {layers!r}",
+        )
+        need(
+            not layers or self.ffn == "fff",
+            f"dense_ffn_layers is for FFF models (a hybrid); ffn={self.ffn!r} has no FFF layers to replace",
+        )
+        need(
+            len(layers) < self.num_layers,
+            "dense_ffn_layers names every layer: that is ffn='dense', not a hybrid",
+        )
         for problem in LAYOUTS[self.layout].problems(self):
             need(False, problem)
         need(self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
@@ -130,6 +151,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def ffn_kind(self, layer: int) -> str:
+        """What layer ``layer``'s feedforward is: ``config.ffn``, or ``"dense"`` in a hybrid's dense layers."""
+        return "dense" if layer in self.dense_ffn_layers else self.ffn
 
     @property
     def num_labels(self) -> int:

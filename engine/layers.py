@@ -136,11 +136,13 @@ class NoFFN(nn.Module):
         return torch.zeros_like(x)
 
 
-def build_ffn(config: ModelConfig, bias: bool) -> nn.Module:
-    """The feedforward ``config.ffn`` names; ``bias`` is the layout's (an FFF keeps only its output bias)."""
-    if config.ffn == "fff":
+def build_ffn(config: ModelConfig, layer: int, bias: bool) -> nn.Module:
+    """Layer ``layer``'s feedforward (:meth:`ModelConfig.ffn_kind`); ``bias`` is the layout's (an FFF keeps only
+    its output bias)."""
+    kind = config.ffn_kind(layer)
+    if kind == "fff":
         return FFF(config.hidden_size, config.hidden_size, config.fff_depth, config.fff_trees, bias_out=bias)
-    if config.ffn == "dense":
+    if kind == "dense":
         return DenseFFN(config.hidden_size, config.intermediate_size, bias=bias)
     return NoFFN()
 
@@ -155,11 +157,11 @@ class EncoderLayer(nn.Module, ABC):
     attention_class: ClassVar[type[SelfAttention]]
     ffn_bias: ClassVar[bool]
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.attention = self.attention_class(config)
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = build_ffn(config, bias=self.ffn_bias)
+        self.ffn = build_ffn(config, index, bias=self.ffn_bias)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def ffn_on_real_tokens(self, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:

@@ -64,7 +64,7 @@ class UltraFastBert(nn.Module):
         self.config = config
         layout = get_layout(config.layout)
         self.embeddings = layout.embeddings(config)
-        self.layers = nn.ModuleList(layout.layer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(layout.layer(config, i) for i in range(config.num_layers))
         self.final_norm: nn.LayerNorm | None = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if layout.final_norm else None
         )
@@ -188,6 +188,10 @@ class UltraFastBert(nn.Module):
     def fffs(self) -> list[FFF]:
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, FFF)]
 
+    def fff_layers(self) -> list[int]:
+        """Indices of the layers whose FFN is an FFF, in the order of :meth:`fffs` and :meth:`last_leaves`."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer.ffn, FFF)]
+
     def tree_shape(self) -> tuple[int, int] | None:
         """``(K, D)`` of the FFF layers, None for a dense or removed feedforward."""
         if self.config.ffn != "fff":
@@ -197,8 +201,8 @@ class UltraFastBert(nn.Module):
     def neurons_per_token(self) -> list[tuple[int, int]]:
         """Per layer ``(neurons evaluated per token, dense-equivalent width)``."""
         c = self.config
-        evaluated = {"fff": c.fff_trees * (c.fff_depth + 1), "dense": c.intermediate_size, "none": 0}[c.ffn]
-        return [(evaluated, c.intermediate_size)] * c.num_layers
+        evaluated = {"fff": c.fff_trees * (c.fff_depth + 1), "dense": c.intermediate_size, "none": 0}
+        return [(evaluated[c.ffn_kind(i)], c.intermediate_size) for i in range(c.num_layers)]
 
     def set_ffn_impl(self, impl: str) -> None:
         for fff in self.fffs():

@@ -113,6 +113,7 @@ class ServiceMetrics:
         )
 
         self._npt: list[tuple[int, int]] = []
+        self._fff_layers: list[str] = []
         self._half_life = float(half_life_tokens)
         self._leaf_counts: torch.Tensor | None = None
         self._leaf_lock = threading.Lock()
@@ -120,10 +121,12 @@ class ServiceMetrics:
     # ------------------------------------------------------------------ wiring
 
     def set_model(
-        self, neurons_per_token: Sequence[tuple[int, int]], tree_shape: tuple[int, int] | None, info: dict[str, str]
+        self, neurons_per_token: Sequence[tuple[int, int]], fff_layers: Sequence[int], info: dict[str, str]
     ) -> None:
-        """Called once the model is loaded (the app, and so the registry, exists before that)."""
+        """Called once the model is loaded (the app, and so the registry, exists before that). ``fff_layers``:
+        the layer index of each batch's leaf counts, in order (a hybrid's dense layers have none)."""
         self._npt = list(neurons_per_token)
+        self._fff_layers = [str(i) for i in fff_layers]
         for layer in range(len(self._npt)):  # export zeros from the start so PromQL ratios exist
             self.neurons_evaluated.labels(str(layer))
             self.neurons_dense.labels(str(layer))
@@ -181,10 +184,10 @@ class ServiceMetrics:
             decay = 0.5 ** (n_tokens / self._half_life)
             self._leaf_counts.mul_(decay).add_(new)
             entropy, used = leaf_evenness(self._leaf_counts)
-        for layer in range(new.shape[0]):
+        for i, layer in enumerate(self._fff_layers[: new.shape[0]]):
             for tree in range(new.shape[1]):
-                self.leaf_entropy.labels(str(layer), str(tree)).set(float(entropy[layer, tree]))
-                self.leaves_used.labels(str(layer), str(tree)).set(float(used[layer, tree]))
+                self.leaf_entropy.labels(layer, str(tree)).set(float(entropy[i, tree]))
+                self.leaves_used.labels(layer, str(tree)).set(float(used[i, tree]))
 
 
 class _WithoutCreated:

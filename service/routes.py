@@ -689,6 +689,7 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "ffn": c.ffn,
             "fff_trees": c.fff_trees if c.ffn == "fff" else None,
             "fff_depth": c.fff_depth if c.ffn == "fff" else None,
+            "dense_ffn_layers": c.dense_ffn_layers,
             "intermediate_size": c.intermediate_size,
             "max_position_embeddings": c.max_position_embeddings,
             "pooling": c.pooling,

@@ -159,7 +159,7 @@ class ServiceState:
         self.neurons_per_token = [(e, d) for e, d in loaded.model.neurons_per_token()]
         self.metrics.set_model(
             self.neurons_per_token,
-            self.backend.tree_shape,
+            loaded.model.fff_layers(),
             {
                 "name": self.model_name,
                 "path": str(loaded.path),

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from service_support import running, settings
+from service_support import metric, metric_samples, running, settings
 
-from engine.checkpoint import load_model
+from engine.checkpoint import convert_hf_bert, load_model
 from engine.training.distill import DistillOptions, distill
 from service.app import create_app
 
@@ -336,9 +336,13 @@ def test_cli_defaults_match_distill_options() -> None:
         "grow_from": "grow_from",
         "register_weighting": "register_weighting",
         "init_student": "init_student",
+        "dense_layers": "dense_layers",
     }
     for arg, field_name in pairs.items():
         assert getattr(args, arg) == getattr(defaults, field_name), arg
+    assert build_parser().parse_args(["distill", "--dense-layers", "3,4"]).dense_layers == [3, 4]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--dense-layers", "three"])
 
 
 def test_init_student_continues_end_to_end_only(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
@@ -416,6 +420,49 @@ def test_zero_trees_trains_the_no_feedforward_control(tiny_teacher: Path, distil
     distill(_opts(tiny_teacher, tmp_path / "z2", trees=0, steps=2, init_student=str(final)), progress=False)
     with pytest.raises(ValueError, match="expected a student with ffn=none; found ffn=fff"):
         distill(_opts(tiny_teacher, tmp_path / "z3", trees=0, init_student=str(distilled)), progress=False)
+
+
+def test_hybrid_keeps_the_teacher_ffn_in_its_dense_layers(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    """``dense_layers``: those layers start as the teacher's own FFN and are trained end to end with the rest; only
+    the FFF layers have a layer-wise phase; an all-FFF student can be continued as a hybrid, not the reverse."""
+    teacher = convert_hf_bert(tiny_teacher, ffn="dense").model.state_dict()
+    final = distill(_opts(tiny_teacher, tmp_path / "h", dense_layers=[1], steps=4), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "h" / "distill_log.jsonl").read_text().splitlines()]
+    assert [r["layer"] for r in log if r.get("done")] == [0]
+    loaded = load_model(final)
+    assert loaded.config.dense_ffn_layers == [1] and loaded.model.fff_layers() == [0]
+    assert loaded.model.neurons_per_token() == [(2 * 3, 64), (64, 64)]
+    trained = loaded.model.state_dict()["layers.1.ffn.dense_in.weight"]
+    assert 0 < (trained - teacher["layers.1.ffn.dense_in.weight"]).abs().max() < 4 * 2 * 1e-3  # 4 Adam steps
+
+    async def serve() -> None:  # /info names the dense layer; leaf gauges carry the FFF layer's own index
+        async with running(create_app(settings(final, warmup=False), loaded)) as c:
+            r = await c.post("/embed", json={"inputs": ["a quiet triumph of light"]})
+            assert r.status_code == 200, r.text
+            info = (await c.get("/info")).json()
+            assert info["model"]["dense_ffn_layers"] == [1]
+            assert [x["evaluated"] for x in info["neurons_per_token"]["per_layer"]] == [6, 64]
+            samples = metric_samples((await c.get("/metrics")).text)
+            tokens = metric(samples, "ufb_tokens_total", task="embed")
+            assert tokens > 0
+            assert metric(samples, "ufb_ffn_neurons_evaluated_total", layer="1") == 64 * tokens
+            layers = {dict(k[1]).get("layer") for k in samples if k[0] == "ufb_fff_leaves_used_ratio"}
+            assert layers == {"0"}
+
+    asyncio.run(serve())
+
+    opts = _opts(tiny_teacher, tmp_path / "h2", init_student=str(distilled), dense_layers=[1], steps=3)
+    distill(opts, progress=False, stop_after_steps=1)
+    weights = torch.load(tmp_path / "h2" / "checkpoint.pt", weights_only=False)["model"]
+    earlier = load_file(str(distilled / "model.safetensors"))
+    moved = (weights["layers.1.ffn.dense_in.weight"] - teacher["layers.1.ffn.dense_in.weight"]).abs().max()
+    assert 0 < moved < 2 * opts.lr  # one step off the teacher's FFN
+    moved = (weights["layers.0.ffn.linear_in.weight"] - earlier["layers.0.ffn.linear_in.weight"]).abs().max()
+    assert 0 < moved < 2 * opts.lr  # one step off the earlier student's tree
+    with pytest.raises(ValueError, match=r"found ffn=fff, K=2, D=2, dense layers \[1\]"):
+        distill(_opts(tiny_teacher, tmp_path / "h3", init_student=str(final)), progress=False)
+    with pytest.raises(ValueError, match="trees=0 control"):
+        distill(_opts(tiny_teacher, tmp_path / "h4", trees=0, dense_layers=[1]), progress=False)
 
 
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:

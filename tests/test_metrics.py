@@ -92,7 +92,7 @@ def test_leaf_evenness() -> None:
 
 def test_leaf_counts_decay_towards_recent_traffic() -> None:
     m = ServiceMetrics(half_life_tokens=100)
-    m.set_model([(4, 16)], (1, 2), {"name": "t"})
+    m.set_model([(4, 16)], [0], {"name": "t"})
 
     def batch(counts: list[float], tokens: int) -> BatchStats:
         return BatchStats(

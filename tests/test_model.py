@@ -160,7 +160,7 @@ def test_model_kernel_matches_masked_and_reference(layout: str, trees: int, dept
 
 
 @pytest.mark.parametrize("layout", ["bert", "crammed"])
-@pytest.mark.parametrize("ffn", ["fff", "dense", "none"])
+@pytest.mark.parametrize("ffn", ["fff", "dense", "none", "hybrid"])
 def test_embedding_is_the_same_alone_and_in_a_padded_batch(layout: str, ffn: str) -> None:
     model = tiny_model(layout, ffn=ffn, labels=["a", "b", "c"])
     ids, mask = random_batch([5, 13, 2, 9], seed=7)
@@ -181,7 +181,7 @@ def _token_lists(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("layout", ["bert", "crammed"])
-@pytest.mark.parametrize("ffn", ["fff", "dense", "none"])
+@pytest.mark.parametrize("ffn", ["fff", "dense", "none", "hybrid"])
 @pytest.mark.parametrize("lengths", [[1], [9, 9, 9], [5, 13, 2, 9, 1, 30, 13], [64, 1, 33, 2]])
 def test_packed_path_equals_the_padded_model(layout: str, ffn: str, lengths: list[int]) -> None:
     """The serving path (unpadded tokens, attention per length group) against the padded forward, per sequence."""
@@ -276,6 +276,14 @@ def test_metrics_and_controls() -> None:
     assert fff_model.tree_shape() == (2, 3)
     dense = tiny_model("crammed", ffn="dense")
     assert dense.neurons_per_token() == [(64, 64)] * 2 and dense.tree_shape() is None
+    hybrid = tiny_model("bert", ffn="hybrid")
+    assert hybrid.neurons_per_token() == [(8, 64), (64, 64)] and hybrid.tree_shape() == (2, 3)
+    assert hybrid.fff_layers() == [0] and len(hybrid.fffs()) == 1
+    hybrid.set_record_leaves(True)
+    with torch.inference_mode():
+        hybrid.embed_ids([[5, 6, 7]])
+    leaves = hybrid.last_leaves()
+    assert leaves is not None and len(leaves) == 1 and leaves[0].shape == (3, 2)
     none = tiny_model("bert", ffn="none")
     assert none.neurons_per_token() == [(0, 64)] * 2
     assert none.last_leaves() is None
@@ -311,3 +319,14 @@ def test_config_validation_and_json(tmp_path: Path) -> None:
         ModelConfig.from_dict({"hiden_size": 3})
     with pytest.raises(ValueError, match="unique"):
         ModelConfig(labels=["a", "a"])
+    hybrid = ModelConfig(num_layers=3, dense_ffn_layers=[2, 0])
+    assert hybrid.dense_ffn_layers == [2, 0] and [hybrid.ffn_kind(i) for i in range(3)] == ["dense", "fff", "dense"]
+    hybrid.save(tmp_path / "h.json")
+    assert ModelConfig.load(tmp_path / "h.json") == hybrid
+    for bad in ([3], [-1], [1, 1], ["1"], [True], 1):
+        with pytest.raises(ValueError, match="dense_ffn_layers must be distinct layer indices in 0..2"):
+            ModelConfig(num_layers=3, dense_ffn_layers=bad)
+    with pytest.raises(ValueError, match="every layer"):
+        ModelConfig(num_layers=2, dense_ffn_layers=[0, 1])
+    with pytest.raises(ValueError, match="for FFF models"):
+        ModelConfig(ffn="dense", dense_ffn_layers=[0])

@@ -69,15 +69,18 @@ def build_tiny_model(
 def tiny_model(
     layout: str, ffn: str = "fff", trees: int = 2, depth: int = 3, labels=None, seed: int = 0, vocab: int = 120
 ) -> UltraFastBert:
+    """Two layers; ``ffn="hybrid"`` is an FFF model whose second layer keeps a dense FFN."""
+    hybrid = ffn == "hybrid"
     config = ModelConfig(
         layout=layout,
         vocab_size=vocab,
         hidden_size=32,
         num_layers=2,
         num_heads=4,
-        ffn=ffn,
+        ffn="fff" if hybrid else ffn,
         fff_trees=trees,
         fff_depth=depth,
+        dense_ffn_layers=[1] if hybrid else [],
         intermediate_size=64,
         max_position_embeddings=64,
         labels=labels,

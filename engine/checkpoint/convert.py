@@ -4,8 +4,8 @@ point; ``ultrafastbert convert``)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
 
 import torch
 
@@ -32,6 +32,7 @@ def convert_hf_bert(
     depth: int | None = None,
     init: str = "teacher",
     ffn: str = "fff",
+    dense_layers: Sequence[int] = (),
     seed: int = 0,
     name: str | None = None,
 ) -> LoadedModel:
@@ -43,7 +44,8 @@ def convert_hf_bert(
     ``r // K`` in heap order, cycling through the ranking if the trees have more nodes than the teacher has
     neurons. The strongest neurons thus sit nearest the roots, which every token visits. ``init="random"`` uses the
     reference FFF initialisation (seeded). Either way the FFF keeps the teacher's output bias, and the config keeps
-    ``intermediate_size`` = teacher width as the dense equivalent.
+    ``intermediate_size`` = teacher width as the dense equivalent. ``dense_layers`` (FFF only) keeps the teacher's
+    FFN in those layers: a hybrid (``ModelConfig.dense_ffn_layers``).
     """
     folder = Path(hf_folder)
     if detect_format(folder) != hf_bert.NAME:
@@ -63,18 +65,22 @@ def convert_hf_bert(
     if ffn == "fff":
         if trees is None or depth is None:
             raise ValueError("convert_hf_bert with ffn='fff' needs trees and depth")
-        fields.update(fff_trees=trees, fff_depth=depth)
+        fields.update(fff_trees=trees, fff_depth=depth, dense_ffn_layers=list(dense_layers))
+    elif dense_layers:
+        raise ValueError("dense_layers is for ffn='fff' (a hybrid)")
     config = make_config(fields, folder / "config.json")
     model = UltraFastBert(config)
     ffn_tensors = {k: tensors.pop(k) for k in list(tensors) if re.fullmatch(r"layers\.\d+\.ffn\..*", k)}
-    if ffn == "dense":
-        tensors.update(ffn_tensors)
+    for k, v in ffn_tensors.items():
+        if config.ffn_kind(int(k.split(".")[1])) == "dense":
+            tensors[k] = v
     # The teacher FFN is checked by name only; FFF parameters are filled below.
     _fill_model_partial(model, tensors, ffn_tensors, folder / WEIGHTS_FILE)
     if ffn == "fff":
         gen = torch.Generator().manual_seed(seed)
         for i, layer in enumerate(model.layers):
-            _init_fff(cast(FFF, layer.ffn), ffn_tensors, i, init, gen)
+            if isinstance(layer.ffn, FFF):
+                _init_fff(layer.ffn, ffn_tensors, i, init, gen)
     finish(model, torch.float32, None)
     tokenizer = load_tokenizer(folder)
     return LoadedModel(model, tokenizer, config, folder, config.name, hf_bert.NAME, torch.float32)
@@ -88,10 +94,9 @@ def _fill_model_partial(
         for part in ("dense_in.weight", "dense_in.bias", "dense_out.weight", "dense_out.bias"):
             if f"layers.{i}.ffn.{part}" not in ffn_tensors:
                 raise CheckpointError(f"{source}: missing teacher FFN tensor for layer {i} ({part})")
-    if model.config.ffn == "dense":
-        fill_model(model, tensors, str(source))
-        return
-    own_ffn = {k: v for k, v in model.state_dict().items() if re.fullmatch(r"layers\.\d+\.ffn\..*", k)}
+    own_ffn = {
+        k: v for k, v in model.state_dict().items() if re.fullmatch(r"layers\.\d+\.ffn\..*", k) and k not in tensors
+    }
     fill_model(model, {**tensors, **own_ffn}, str(source))
 
 

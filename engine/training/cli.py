@@ -88,6 +88,14 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
         help="start from an earlier student with fewer trees of depth D: keep its trees, fit --trees "
         "minus its count of added trees to what it misses (closed form), then train end to end",
     )
+    p.add_argument(
+        "--dense-layers",
+        type=_layer_list,
+        default=[],
+        metavar="I,J",
+        help="a hybrid: these layers (0-based, comma-separated) keep the teacher's dense FFN, trained end to end "
+        "with the rest; the others are FFFs",
+    )
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the per-layer hidden-state MSE")
     p.add_argument(
         "--embed-weight", type=float, default=1.0, help="weight of (1 - cosine) to the teacher's sentence embeddings"
@@ -203,3 +211,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from engine.training.evaluate import run_cli
 
     return run_cli(args)
+
+
+def _layer_list(text: str) -> list[int]:
+    """``"3,4"`` -> ``[3, 4]``; an empty string is no layer."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,4; got {text!r}") from None

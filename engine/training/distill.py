@@ -16,7 +16,9 @@ Pipeline (``ultrafastbert distill``):
    layer-wise phase: more end-to-end training for a finished model, with a fresh learning-rate schedule.
    How batches are drawn (fixed packed sequences or fresh windows, token noise) is :mod:`engine.training.training_text`.
    ``trees=0`` is the control: the teacher with its FFNs removed, trained end to end only (no layer-wise phase),
-   which says how much the FFF layers add over none at all.
+   which says how much the FFF layers add over none at all. ``dense_layers`` makes a hybrid: those layers keep
+   the teacher's dense FFN (exact at the start, then trained end to end like the rest); only FFF layers have a
+   layer-wise (or grow) phase.
 4. **Head**: a fresh/rotten logistic-regression head on the Rotten Tomatoes train split is attached.
 
 Determinism and resume: every batch is drawn from a generator seeded by ``(seed, phase, layer, step)``, so a run
@@ -71,6 +73,7 @@ class DistillOptions:
     out: str = "runs/distill"
     trees: int = 2  # 0: no feedforward at all (the control student)
     depth: int = 7
+    dense_layers: list[int] = field(default_factory=list)  # a hybrid: these layers keep the teacher's dense FFN
     seed: int = 0
     time_budget_min: float | None = None  # whole run (both phases); None = steps only
     layerwise_share: float = 0.35  # of the time budget
@@ -220,11 +223,14 @@ def _init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
     """Copy an earlier student's weights into ``student`` and jump to the end-to-end phase.
 
     The earlier student must have the same shapes (teacher, K, D); its classifier head is dropped, as the head
-    is refitted on the new encoder at the end."""
+    is refitted on the new encoder at the end. It may have fewer dense layers than ``student`` (a hybrid): those
+    layers then start from the teacher's FFN, every other weight from the earlier student."""
     earlier = load_model(folder)
     want, found = student.config, earlier.config
-    if found.ffn != want.ffn or (
-        want.ffn == "fff" and (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth)
+    if (
+        found.ffn != want.ffn
+        or (want.ffn == "fff" and (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth))
+        or not set(found.dense_ffn_layers) <= set(want.dense_ffn_layers)
     ):
         expected = (
             f"an FFF student with K={want.fff_trees}, D={want.fff_depth}"
@@ -232,12 +238,16 @@ def _init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]
             else f"a student with ffn={want.ffn}"
         )
         raise ValueError(
-            f"--init-student {folder}: expected {expected}; "
-            f"found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
+            f"--init-student {folder}: expected {expected}"
+            + (f" with dense layers among {want.dense_ffn_layers}" if want.dense_ffn_layers else "")
+            + f"; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
+            + (f", dense layers {found.dense_ffn_layers}" if found.dense_ffn_layers else "")
         )
-    weights = {k: v for k, v in earlier.model.state_dict().items() if not k.startswith("head.")}
+    # the head is refitted; layers dense here but FFF there keep the teacher's FFN from the conversion
+    skip = ("head.", *(f"layers.{i}.ffn." for i in set(want.dense_ffn_layers) - set(found.dense_ffn_layers)))
+    weights = {k: v for k, v in earlier.model.state_dict().items() if not k.startswith(skip)}
     missing, unexpected = student.model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith(skip)]
     if missing or unexpected:
         raise ValueError(
             f"--init-student {folder}: weights do not match the student "
@@ -396,12 +406,17 @@ def distill(
             teacher_dir,
             trees=opts.trees,
             depth=opts.depth,
+            dense_layers=opts.dense_layers,
             init="teacher",
             seed=opts.seed,
-            name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}",
+            name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}"
+            + "".join(f"-dense{i}" for i in sorted(opts.dense_layers)),
         )
+    if opts.trees == 0 and opts.dense_layers:
+        raise ValueError("dense_layers makes an FFF student a hybrid; the trees=0 control has no FFF layers")
     model = student.model
     n_layers = len(model.layers)
+    fff_layers = model.fff_layers()
     for f in model.fffs():
         f.routing_tau = opts.routing_tau
     state: dict[str, Any] = {
@@ -452,7 +467,7 @@ def distill(
         n_tok = xs[0].shape[0]
         probe = torch.randperm(n_tok, generator=seeded(opts.seed, 2))[: min(4096, n_tok)]
         errs_before, errs_after = [], []
-        for i in range(n_layers):
+        for i in fff_layers:
             fff = _layer_fff(model, i)
             x, y = xs[i].float(), ys[i].float()
             errs_before.append(relative_error(fff, xs[i][probe], ys[i][probe]))
@@ -491,21 +506,28 @@ def distill(
         if state["alloc"] is None:
             if opts.layer_init == "fit":
                 t_fit = time.monotonic()
-                for i in range(n_layers):
+                for i in fff_layers:
                     fff = _layer_fff(model, i)
                     x, y = xs[i].float(), ys[i].float()
                     split_routing(fff, x, y)
                     fit_output_rows(fff, x, y)
                 log.info("layer-wise: splits and output rows fitted in closed form (%.0f s)", time.monotonic() - t_fit)
-            errs = [relative_error(_layer_fff(model, i), xs[i][probe], ys[i][probe]) for i in range(n_layers)]
-            weights = [max(e, 0.25 * max(errs)) for e in errs]  # every layer gets at least a quarter share
-            total = opts.layer_steps * n_layers
-            state["alloc"] = [max(1, round(total * w / sum(weights))) for w in weights]
+            # a hybrid's dense layers are the teacher's own FFN (error ~0) and get no steps
+            ffns = [cast("EncoderLayer", layer).ffn for layer in model.layers]
+            errs = [relative_error(ffns[i], xs[i][probe], ys[i][probe]) for i in range(n_layers)]
+            weights = [max(e, 0.25 * max(errs)) if i in fff_layers else 0.0 for i, e in enumerate(errs)]
+            total = opts.layer_steps * len(fff_layers)
+            state["alloc"] = [max(1, round(total * w / sum(weights))) if w else 0 for w in weights]
             state["layer_errors_init"] = errs
             log.info("layer-wise: initial relative errors %s -> steps %s", [f"{e:.3f}" for e in errs], state["alloc"])
         lw_budget = budget_s * opts.layerwise_share if budget_s else None
         alloc = state["alloc"]
-        while state["phase"] == "layerwise" and state["layer"] < n_layers and not should_stop():
+        while state["phase"] == "layerwise" and not should_stop():
+            while state["layer"] < n_layers and state["layer"] not in fff_layers:
+                state["layer"] += 1  # a hybrid's dense layers have no layer-wise phase
+            if state["layer"] == n_layers:
+                state["phase"] = "e2e"
+                break
             i = state["layer"]
             fff = _layer_fff(model, i)
             params = list(fff.parameters())
@@ -811,6 +833,7 @@ def run_cli(args: Any) -> int:
         out=args.out,
         trees=args.trees,
         depth=args.depth,
+        dense_layers=args.dense_layers,
         seed=args.seed,
         time_budget_min=args.time_budget,
         layerwise_share=args.layerwise_share,

@@ -9,7 +9,7 @@ Checks (all on text the distillation never trained on, see :mod:`engine.training
 * ``probe_acc``: logistic-regression probe on frozen normalised embeddings, Rotten Tomatoes (fixed seeded split).
 * ``head_acc``: the fresh/rotten classification head: the model's own shipped head when it has one, else (and
   always for teacher and ablation) the same recipe trained here on the probe's train split.
-* ``neurons_per_token`` per layer (of the dense width) and ``sentences_per_s`` (held-out set, batch 64).
+* ``neurons_per_token``, the mean per layer (of the dense width), and ``sentences_per_s`` (held-out set, batch 64).
 
 ``ratio`` = student / teacher, ``gap_closed`` = (student - ablation) / (teacher - ablation), per check.
 
@@ -215,7 +215,7 @@ def model_scores(
         "probe_acc": probe_acc,
         "head_acc": head_acc,
         "head_source": head_source,
-        "neurons_per_token": npt[0][0],
+        "neurons_per_token": round(sum(e for e, _ in npt) / len(npt), 2),  # mean over layers (a hybrid's differ)
         "dense_width": npt[0][1],
         "sentences_per_s": len(data.heldout) / secs,
         "_emb": held_n,
