@@ -71,7 +71,7 @@ class SelfAttention(nn.Module, ABC):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         # Inference only: the q/k/v projection as one module, so it can be swapped whole (int8: engine.precision).
-        self.qkv_fused: nn.Module | None = None
+        self.qkv_module: nn.Module | None = None
 
     @abstractmethod
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,14 +82,14 @@ class SelfAttention(nn.Module, ABC):
         """The q/k/v projection as one ``[3H, H]`` weight and its bias, in the output order of :meth:`qkv_heads`."""
 
     def use_fused_projection(self) -> None:
-        """From now on project q/k/v through ``qkv_fused``, one ``nn.Linear`` with the same function."""
+        """From now on project q/k/v through ``qkv_module``, one ``nn.Linear`` with the same function."""
         weight, bias = self.projection_weights()
         fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         with torch.no_grad():
             fused.weight.copy_(weight)
             if bias is not None:
                 fused.bias.copy_(bias)
-        self.qkv_fused = fused
+        self.qkv_module = fused
 
     def pack_inference_weights(self) -> None:
         """Build any inference-time copy of the projections now (see :meth:`UltraFastBert.pack_inference_weights`)."""

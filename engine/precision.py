@@ -77,7 +77,7 @@ def quantize_int8(model: M) -> M:
     for name, module in quantized.named_modules():
         if isinstance(module, SelfAttention):
             module.use_fused_projection()
-            names.update({f"{name}.qkv_fused", f"{name}.out"})
+            names.update({f"{name}.qkv_module", f"{name}.out"})
         elif isinstance(module, DenseFFN):
             names.update({f"{name}.dense_in", f"{name}.dense_out"})
     with torch.no_grad():

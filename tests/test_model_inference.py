@@ -26,7 +26,7 @@ def test_fff_built_and_run_under_inference_mode() -> None:
         assert torch.allclose(fff(x), first, atol=1e-5)
 
 
-def test_fused_qkv_at_inference_matches_the_three_projections_and_follows_changes() -> None:
+def test_fused_projection_at_inference_matches_the_three_projections_and_follows_changes() -> None:
     """Inference runs BERT's query/key/value as one fused GEMM; it must equal the separate projections (the
     training path) and be rebuilt after a weight changes in place."""
     model = tiny_model("bert", ffn="dense")
@@ -258,7 +258,7 @@ def test_fff_and_model_compile_with_the_kernel_in_the_graph() -> None:
         assert "tensor_stamp" not in breaks and "fff_forward" not in breaks and "skipped" not in breaks, breaks
 
 
-def test_fused_qkv_follows_the_three_projections() -> None:
+def test_fused_projection_follows_the_three_projections() -> None:
     torch.manual_seed(0)
     model = tiny_model("bert")
     attention = model.layers[0].attention

@@ -277,6 +277,7 @@ def test_real_prometheus_finds_every_replica_and_evaluates_the_dashboard(
             job["http_sd_configs"][0].update(url=ray_service.url + TARGETS_PATH, refresh_interval="1s")
         else:
             job["static_configs"] = [{"targets": [f"127.0.0.1:{prom_port}"]}]
+    cfg["rule_files"] = [str((RAY_DIR / f).resolve()) for f in cfg["rule_files"]]  # the config moves to tmp_path
     with running_prometheus(cfg, prom_port, tmp_path) as base:
         drive_dashboard_traffic(ray_service.url, concurrency=6, timeout_s=30)
         targets = httpx.get(base + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
@@ -287,6 +288,11 @@ def test_real_prometheus_finds_every_replica_and_evaluates_the_dashboard(
         assert len(count.json()["data"]["result"]) == REPLICAS
         failures = dashboard_failures(base)
         assert not failures, "\n".join(failures)
+        groups = httpx.get(base + "/api/v1/rules", timeout=5).json()["data"]["groups"]  # the TEI recording rules
+        rules = [r for g in groups for r in g["rules"]]
+        assert rules and all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+        tei = httpx.get(base + "/api/v1/query", params={"query": "sum(te_request_count)"}, timeout=5).json()
+        assert tei["data"]["result"] and float(tei["data"]["result"][0]["value"][1]) > 0, tei
 
 
 def test_the_proxy_bounds_every_request_just_past_the_service_deadline(ray_service: RayService) -> None:

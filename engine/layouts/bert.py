@@ -52,7 +52,7 @@ class BertSelfAttention(SelfAttention):
         self.out = nn.Linear(h, h)
         self._fused: Derived[tuple[torch.Tensor, torch.Tensor]] = Derived()
 
-    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The three projections as one ``[3h, h]`` weight and bias, for inference.
 
         Why: one GEMM instead of three small ones; attention projections are most of what is left of the
@@ -67,18 +67,15 @@ class BertSelfAttention(SelfAttention):
         return self._fused.get(params, build)  # type: ignore[arg-type]
 
     def pack_inference_weights(self) -> None:
-        self.fused_qkv()
-
-    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.fused_qkv()
+        self.projection_weights()
 
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qkv_fused is not None:
-            fused = dense.apply(self.qkv_fused, x)
+        if self.qkv_module is not None:
+            fused = dense.apply(self.qkv_module, x)
         elif torch.is_grad_enabled():
             fused = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         else:
-            weight, bias = self.fused_qkv()
+            weight, bias = self.projection_weights()
             fused = dense.linear(x, weight, bias)
         return fused.unflatten(-1, (3, self.num_heads, self.head_dim))
 

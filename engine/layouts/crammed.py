@@ -68,7 +68,7 @@ class CrammedSelfAttention(SelfAttention):
         return self.qkv.weight.detach(), None
 
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.qkv if self.qkv_fused is None else self.qkv_fused
+        proj = self.qkv if self.qkv_module is None else self.qkv_module
         return dense.apply(proj, x).unflatten(-1, (self.num_heads, 3, self.head_dim)).transpose(-3, -2)
 
 
