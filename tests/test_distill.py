@@ -473,7 +473,7 @@ def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path,
 def test_linear_head_ignores_constant_features() -> None:
     """A dead hidden dimension (spread ~1e-6) gets weight 0 instead of a huge folded weight; the live ones still
     separate the classes."""
-    from engine.training.distill import fit_linear_head
+    from engine.training.head import fit_linear_head
 
     gen = torch.Generator().manual_seed(0)
     n = 400

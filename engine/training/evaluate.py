@@ -104,7 +104,7 @@ def domain_probe(
     models: dict[str, LoadedModel], data: dict[str, tuple[list[str], list[str]]], seed: int = 0
 ) -> dict[str, Any]:
     """Per model: a logistic-regression probe on normalised embeddings, fitted on ``train``, accuracy per domain."""
-    from engine.training.distill import fit_linear_head
+    from engine.training.head import fit_linear_head
 
     out: dict[str, Any] = {}
     for name, m in models.items():
@@ -132,7 +132,7 @@ def register_scores(models: dict[str, LoadedModel], sets: dict[str, list[str]]) 
 
 
 def _features(loaded: LoadedModel, texts: list[str], max_length: int = 256) -> tuple[torch.Tensor, float]:
-    from engine.training.distill import pooled_features
+    from engine.training.head import pooled_features
 
     t0 = time.perf_counter()
     feats = pooled_features(loaded, texts, max_length=max_length)
@@ -172,7 +172,7 @@ def model_scores(
 ) -> dict[str, Any]:
     """Scores of one model; ``teacher_ref`` holds the teacher's held-out embeddings and neighbours (None: this
     model is the teacher)."""
-    from engine.training.distill import fit_linear_head
+    from engine.training.head import fit_linear_head
 
     loaded.model.eval()
     _features(loaded, data.heldout[:64])  # warm-up (weight packing, kernel load) before the timed pass
