@@ -89,7 +89,8 @@ def convert_hf_bert(
 def _fill_model_partial(
     model: UltraFastBert, tensors: dict[str, torch.Tensor], ffn_tensors: dict[str, torch.Tensor], source: Path
 ) -> None:
-    """Like :func:`fill_model`, but the FFN parameters (absent from ``tensors``) are left to the caller."""
+    """Like :func:`fill_model`, but the FFF parameters (absent from ``tensors``; dense FFNs are in it) are left to
+    the caller."""
     for i in range(model.config.num_layers):
         for part in ("dense_in.weight", "dense_in.bias", "dense_out.weight", "dense_out.bias"):
             if f"layers.{i}.ffn.{part}" not in ffn_tensors:

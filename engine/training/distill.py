@@ -393,6 +393,8 @@ def distill(
 
     if opts.layer_init not in LAYER_INITS:
         raise ValueError(f"layer_init must be one of {LAYER_INITS}, got {opts.layer_init!r}")
+    if opts.trees == 0 and opts.dense_layers:
+        raise ValueError("dense_layers makes an FFF student a hybrid; the trees=0 control has no FFF layers")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = Path(opts.teacher) if opts.teacher else default_teacher()
@@ -411,8 +413,6 @@ def distill(
             name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}"
             + "".join(f"-dense{i}" for i in sorted(opts.dense_layers)),
         )
-    if opts.trees == 0 and opts.dense_layers:
-        raise ValueError("dense_layers makes an FFF student a hybrid; the trees=0 control has no FFF layers")
     model = student.model
     n_layers = len(model.layers)
     fff_layers = model.fff_layers()

@@ -31,8 +31,7 @@ def pooled_features(
     out = torch.empty(len(ids), loaded.config.hidden_size)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         rows = order[start : start + batch_size]
-        with torch.inference_mode():
-            out[rows] = loaded.model.pooled_ids([ids[i] for i in rows], cls=False).float()
+        out[rows] = loaded.model.pooled_ids([ids[i] for i in rows], cls=False).float()
     return out
 
 
