@@ -461,6 +461,8 @@ def test_hybrid_keeps_the_teacher_ffn_in_its_dense_layers(tiny_teacher: Path, di
     assert 0 < moved < 2 * opts.lr  # one step off the earlier student's tree
     with pytest.raises(ValueError, match=r"found ffn=fff, K=2, D=2, dense layers \[1\]"):
         distill(_opts(tiny_teacher, tmp_path / "h3", init_student=str(final)), progress=False)
+    with pytest.raises(ValueError, match=r"dense_layers \[2\]: the teacher has layers 0..1"):
+        distill(_opts(tiny_teacher, tmp_path / "h5", dense_layers=[2]), progress=False)
     with pytest.raises(ValueError, match="trees=0 control"):
         distill(_opts(tiny_teacher, tmp_path / "h4", trees=0, dense_layers=[1]), progress=False)
 

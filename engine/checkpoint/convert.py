@@ -65,6 +65,9 @@ def convert_hf_bert(
     if ffn == "fff":
         if trees is None or depth is None:
             raise ValueError("convert_hf_bert with ffn='fff' needs trees and depth")
+        n = teacher_config.num_layers
+        if any(not 0 <= i < n for i in dense_layers):  # the argument's fault, not the teacher's config.json
+            raise ValueError(f"dense_layers {list(dense_layers)}: the teacher has layers 0..{n - 1}")
         fields.update(fff_trees=trees, fff_depth=depth, dense_ffn_layers=list(dense_layers))
     elif dense_layers:
         raise ValueError("dense_layers is for ffn='fff' (a hybrid)")
