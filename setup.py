@@ -42,4 +42,16 @@ if with_cuda:
 else:
     extension = CppExtension(name="engine._cmm", sources=sources, extra_compile_args=cxx, **common)
 
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+
+class BuildInPlaceSafely(BuildExtension.with_options(use_ninja=True)):
+    """An editable install copies the built library over engine/_cmm*.so; writing into that file would crash a
+    server or training run that has it mapped (SIGBUS), so the old file is unlinked first and they keep its inode."""
+
+    def copy_extensions_to_source(self) -> None:
+        if self.inplace:
+            for ext in self.extensions:
+                Path(self.get_ext_filename(ext.name)).unlink(missing_ok=True)
+        super().copy_extensions_to_source()
+
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildInPlaceSafely})

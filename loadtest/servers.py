@@ -110,12 +110,13 @@ class LocalServer:
         self.stop()
 
 
-def rss_of(pid: int) -> float | None:
-    """Resident set size in bytes from /proc (Linux), None when unreadable."""
+def rss_of(pid: int, peak: bool = False) -> float | None:
+    """Resident set size in bytes from /proc (Linux): now, or its peak so far (VmHWM); None when unreadable."""
+    key = "VmHWM:" if peak else "VmRSS:"
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return float(line.split()[1]) * 1024
     except OSError:
         return None

@@ -467,6 +467,21 @@ def test_hybrid_keeps_the_teacher_ffn_in_its_dense_layers(tiny_teacher: Path, di
         distill(_opts(tiny_teacher, tmp_path / "h4", trees=0, dense_layers=[1]), progress=False)
 
 
+def test_cli_names_options_that_cannot_work_without_a_traceback(
+    tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    base = ["distill", "--teacher", str(tiny_teacher), "--trees", "2", "--depth", "2", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--dense-layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "ultrafastbert distill: error: dense_layers [2]: the teacher has layers 0..1" in err
+    assert "Traceback" not in err
+    assert main([*base, "--out", str(tmp_path / "b"), "--trees", "-1"]) == 2
+    assert "--trees must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="K=4, D=1"):
         distill(_opts(tiny_teacher, tmp_path / "d", init_student=str(distilled), trees=4, depth=1), progress=False)

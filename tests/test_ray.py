@@ -349,15 +349,16 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(ray_service: RayS
     proxy_timeout = REQUEST_TIMEOUT_S + PROXY_TIMEOUT_MARGIN_S
     for start, end, status, _, body in errors:
         if status == 408:
-            # Ray's router sent it to the dead replica before it learned of the death (a race in Ray, seen in ~1
-            # of 5 runs): it must have started just after the kill and been cut off by the proxy's timeout, not hung
-            assert 0 <= start - t_kill <= 1.0 and end - start >= proxy_timeout - 0.5, (start - t_kill, end - start)
+            # Ray's router sent it to the dying replica before it learned of the death (a race in Ray, seen in ~1
+            # of 5 runs; the request may leave the client a few ms before the kill and reach the actor after it): it
+            # must have started around the kill and been cut off by the proxy's timeout, not hung
+            assert -1.0 <= start - t_kill <= 1.0 and end - start >= proxy_timeout - 0.5, (start - t_kill, end - start)
             continue
         # otherwise only requests that were in flight when the replica died fail, with the service's JSON 502
         assert start <= t_kill <= end + 0.5, (start - t_kill, end - t_kill, status, body)
         assert status == 502 and json.loads(body)["error_type"] == "replica_failed", body
     in_flight = sum(1 for s, e, *_ in records if s <= t_kill <= e)
-    assert len([r for r in errors if r[2] == 502]) <= in_flight  # a 408 (above) was not in flight at the kill
+    assert len([r for r in errors if r[2] == 502]) <= in_flight
     print(f"replica killed: {len(errors)} of {in_flight} requests in flight failed, {len(records)} requests in all")
     replicas_after = {r[3] for r in records if r[0] > t_kill + 1 and r[2] == 200}
     assert victim not in replicas_after and survivor in replicas_after

@@ -1,6 +1,7 @@
 // CPU kernels for conditional matrix multiplication. Three instruction-set paths share one driver
 // (cmm_driver.inc): AVX-512 and AVX2 + FMA, whose vector primitives are one source (cmm_simd.inc) over each
-// width's register operations, and a portable path the compiler vectorises for the baseline ISA. The path is chosen once, at run time, so one binary runs anywhere.
+// width's register operations, and a portable path the compiler vectorises for the baseline ISA. The path is
+// chosen once, at run time, so one binary runs anywhere.
 #include "cpu/cmm_cpu.h"
 
 #include <immintrin.h>

@@ -1,8 +1,9 @@
 // The Python fast path: bare CPython functions (METH_FASTCALL) for the calls the serving path makes per layer and
 // per batch, where pybind11's argument conversion or the dispatcher would cost as much as the kernel on one token
-// (docs/kernel.md). cmm_eager and linear_eager are torch.ops.ufb.cmm and .linear without the dispatcher; tensor_stamp is engine.derived's
-// staleness check; fff_forward is engine.fff.FFF.forward's serving case, which reads the module's attributes
-// (the names below) and must change with them. Each falls back to Python (NotImplemented) where unsure.
+// (docs/kernel.md). cmm_eager and linear_eager are torch.ops.ufb.cmm and .linear without the dispatcher;
+// tensor_stamp is engine.derived's staleness check; fff_forward is engine.fff.FFF.forward's serving case, which
+// reads the module's attributes (the names below) and must change with them. Each falls back to Python
+// (NotImplemented) where unsure.
 #include "python/fast_path.h"
 
 #include <torch/csrc/Exceptions.h>

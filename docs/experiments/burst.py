@@ -18,6 +18,8 @@ import time
 
 import httpx
 
+from loadtest.servers import rss_of
+
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "a short sentence",
@@ -38,10 +40,8 @@ def same_vector(a: list[float], b: list[float]) -> bool:
 
 
 def rss_mib(pid: int) -> str:
-    """VmRSS and VmHWM (the peak) of ``pid`` from /proc, in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
-    return f"RSS {kib['VmRSS'] / 1024:.0f} MiB (peak {kib['VmHWM'] / 1024:.0f} MiB)"
+    now, peak = rss_of(pid) or 0.0, rss_of(pid, peak=True) or 0.0
+    return f"RSS {now / 2**20:.0f} MiB (peak {peak / 2**20:.0f} MiB)"
 
 
 async def burst(

@@ -15,6 +15,8 @@ import time
 
 import httpx
 
+from loadtest.servers import rss_of
+
 ROUTE = sys.argv[1] if len(sys.argv) > 1 else "/embed_all"
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -27,8 +29,7 @@ server = subprocess.Popen(
 
 
 def memory_kb() -> list[str]:
-    with open(f"/proc/{server.pid}/status") as f:
-        return [line.split()[1] for line in f if line.startswith(("VmHWM", "VmRSS"))]
+    return [f"{(rss_of(server.pid, peak=p) or 0) / 1024:.0f}" for p in (True, False)]
 
 
 async def main() -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -734,7 +735,10 @@ def run_cli(args: Any) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.trees < 0 or args.depth < 0:
-        print("ultrafastbert distill: --trees must be >= 0 (0: the no-feedforward control) and --depth >= 0")
+        print(
+            "ultrafastbert distill: error: --trees must be >= 0 (0: the no-feedforward control) and --depth >= 0",
+            file=sys.stderr,
+        )
         return 2
     opts = DistillOptions(
         teacher=args.teacher,
@@ -768,6 +772,11 @@ def run_cli(args: Any) -> int:
         layer_init=args.layer_init,
         refit_out=args.refit_out,
     )
-    final = distill(opts, resume=args.resume, progress=not args.no_progress)
+    try:
+        final = distill(opts, resume=args.resume, progress=not args.no_progress)
+    except ValueError as exc:  # options that cannot work together or with this teacher / student
+        log.debug("distill refused its options", exc_info=True)
+        print(f"ultrafastbert distill: error: {exc}", file=sys.stderr)
+        return 2
     print(f"student saved to {final}")
     return 0
