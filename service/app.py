@@ -19,9 +19,10 @@ from fastapi.responses import Response
 from service import __version__, errors
 from service.metrics import ServiceMetrics
 from service.middleware import OPEN_PATHS, ApiKey, BodyLimit, Observe
-from service.routes import ClientGone, router
+from service.routes import router
 from service.settings import Settings
 from service.state import ServiceState
+from service.submit import ClientGone
 
 log = logging.getLogger("service")
 

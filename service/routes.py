@@ -1,17 +1,11 @@
-"""HTTP routes: translate OpenAI/TEI request shapes into batcher calls and results back into their shapes.
-
-Routes hold no model logic. Each inference call runs under a watch for client disconnects: when the client
-goes away its task is cancelled, which withdraws its inputs from the batcher's queue before they cost compute.
-"""
+"""HTTP routes: translate OpenAI/TEI request shapes into batcher calls (service/submit.py) and results back into
+their shapes. Routes hold no model logic."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import itertools
-import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,16 +15,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from engine.backend import Outputs, Task
-from engine.batcher import Result, check_vocabulary
-from engine.errors import EmptyInput, InputTooLong, Overloaded
+from engine.backend import Task
+from engine.batcher import check_vocabulary
 from engine.tokenizer import Tokenizer
-from service import __version__
 from service import errors as E
 from service import schemas as S
+from service.info import build_info
 from service.metrics import CONTENT_TYPE_LATEST
 from service.responses import JSON, render_json
-from service.state import Phase, ServiceState, kernel_info
+from service.state import Phase, ServiceState
+from service.submit import infer, one_tensor, per_input, ready_state, split_inputs, state_of
 
 router = APIRouter()
 
@@ -49,224 +43,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": S.OpenAIErrorResponse, "description": desc} for code, desc in _STATUSES
 }
-
-# Slices of one large OpenAI request that wait in the batcher's queue at once: enough to keep the workers fed
-# between slices, few enough that requests arriving meanwhile are queued after at most this many slices.
-SLICES_IN_FLIGHT = 2
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request waited; nobody will read the answer."""
-
-
-def _state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-def _ready_state(request: Request) -> ServiceState:
-    state = _state(request)
-    if not state.ready or state.batcher is None:
-        raise E.not_ready(f"the model is not ready (state: {state.phase})")
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------- inputs
-
-
-def _split_inputs(inputs: Any) -> tuple[list[str] | None, list[list[int]] | None]:
-    """OpenAI/TEI input unions -> (texts, token_ids), exactly one of them set."""
-    if isinstance(inputs, str):
-        return [inputs], None
-    if not inputs:
-        return [], None
-    if isinstance(inputs[0], str):
-        return list(inputs), None
-    if isinstance(inputs[0], int):
-        return None, [list(inputs)]
-    return None, [list(x) for x in inputs]
-
-
-async def _until_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _cancellable(request: Request, work: Coroutine[Any, Any, Result]) -> Result:
-    """Run ``work`` unless the client disconnects first; then cancel it (its queued inputs are withdrawn)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientGone()
-
-
-async def _infer(
-    request: Request,
-    task: Task,
-    inputs: Any,
-    truncate: bool | None,
-    direction: str,
-    *,
-    max_inputs: int | None = None,
-    param: str = "inputs",
-) -> tuple[Result, dict[str, str], ServiceState]:
-    """Run ``inputs`` through the batcher; more than ``max_inputs_per_request`` (allowed up to ``max_inputs``)
-    go in slices (:func:`_submit_in_slices`)."""
-    state = _ready_state(request)
-    texts, ids = _split_inputs(inputs)
-    n = len(texts if texts is not None else ids or [])
-    if n == 0:
-        raise E.empty("the input is empty", param=param)
-    limit = max_inputs or state.settings.max_inputs_per_request
-    if n > limit:
-        raise E.too_many_inputs(n, limit, param=param)
-    arrival = request.scope.get("state", {}).get("t_arrival", time.monotonic())
-    deadline = arrival + state.settings.request_timeout_s
-    try:
-        result = await _cancellable(
-            request,
-            _submit_in_slices(
-                state,
-                task,
-                texts,
-                ids,
-                truncate=state.settings.auto_truncate if truncate is None else truncate,
-                direction=direction.lower(),
-                deadline=deadline,
-            ),
-        )
-    except ClientGone:
-        state.metrics.failure("client_disconnected")
-        raise
-    state.metrics.observe_result(task.value, result.token_counts, result.queue_s, result.tokenization_s)
-    evaluated, dense = state.neurons_for(result.total_tokens)
-    t_start = request.scope.get("state", {}).get("t_start", time.perf_counter())
-    headers = {
-        "x-queue-time": f"{result.queue_s * 1e3:.3f}",
-        "x-tokenization-time": f"{result.tokenization_s * 1e3:.3f}",
-        "x-inference-time": f"{result.inference_s * 1e3:.3f}",
-        "x-total-time": f"{(time.perf_counter() - t_start) * 1e3:.3f}",
-        "x-compute-tokens": str(result.total_tokens),
-        "x-neurons-evaluated": str(evaluated),
-        "x-neurons-dense": str(dense),
-    }
-    return result, headers, state
-
-
-async def _submit_in_slices(
-    state: ServiceState,
-    task: Task,
-    texts: list[str] | None,
-    ids: list[list[int]] | None,
-    *,
-    truncate: bool,
-    direction: str,
-    deadline: float,
-) -> Result:
-    """One batcher submission, or for more inputs than ``max_inputs_per_request``, slices of that size with at most
-    :data:`SLICES_IN_FLIGHT` queued at a time. Each slice is an ordinary submission under every queue, token and
-    concurrency limit, so a 2,048-input request never holds more than a few slices' share of the queue: requests
-    that arrive meanwhile are served between its slices instead of after all of it.
-
-    The first slice meets the queue as any request does (a full queue: 429). A later slice that finds it full waits
-    for room until the deadline, since the request already holds answers. Times in the result are summed over the
-    slices."""
-    batcher = state.batcher
-    assert batcher is not None
-    size = state.settings.max_inputs_per_request
-    if texts is not None:
-        n_inputs = len(texts)
-    elif ids is not None:
-        n_inputs = len(ids)
-    else:
-        raise ValueError("a submission needs texts or token ids")
-    if n_inputs <= size:
-        return await batcher.submit(
-            task, texts=texts, token_ids=ids, truncate=truncate, direction=direction, deadline=deadline
-        )
-    _check_whole_request(state, texts, ids)  # errors that name an input by its index, before any slice runs
-    starts = range(0, n_inputs, size)
-    window = asyncio.Semaphore(SLICES_IN_FLIGHT)
-
-    async def one(start: int) -> Result:
-        end = start + size
-        delay = 0.01
-        async with window:
-            while True:
-                try:
-                    return await batcher.submit(
-                        task,
-                        texts=texts[start:end] if texts is not None else None,
-                        token_ids=ids[start:end] if ids is not None else None,
-                        truncate=truncate,
-                        direction=direction,
-                        deadline=deadline,
-                    )
-                except Overloaded:
-                    if start == 0 or time.monotonic() + delay >= deadline:
-                        raise
-                except InputTooLong as exc:  # its index counts from the slice's start
-                    raise InputTooLong(start + (exc.index or 0), exc.n_tokens, exc.max_length) from None
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 0.25)
-
-    slices = [asyncio.ensure_future(one(start)) for start in starts]
-    try:
-        results = await asyncio.gather(*slices)
-    except BaseException:
-        for t in slices:
-            t.cancel()  # their queued inputs are withdrawn
-        await asyncio.gather(*slices, return_exceptions=True)
-        raise
-    outputs = [r.outputs for r in results]
-    return Result(
-        outputs=torch.cat([_one_tensor(o) for o in outputs])
-        if isinstance(outputs[0], torch.Tensor)
-        else [row for rows in outputs for row in rows],  # Task.EMBED_ALL: a tensor per input
-        token_counts=[c for r in results for c in r.token_counts],
-        tokenization_s=sum(r.tokenization_s for r in results),
-        queue_s=sum(r.queue_s for r in results),
-        inference_s=sum(r.inference_s for r in results),
-    )
-
-
-def _check_whole_request(state: ServiceState, texts: list[str] | None, ids: list[list[int]] | None) -> None:
-    """The batcher's per-input checks that need no tokenizer, with indexes over the whole request."""
-    if texts is not None:
-        if "" in texts:
-            raise EmptyInput(f"input {texts.index('')} is an empty string")
-        return
-    assert ids is not None and state.backend is not None
-    for i, seq in enumerate(ids):
-        if not seq:
-            raise EmptyInput(f"input {i} is an empty list of token ids")
-        check_vocabulary(seq, i, state.backend.vocab_size)
-
-
-def _one_tensor(outputs: Outputs) -> torch.Tensor:
-    """The outputs of every task but EMBED_ALL: one tensor, a row per input."""
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"expected one tensor of outputs, got {type(outputs).__name__}")
-    return outputs
-
-
-def _per_input(outputs: Outputs) -> list[torch.Tensor]:
-    """The outputs of EMBED_ALL: a tensor per input."""
-    if not isinstance(outputs, list):
-        raise TypeError(f"expected a tensor per input, got {type(outputs).__name__}")
-    return outputs
 
 
 def _shape_embeddings(outputs: torch.Tensor, normalize: bool, dimensions: int | None) -> torch.Tensor:
@@ -301,14 +77,14 @@ def _predictions(
 
 
 def _check_classifier(request: Request) -> ServiceState:
-    state = _ready_state(request)
+    state = ready_state(request)
     if not state.labels:
         raise E.ServiceError(400, f"model {state.model_name!r} has no classification head", "unsupported")
     return state
 
 
 def _check_dimensions(request: Request, dimensions: int | None) -> None:
-    hidden = _ready_state(request).loaded_model.config.hidden_size
+    hidden = ready_state(request).loaded_model.config.hidden_size
     if dimensions is not None and dimensions > hidden:
         raise E.validation(f"dimensions {dimensions} is larger than the model's {hidden}", param="dimensions")
 
@@ -334,16 +110,16 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
     _check_dimensions(request, body.dimensions)
     if body.user is not None:
         request.scope.setdefault("state", {})["openai_user"] = body.user  # the access log records it
-    result, headers, state = await _infer(
+    result, headers, state = await infer(
         request,
         Task.EMBED,
         body.input,
         None,
         "right",
-        max_inputs=_state(request).settings.max_inputs_per_openai_request,
+        max_inputs=state_of(request).settings.max_inputs_per_openai_request,
         param="input",
     )
-    vectors = _shape_embeddings(_one_tensor(result.outputs), True, body.dimensions)
+    vectors = _shape_embeddings(one_tensor(result.outputs), True, body.dimensions)
     enc = _b64 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "embedding": enc(v), "index": i} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": result.total_tokens, "total_tokens": result.total_tokens}
@@ -355,8 +131,8 @@ async def openai_embeddings(body: S.OpenAIEmbeddingRequest, request: Request) ->
 )
 async def embed(body: S.EmbedRequest, request: Request) -> Response:
     _check_dimensions(request, body.dimensions)
-    result, headers, _ = await _infer(request, Task.EMBED, body.inputs, body.truncate, body.truncation_direction)
-    vectors = _shape_embeddings(_one_tensor(result.outputs), body.normalize, body.dimensions)
+    result, headers, _ = await infer(request, Task.EMBED, body.inputs, body.truncate, body.truncation_direction)
+    vectors = _shape_embeddings(one_tensor(result.outputs), body.normalize, body.dimensions)
     return JSON(vectors.tolist(), headers=headers)
 
 
@@ -375,8 +151,8 @@ async def embed_all(body: S.EmbedAllRequest, request: Request) -> Response:
     they would hold every other request meanwhile; rendered whole anywhere they would need that much memory
     again in Python floats, per request. Streaming bounds both to one input's rows, and a client that reads
     slowly holds back only its own rendering."""
-    result, headers, _ = await _infer(request, Task.EMBED_ALL, body.inputs, body.truncate, body.truncation_direction)
-    states = _per_input(result.outputs)
+    result, headers, _ = await infer(request, Task.EMBED_ALL, body.inputs, body.truncate, body.truncation_direction)
+    states = per_input(result.outputs)
     return StreamingResponse(_json_array(states), media_type="application/json", headers=headers)
 
 
@@ -396,9 +172,9 @@ def _json_array(states: Sequence[torch.Tensor]) -> Iterator[bytes]:
 )
 async def classify(body: S.ClassifyRequest, request: Request) -> Response:
     _check_classifier(request)
-    result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
+    result, headers, state = await infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
     scores = "none" if body.raw_scores else "softmax"
-    return JSON(_predictions(state, _one_tensor(result.outputs), scores, body.top_k), headers=headers)
+    return JSON(_predictions(state, one_tensor(result.outputs), scores, body.top_k), headers=headers)
 
 
 @router.post(
@@ -414,8 +190,8 @@ async def predict(body: S.PredictRequest, request: Request) -> Response:
     classify single sequences."""
     state = _check_classifier(request)
     texts, batched = _predict_inputs(body.inputs, state.model_name)
-    result, headers, state = await _infer(request, Task.CLASSIFY, texts, body.truncate, body.truncation_direction)
-    preds = _predictions(state, _one_tensor(result.outputs), "none" if body.raw_scores else "softmax", None)
+    result, headers, state = await infer(request, Task.CLASSIFY, texts, body.truncate, body.truncation_direction)
+    preds = _predictions(state, one_tensor(result.outputs), "none" if body.raw_scores else "softmax", None)
     return JSON(preds if batched else preds[0], headers=headers)
 
 
@@ -487,10 +263,10 @@ async def default_route(request: Request) -> Response:
 
 async def _text_classification(body: S.TextClassificationRequest, request: Request) -> Response:
     _check_classifier(request)
-    result, headers, state = await _infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
+    result, headers, state = await infer(request, Task.CLASSIFY, body.inputs, body.truncate, body.truncation_direction)
     params = body.parameters
     return JSON(
-        _predictions(state, _one_tensor(result.outputs), params.function_to_apply or "softmax", params.top_k),
+        _predictions(state, one_tensor(result.outputs), params.function_to_apply or "softmax", params.top_k),
         headers=headers,
     )
 
@@ -513,7 +289,7 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
     summary="Tokens with character offsets",
 )
 async def tokenize(body: S.TokenizeRequest, request: Request) -> Response:
-    state = _ready_state(request)
+    state = ready_state(request)
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     if not texts:
         raise E.empty("the input is empty")
@@ -569,8 +345,8 @@ def _json_list(items: Iterator[Any]) -> bytes:
 
 @router.post("/decode", response_model=list[str], responses=_ERRORS, tags=["TEI"], summary="Token ids back to text")
 async def decode(body: S.DecodeRequest, request: Request) -> Response:
-    state = _ready_state(request)
-    _, seqs = _split_inputs(body.ids)
+    state = ready_state(request)
+    _, seqs = split_inputs(body.ids)
     seqs = seqs or []
     if not seqs or not any(seqs):
         raise E.empty("no token ids to decode")
@@ -606,7 +382,7 @@ def _model_card(state: ServiceState) -> dict[str, Any]:
     "/models", response_model=S.OpenAIModelList, responses=_OPENAI_ERRORS, tags=["OpenAI"], include_in_schema=False
 )
 async def list_models(request: Request) -> Response:
-    return JSON({"object": "list", "data": [_model_card(_ready_state(request))]})
+    return JSON({"object": "list", "data": [_model_card(ready_state(request))]})
 
 
 @router.get(
@@ -617,7 +393,7 @@ async def list_models(request: Request) -> Response:
     summary="OpenAI-compatible model lookup",
 )
 async def get_model(model_id: str, request: Request) -> Response:
-    state = _ready_state(request)
+    state = ready_state(request)
     if model_id != state.model_name:
         raise E.ServiceError(
             404,
@@ -639,7 +415,7 @@ async def get_model(model_id: str, request: Request) -> Response:
 async def health(request: Request) -> Response:
     """200 while the model loads, serves or drains (a liveness probe must not restart a replica that is still
     warming up or finishing its work); 503 once it has failed to start, since it never will serve."""
-    state = _state(request)
+    state = state_of(request)
     if state.phase == Phase.FAILED:
         return JSON(
             E.error_body(f"unhealthy: the model failed to start ({state.error})", "unhealthy", status=503),
@@ -655,7 +431,7 @@ async def health(request: Request) -> Response:
     responses={503: {"model": S.ErrorResponse, "description": "Loading, failed or shutting down"}},
 )
 async def ready(request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     if state.ready:
         return JSON({"status": "ready"})
     msg = f"not ready: {state.phase}" + (f" ({state.error})" if state.error else "")
@@ -664,122 +440,9 @@ async def ready(request: Request) -> Response:
 
 @router.get("/metrics", tags=["Probes"], summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(state_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/info", tags=["Probes"], summary="Model, shape, neuron usage, kernel and every limit")
 async def info(request: Request) -> dict[str, Any]:
-    return build_info(_state(request))
-
-
-def build_info(state: ServiceState) -> dict[str, Any]:
-    s = state.settings
-    kernel = kernel_info()
-    model: dict[str, Any] | None = None
-    if state.loaded is not None:
-        c = state.loaded.config
-        model = {
-            "name": state.model_name,
-            "path": str(state.loaded.path),
-            "layout": c.layout,
-            "source_format": getattr(state.loaded, "source_format", None),
-            "hidden_size": c.hidden_size,
-            "num_layers": c.num_layers,
-            "num_heads": c.num_heads,
-            "ffn": c.ffn,
-            "fff_trees": c.fff_trees if c.ffn == "fff" else None,
-            "fff_depth": c.fff_depth if c.ffn == "fff" else None,
-            "dense_ffn_layers": c.dense_ffn_layers,
-            "intermediate_size": c.intermediate_size,
-            "max_position_embeddings": c.max_position_embeddings,
-            "pooling": c.pooling,
-            "normalize": c.normalize,
-            "labels": c.labels,
-            "weight_dtype": s.weight_dtype,
-            "compute_dtype": s.compute_dtype,
-            "compute_native": state.compute_native,
-        }
-    npt = [
-        {"layer": i, "evaluated": e, "dense": d, "fraction": (e / d) if d else None}
-        for i, (e, d) in enumerate(state.neurons_per_token)
-    ]
-    total_e, total_d = state.neurons_for(1)
-    return {
-        **_tei_info(state),
-        "version": __version__,
-        "state": state.phase,
-        "error": state.error,
-        "model": model,
-        "neurons_per_token": {
-            "per_layer": npt,
-            "evaluated": total_e,
-            "dense": total_d,
-            "fraction": (total_e / total_d) if total_d else None,
-        },
-        "cpu": state.cpu.to_dict(),
-        "kernel": {
-            "compiled": kernel.compiled,
-            "name": kernel.name,
-            "description": kernel.describe(),
-            "warning": None if kernel.compiled else f"SLOW FALLBACK: {kernel.describe()}",
-        },
-        "limits": {
-            "max_batch_tokens": s.max_batch_tokens,
-            "max_batch_requests": s.max_batch_requests,
-            "max_batch_wait_ms": s.max_batch_wait_ms,
-            "max_queued_inputs": s.max_queued_inputs,
-            "max_queued_tokens": s.max_queued_tokens,
-            "max_concurrent_requests": s.max_concurrent_requests,
-            "max_inputs_per_request": s.max_inputs_per_request,
-            "max_inputs_per_openai_request": s.max_inputs_per_openai_request,
-            "max_input_tokens": state.max_input_tokens or s.max_input_tokens,
-            "auto_truncate": s.auto_truncate,
-            "payload_limit_bytes": s.payload_limit,
-            "request_timeout_s": s.request_timeout_s,
-            "shutdown_grace_s": s.shutdown_grace_s,
-            "shutdown_delay_s": s.shutdown_delay_s,
-            "keep_alive_timeout_s": s.keep_alive_timeout_s,
-        },
-        "inference": {
-            "workers": s.inference_workers,
-            "torch_threads_per_worker": (state.batcher.limits.threads_per_worker if state.batcher is not None else None)
-            or torch.get_num_threads(),
-        },
-        "auth": {
-            "api_key_required": s.api_key is not None,
-            "metrics_require_key": s.api_key is not None and s.metrics_require_key,
-        },
-    }
-
-
-def _tei_info(state: ServiceState) -> dict[str, Any]:
-    """TEI's ``/info`` keys (router/src/lib.rs ``Info``). ``model_type`` has one key in TEI; a model here that also
-    has a classification head reports ``classifier`` beside ``embedding``, since it serves both."""
-    s = state.settings
-    model_type: dict[str, Any] = {}
-    model_id = None
-    if state.loaded is not None:
-        c = state.loaded.config
-        model_id = str(getattr(state.loaded, "name", None) or state.model_name)
-        model_type["embedding"] = {"pooling": c.pooling}
-        if c.labels:
-            model_type["classifier"] = {
-                "id2label": {str(i): lab for i, lab in enumerate(c.labels)},
-                "label2id": {lab: i for i, lab in enumerate(c.labels)},
-            }
-    return {
-        "model_id": model_id,
-        "model_sha": None,
-        "model_dtype": s.compute_dtype,
-        "served_model_name": state.model_name,
-        "model_type": model_type,
-        "max_concurrent_requests": s.max_concurrent_requests,
-        "max_input_length": state.max_input_tokens or s.max_input_tokens,
-        "max_batch_tokens": s.max_batch_tokens,
-        "max_batch_requests": s.max_batch_requests,
-        "max_client_batch_size": s.max_inputs_per_request,
-        "auto_truncate": s.auto_truncate,
-        "tokenization_workers": s.tokenizer_workers,
-        "sha": None,
-        "docker_label": None,
-    }
+    return build_info(state_of(request))

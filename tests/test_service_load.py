@@ -222,7 +222,7 @@ def test_kernel_fallback_is_loud(tiny_loaded, monkeypatch, caplog) -> None:
 
     fallback = KernelInfo(False, "reference", "the extension failed to load (test)")
     monkeypatch.setattr("service.state.kernel_info", lambda: fallback)
-    monkeypatch.setattr("service.routes.kernel_info", lambda: fallback)
+    monkeypatch.setattr("service.info.kernel_info", lambda: fallback)
     app = make_app(tiny_loaded)
 
     async def main():
