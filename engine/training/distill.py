@@ -387,88 +387,156 @@ def distill(
 ) -> Path:
     """Run (or resume) a distillation into ``opts.out``; returns the folder of the saved student.
 
-    ``stop_after_steps`` stops after that many optimizer steps in this call (both phases counted), leaving a
-    checkpoint: used by tests to simulate an interruption.
+    The phases run in order from wherever the checkpoint left off: ``grow`` (fit the trees ``grow_from`` added),
+    ``layerwise`` (each FFF against its own layer's FFN), ``e2e`` (the whole student against the teacher), then the
+    head is fitted and the student saved. ``stop_after_steps`` stops after that many optimizer steps in this call
+    (both phases counted), leaving a checkpoint and returning the run folder: used by tests to simulate an
+    interruption.
     """
-    from tqdm import tqdm
+    run = _Run.start(opts, resume=resume, progress=progress, stop_after_steps=stop_after_steps)
+    if run.state["phase"] == "grow":
+        run.grow()
+    if run.state["phase"] == "layerwise" and not run.layerwise():
+        return run.out
+    if run.state["phase"] == "e2e" and not run.end_to_end():
+        return run.out
+    return run.finish()
 
-    if opts.layer_init not in LAYER_INITS:
-        raise ValueError(f"layer_init must be one of {LAYER_INITS}, got {opts.layer_init!r}")
-    if opts.trees == 0 and opts.dense_layers:
-        raise ValueError("dense_layers makes an FFF student a hybrid; the trees=0 control has no FFF layers")
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher_dir = Path(opts.teacher) if opts.teacher else default_teacher()
-    torch.manual_seed(opts.seed)
-    teacher = load_model(teacher_dir)
-    if opts.trees == 0:
-        student = convert_hf_bert(teacher_dir, ffn="none", name=f"ultrafastbert-{teacher_dir.name}-no-ffn")
-    else:
-        student = convert_hf_bert(
-            teacher_dir,
-            trees=opts.trees,
-            depth=opts.depth,
-            dense_layers=opts.dense_layers,
-            init="teacher",
-            seed=opts.seed,
-            name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}"
-            + "".join(f"-dense{i}" for i in sorted(opts.dense_layers)),
+
+@dataclass
+class _Run:
+    """One call of :func:`distill`: what its phases share. ``state`` is what the checkpoint keeps (phase, layer,
+    step, elapsed seconds, ...); everything else is rebuilt from the options on every call."""
+
+    opts: DistillOptions
+    out: Path
+    teacher_dir: Path
+    teacher: LoadedModel
+    student: LoadedModel
+    state: dict[str, Any]
+    optim_state: dict[str, Any] | None
+    text: TrainingText | CorpusText
+    progress: bool
+    stop_after_steps: int | None
+    started: float  # time.monotonic() at which the run's elapsed time was 0 (earlier calls included)
+    steps_this_call: int = 0
+
+    @classmethod
+    def start(cls, opts: DistillOptions, *, resume: bool, progress: bool, stop_after_steps: int | None) -> _Run:
+        """The teacher, the student (resumed from the checkpoint, or started per the options) and the text."""
+        if opts.layer_init not in LAYER_INITS:
+            raise ValueError(f"layer_init must be one of {LAYER_INITS}, got {opts.layer_init!r}")
+        if opts.trees == 0 and opts.dense_layers:
+            raise ValueError("dense_layers makes an FFF student a hybrid; the trees=0 control has no FFF layers")
+        if opts.init_student and opts.grow_from:
+            raise ValueError("init_student and grow_from are alternatives: give one")
+        out = Path(opts.out)
+        out.mkdir(parents=True, exist_ok=True)
+        teacher_dir = Path(opts.teacher) if opts.teacher else default_teacher()
+        torch.manual_seed(opts.seed)
+        teacher = load_model(teacher_dir)
+        if opts.trees == 0:
+            student = convert_hf_bert(teacher_dir, ffn="none", name=f"ultrafastbert-{teacher_dir.name}-no-ffn")
+        else:
+            student = convert_hf_bert(
+                teacher_dir,
+                trees=opts.trees,
+                depth=opts.depth,
+                dense_layers=opts.dense_layers,
+                init="teacher",
+                seed=opts.seed,
+                name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}"
+                + "".join(f"-dense{i}" for i in sorted(opts.dense_layers)),
+            )
+        model = student.model
+        for f in model.fffs():
+            f.routing_tau = opts.routing_tau
+        state: dict[str, Any] = {
+            "phase": "layerwise",
+            "layer": 0,
+            "step": 0,
+            "elapsed_s": 0.0,
+            "alloc": None,
+            "layer_errors_init": None,
+            "layer_errors_final": {},
+            "options": _opts_dict(opts),
+        }
+        optim_state = None
+        ckpt = out / CHECKPOINT_FILE
+        if resume and ckpt.is_file():
+            payload = torch.load(ckpt, weights_only=False)
+            model.load_state_dict(payload["model"])
+            state, optim_state = payload["state"], payload["optim"]
+            log.info(
+                "resumed from %s: phase %s, layer %s, step %s", ckpt, state["phase"], state["layer"], state["step"]
+            )
+        elif not resume:
+            (out / LOG_FILE).unlink(missing_ok=True)
+        if opts.init_student and state["phase"] == "layerwise":
+            _init_from_student(student, Path(opts.init_student), state)
+        if opts.grow_from and state["phase"] == "layerwise":
+            _grow_from_student(student, Path(opts.grow_from), state)
+        if not model.fffs() and state["phase"] == "layerwise":
+            state["phase"] = "e2e"  # nothing to train layer by layer
+        started = time.monotonic() - state["elapsed_s"]
+        return cls(
+            opts=opts,
+            out=out,
+            teacher_dir=teacher_dir,
+            teacher=teacher,
+            student=student,
+            state=state,
+            optim_state=optim_state,
+            text=_training_text(opts, teacher),
+            progress=progress,
+            stop_after_steps=stop_after_steps,
+            started=started,
         )
-    model = student.model
-    n_layers = len(model.layers)
-    fff_layers = model.fff_layers()
-    for f in model.fffs():
-        f.routing_tau = opts.routing_tau
-    state: dict[str, Any] = {
-        "phase": "layerwise",
-        "layer": 0,
-        "step": 0,
-        "elapsed_s": 0.0,
-        "alloc": None,
-        "layer_errors_init": None,
-        "layer_errors_final": {},
-        "options": _opts_dict(opts),
-    }
-    optim_state = None
-    ckpt = out / CHECKPOINT_FILE
-    if resume and ckpt.is_file():
-        payload = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(payload["model"])
-        state, optim_state = payload["state"], payload["optim"]
-        log.info("resumed from %s: phase %s, layer %s, step %s", ckpt, state["phase"], state["layer"], state["step"])
-    elif not resume:
-        (out / LOG_FILE).unlink(missing_ok=True)
-    if opts.init_student and opts.grow_from:
-        raise ValueError("init_student and grow_from are alternatives: give one")
-    if opts.init_student and state["phase"] == "layerwise":
-        _init_from_student(student, Path(opts.init_student), state)
-    if opts.grow_from and state["phase"] == "layerwise":
-        _grow_from_student(student, Path(opts.grow_from), state)
-    if not model.fffs() and state["phase"] == "layerwise":
-        state["phase"] = "e2e"  # nothing to train layer by layer
-    started = time.monotonic() - state["elapsed_s"]
-    budget_s = opts.time_budget_min * 60 if opts.time_budget_min else None
-    steps_this_call = 0
 
-    def elapsed() -> float:
-        return time.monotonic() - started
+    # ------------------------------------------------------------------ shared
 
-    def should_stop() -> bool:
-        return stop_after_steps is not None and steps_this_call >= stop_after_steps
+    @property
+    def model(self) -> UltraFastBert:
+        return self.student.model
 
-    text = _training_text(opts, teacher)
-    chunks = text.chunks
+    @property
+    def budget_s(self) -> float | None:
+        return self.opts.time_budget_min * 60 if self.opts.time_budget_min else None
 
-    # ------------------------------------------------------------------ phase 1b: fit added trees (grow_from)
-    if state["phase"] == "grow":
-        t0 = time.monotonic()
-        xs, ys = collect_ffn_pairs(teacher, chunks, opts.cache_tokens, 32, progress)
-        old = state["grown_from"]["trees"]
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def should_stop(self) -> bool:
+        return self.stop_after_steps is not None and self.steps_this_call >= self.stop_after_steps
+
+    def checkpoint(self, optim: torch.optim.Optimizer | None) -> None:
+        self.state["elapsed_s"] = self.elapsed()
+        _save_checkpoint(self.out, self.student, self.state, optim)
+
+    def restore_optimizer(self, optim: torch.optim.Optimizer) -> None:
+        """The checkpoint's optimizer state, into the first optimizer built after resuming (the one it was saved
+        from)."""
+        if self.optim_state is not None:
+            optim.load_state_dict(self.optim_state)
+            self.optim_state = None
+
+    def teacher_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Cached (FFN input, FFN output) tokens of every teacher layer, and a fixed probe of them for errors."""
+        xs, ys = collect_ffn_pairs(self.teacher, self.text.chunks, self.opts.cache_tokens, 32, self.progress)
         n_tok = xs[0].shape[0]
-        probe = torch.randperm(n_tok, generator=seeded(opts.seed, 2))[: min(4096, n_tok)]
+        probe = torch.randperm(n_tok, generator=seeded(self.opts.seed, 2))[: min(4096, n_tok)]
+        return xs, ys, probe
+
+    # ------------------------------------------------------------------ phase: fit added trees (grow_from)
+
+    def grow(self) -> None:
+        state = self.state
+        t0 = time.monotonic()
+        xs, ys, probe = self.teacher_pairs()
+        old = state["grown_from"]["trees"]
         errs_before, errs_after = [], []
-        for i in fff_layers:
-            fff = _layer_fff(model, i)
+        for i in self.model.fff_layers():
+            fff = _layer_fff(self.model, i)
             x, y = xs[i].float(), ys[i].float()
             errs_before.append(relative_error(fff, xs[i][probe], ys[i][probe]))
             _fit_added_trees(fff, old, x, y)
@@ -483,26 +551,32 @@ def distill(
         del xs, ys
         state["grow_errors"] = {"before": errs_before, "after": errs_after}
         _log(
-            out,
+            self.out,
             {
                 "phase": "grow",
                 "rel_err_before": errs_before,
                 "rel_err_after": errs_after,
-                "elapsed_s": round(elapsed(), 1),
+                "elapsed_s": round(self.elapsed(), 1),
                 "fit_s": round(time.monotonic() - t0, 1),
             },
         )
         state["phase"], state["step"] = "e2e", 0
-        state["elapsed_s"] = elapsed()
-        _save_checkpoint(out, student, state, None)
+        self.checkpoint(None)
 
-    # ------------------------------------------------------------------ phase 1: layer-wise
-    if state["phase"] == "layerwise":
+    # ------------------------------------------------------------------ phase: layer-wise
+
+    def layerwise(self) -> bool:
+        """Each FFF against its own layer's FFN on cached teacher tokens, steps shared out by initial error; False
+        when stopped (``stop_after_steps``) before the end-to-end phase."""
+        from tqdm import tqdm
+
+        opts, state, model = self.opts, self.state, self.model
+        fff_layers = model.fff_layers()
+        n_layers = len(model.layers)
         t0 = time.monotonic()
-        xs, ys = collect_ffn_pairs(teacher, chunks, opts.cache_tokens, 32, progress)
-        log.info("cached %d tokens per layer in %.0f s", xs[0].shape[0], time.monotonic() - t0)
+        xs, ys, probe = self.teacher_pairs()
         n_tok = xs[0].shape[0]
-        probe = torch.randperm(n_tok, generator=seeded(opts.seed, 2))[: min(4096, n_tok)]
+        log.info("cached %d tokens per layer in %.0f s", n_tok, time.monotonic() - t0)
         if state["alloc"] is None:
             if opts.layer_init == "fit":
                 t_fit = time.monotonic()
@@ -520,9 +594,10 @@ def distill(
             state["alloc"] = [max(1, round(total * w / sum(weights))) if w else 0 for w in weights]
             state["layer_errors_init"] = errs
             log.info("layer-wise: initial relative errors %s -> steps %s", [f"{e:.3f}" for e in errs], state["alloc"])
+        budget_s = self.budget_s
         lw_budget = budget_s * opts.layerwise_share if budget_s else None
         alloc = state["alloc"]
-        while state["phase"] == "layerwise" and not should_stop():
+        while state["phase"] == "layerwise" and not self.should_stop():
             while state["layer"] < n_layers and state["layer"] not in fff_layers:
                 state["layer"] += 1  # a hybrid's dense layers have no layer-wise phase
             if state["layer"] == n_layers:
@@ -530,15 +605,12 @@ def distill(
                 break
             i = state["layer"]
             fff = _layer_fff(model, i)
-            params = list(fff.parameters())
-            optim = torch.optim.Adam(params, lr=opts.layer_lr)
-            if optim_state is not None:
-                optim.load_state_dict(optim_state)
-                optim_state = None
+            optim = torch.optim.Adam(list(fff.parameters()), lr=opts.layer_lr)
+            self.restore_optimizer(optim)
             layer_budget = lw_budget * alloc[i] / sum(alloc) if lw_budget else None
             layer_start = time.monotonic() - state.get("layer_elapsed_s", 0.0)
             fff.train()
-            bar = tqdm(total=alloc[i], initial=state["step"], desc=f"layer-wise {i}", disable=not progress)
+            bar = tqdm(total=alloc[i], initial=state["step"], desc=f"layer-wise {i}", disable=not self.progress)
             while state["step"] < alloc[i]:
                 if layer_budget is not None and time.monotonic() - layer_start > layer_budget:
                     log.info("layer %d: time share spent after %d of %d steps", i, state["step"], alloc[i])
@@ -560,34 +632,32 @@ def distill(
                 optim.step()
                 fff.invalidate()
                 state["step"] += 1
-                steps_this_call += 1
+                self.steps_this_call += 1
                 bar.update(1)
                 if step % 50 == 0 or state["step"] == alloc[i]:
                     bar.set_postfix(loss=f"{loss.item():.5f}")
                     _log(
-                        out,
+                        self.out,
                         {
                             "phase": "layerwise",
                             "layer": i,
                             "step": step,
                             "loss": loss.item(),
                             "lr": optim.param_groups[0]["lr"],
-                            "elapsed_s": round(elapsed(), 1),
+                            "elapsed_s": round(self.elapsed(), 1),
                         },
                     )
-                if should_stop():
+                if self.should_stop():
                     break
                 if state["step"] % opts.checkpoint_every == 0:
-                    state["elapsed_s"] = elapsed()
                     state["layer_elapsed_s"] = time.monotonic() - layer_start
-                    _save_checkpoint(out, student, state, optim)
+                    self.checkpoint(optim)
             bar.close()
             fff.eval()
-            if should_stop() and state["step"] < alloc[i]:
-                state["elapsed_s"] = elapsed()
+            if self.should_stop() and state["step"] < alloc[i]:
                 state["layer_elapsed_s"] = time.monotonic() - layer_start
-                _save_checkpoint(out, student, state, optim)
-                return out
+                self.checkpoint(optim)
+                return False
             if opts.refit_out:
                 fit_output_rows(fff, xs[i].float(), ys[i].float())
             err = relative_error(fff, xs[i][probe], ys[i][probe])
@@ -596,7 +666,7 @@ def distill(
                 "layer %d: relative error %.3f -> %.3f (%d steps)", i, state["layer_errors_init"][i], err, state["step"]
             )
             _log(
-                out,
+                self.out,
                 {
                     "phase": "layerwise",
                     "layer": i,
@@ -604,39 +674,43 @@ def distill(
                     "rel_err_init": state["layer_errors_init"][i],
                     "rel_err": err,
                     "steps": state["step"],
-                    "elapsed_s": round(elapsed(), 1),
+                    "elapsed_s": round(self.elapsed(), 1),
                 },
             )
             state["layer"] += 1
             state["step"] = 0
             state["layer_elapsed_s"] = 0.0
-            state["elapsed_s"] = elapsed()
             if state["layer"] == n_layers:
                 state["phase"] = "e2e"
-            _save_checkpoint(out, student, state, None)
+            self.checkpoint(None)
         del xs, ys
-        if should_stop():
-            return out
+        return not self.should_stop()
 
-    # ------------------------------------------------------------------ phase 2: end-to-end
-    if state["phase"] == "e2e":
+    # ------------------------------------------------------------------ phase: end-to-end
+
+    def end_to_end(self) -> bool:
+        """The whole student against the teacher (hidden states and sentence embeddings) until ``opts.steps`` or the
+        time budget; False when stopped (``stop_after_steps``) before either."""
+        from tqdm import tqdm
+
+        opts, state, model, teacher = self.opts, self.state, self.model, self.teacher
+        n_layers = len(model.layers)
         for p in model.embeddings.parameters():
             p.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.Adam(params, lr=opts.lr)
-        if optim_state is not None:
-            optim.load_state_dict(optim_state)
-            optim_state = None
-        e2e_start_elapsed = state.setdefault("e2e_start_elapsed_s", elapsed())
-        bar = tqdm(total=opts.steps, initial=state["step"], desc="end-to-end", disable=not progress)
+        self.restore_optimizer(optim)
+        budget_s = self.budget_s
+        e2e_start_elapsed = state.setdefault("e2e_start_elapsed_s", self.elapsed())
+        bar = tqdm(total=opts.steps, initial=state["step"], desc="end-to-end", disable=not self.progress)
         model.train()
         teacher.model.eval()
-        while state["step"] < opts.steps and not should_stop():
-            if budget_s is not None and elapsed() > budget_s:
+        while state["step"] < opts.steps and not self.should_stop():
+            if budget_s is not None and self.elapsed() > budget_s:
                 log.info("end-to-end: time budget spent after %d of %d steps", state["step"], opts.steps)
                 break
             step = state["step"]
-            ids, mask = teacher.tokenizer.pad(text.batch(opts.batch_size, seeded(opts.seed, 4, step)))
+            ids, mask = teacher.tokenizer.pad(self.text.batch(opts.batch_size, seeded(opts.seed, 4, step)))
             with torch.no_grad():
                 t_layers = layer_outputs(teacher.model, ids, mask)
                 t_emb = sentence_embedding(teacher.model, t_layers[-1], mask)
@@ -653,7 +727,7 @@ def distill(
                     step,
                     opts.steps,
                     min(20, max(1, opts.steps // 50)),
-                    (elapsed() - e2e_start_elapsed) / max(1.0, budget_s - e2e_start_elapsed) if budget_s else 0.0,
+                    (self.elapsed() - e2e_start_elapsed) / max(1.0, budget_s - e2e_start_elapsed) if budget_s else 0.0,
                 )
             optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -662,12 +736,12 @@ def distill(
             for f in model.fffs():
                 f.invalidate()
             state["step"] += 1
-            steps_this_call += 1
+            self.steps_this_call += 1
             bar.update(1)
             if step % 10 == 0 or state["step"] == opts.steps:
                 bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{1 - emb.item():.4f}")
                 _log(
-                    out,
+                    self.out,
                     {
                         "phase": "e2e",
                         "step": step,
@@ -676,48 +750,51 @@ def distill(
                         "emb_cos": 1 - emb.item(),
                         "relation_mse": rel.item(),
                         "lr": optim.param_groups[0]["lr"],
-                        "elapsed_s": round(elapsed(), 1),
+                        "elapsed_s": round(self.elapsed(), 1),
                     },
                 )
-            if state["step"] % opts.checkpoint_every == 0 or should_stop():
-                state["elapsed_s"] = elapsed()
-                _save_checkpoint(out, student, state, optim)
+            if state["step"] % opts.checkpoint_every == 0 or self.should_stop():
+                self.checkpoint(optim)
         bar.close()
         model.eval()
-        if should_stop() and state["step"] < opts.steps:
-            return out
+        if self.should_stop() and state["step"] < opts.steps:
+            return False
         state["phase"] = "done"
-        state["e2e_s"] = elapsed() - e2e_start_elapsed
-        state["elapsed_s"] = elapsed()
-        _save_checkpoint(out, student, state, None)
+        state["e2e_s"] = self.elapsed() - e2e_start_elapsed
+        self.checkpoint(None)
+        return True
 
     # ------------------------------------------------------------------ head + save
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if opts.head_train_size != 0:
-        if opts.head_data is not None:
-            head_texts, head_labels = opts.head_data
-        else:
-            from engine.training.text_data import rotten_tomatoes
 
-            rt = rotten_tomatoes("train", opts.head_train_size)
-            head_texts, head_labels = rt.texts, rt.labels
-        acc = attach_classifier_head(student, head_texts, head_labels, seed=opts.seed, progress=progress)
-        log.info("sentiment head attached (train accuracy %.3f)", acc)
-    student.config.extra.update(
-        {
-            "distill": {k: v for k, v in _opts_dict(opts).items() if k not in ("texts", "head_data")},
-            "layer_errors_init": state.get("layer_errors_init"),
-            "layer_errors_final": state.get("layer_errors_final"),
-            "train_seconds": round(state["elapsed_s"], 1),
-        }
-    )
-    student.config.extra["teacher"] = teacher_dir.name
-    final = out / "model"
-    save_model(student, final, dtype=_DTYPES[opts.save_dtype])
-    log.info("saved the student to %s (%.0f s of training)", final, state["elapsed_s"])
-    return final
+    def finish(self) -> Path:
+        """Fit the sentiment head (unless ``head_train_size`` is 0) and save the student to ``out/model``."""
+        opts, state, student = self.opts, self.state, self.student
+        student.model.eval()
+        for p in student.model.parameters():
+            p.requires_grad_(True)
+        if opts.head_train_size != 0:
+            if opts.head_data is not None:
+                head_texts, head_labels = opts.head_data
+            else:
+                from engine.training.text_data import rotten_tomatoes
+
+                rt = rotten_tomatoes("train", opts.head_train_size)
+                head_texts, head_labels = rt.texts, rt.labels
+            acc = attach_classifier_head(student, head_texts, head_labels, seed=opts.seed, progress=self.progress)
+            log.info("sentiment head attached (train accuracy %.3f)", acc)
+        student.config.extra.update(
+            {
+                "distill": {k: v for k, v in _opts_dict(opts).items() if k not in ("texts", "head_data")},
+                "layer_errors_init": state.get("layer_errors_init"),
+                "layer_errors_final": state.get("layer_errors_final"),
+                "train_seconds": round(state["elapsed_s"], 1),
+            }
+        )
+        student.config.extra["teacher"] = self.teacher_dir.name
+        final = self.out / "model"
+        save_model(student, final, dtype=_DTYPES[opts.save_dtype])
+        log.info("saved the student to %s (%.0f s of training)", final, state["elapsed_s"])
+        return final
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
