@@ -485,6 +485,10 @@ def test_cli_names_options_that_cannot_work_without_a_traceback(
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="K=4, D=1"):
         distill(_opts(tiny_teacher, tmp_path / "d", init_student=str(distilled), trees=4, depth=1), progress=False)
+    both = _opts(tiny_teacher, tmp_path / "e", init_student=str(distilled), grow_from=str(distilled), trees=4)
+    with pytest.raises(ValueError, match="alternatives"):
+        distill(both, progress=False)
+    assert not (tmp_path / "e").exists()  # refused before the run folder is made
 
 
 def test_linear_head_ignores_constant_features() -> None:
