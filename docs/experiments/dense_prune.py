@@ -60,13 +60,17 @@ def narrowed(ffn: DenseFFN, keep: torch.Tensor, mean_act: torch.Tensor) -> Dense
     bias = ffn.dense_in.bias is not None
     dropped = torch.ones(ffn.dense_in.out_features, dtype=torch.bool)
     dropped[keep] = False
-    shift = ffn.dense_out.weight[:, dropped] @ mean_act[dropped]
-    out = DenseFFN(ffn.dense_in.in_features, len(keep), bias=True)
+    out = DenseFFN(ffn.dense_in.in_features, len(keep), bias=True)  # biased even for a bias-free layout: the shift
     with torch.no_grad():
+        shift = ffn.dense_out.weight[:, dropped] @ mean_act[dropped]
         out.dense_in.weight.copy_(ffn.dense_in.weight[keep])
         out.dense_out.weight.copy_(ffn.dense_out.weight[:, keep])
-        out.dense_in.bias.copy_(ffn.dense_in.bias[keep] if bias else 0)
-        out.dense_out.bias.copy_((ffn.dense_out.bias if bias else 0) + shift)
+        if bias:
+            out.dense_in.bias.copy_(ffn.dense_in.bias[keep])
+            out.dense_out.bias.copy_(ffn.dense_out.bias + shift)
+        else:
+            out.dense_in.bias.zero_()
+            out.dense_out.bias.copy_(shift)
     return out
 
 
