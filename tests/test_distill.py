@@ -522,3 +522,31 @@ def test_closed_form_layer_fit(tiny_teacher: Path, distilled: Path, tmp_path: Pa
     )
     with pytest.raises(ValueError, match="layer_init"):
         distill(_opts(tiny_teacher, tmp_path / "bad", layer_init="pca"), progress=False)
+
+
+def test_a_pause_does_not_spend_the_time_budget(
+    tiny_teacher: Path, distilled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped for a while (``kill -STOP`` while a benchmark runs) neither ends early nor anneals its learning
+    rate over the pause: the clock jumps 1000 s before the third step of a run with a 5-minute budget."""
+    import engine.training.distill as distill_module
+
+    real, offset, calls = distill_module.time.monotonic, [0.0], [0]
+    monkeypatch.setattr(distill_module.time, "monotonic", lambda: real() + offset[0])
+    count_step = distill_module._Run.count_step
+
+    def paused_before_third(run: distill_module._Run) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            offset[0] += 1000.0
+        count_step(run)
+
+    monkeypatch.setattr(distill_module._Run, "count_step", paused_before_third)
+    opts = _opts(tiny_teacher, tmp_path / "p", init_student=str(distilled), steps=6, time_budget_min=5.0)
+    final = distill(opts, progress=False)
+    state = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=False)["state"]
+    assert state["step"] == 6 and state["elapsed_s"] < distill_module.PAUSE_GAP_S
+    last = json.loads((tmp_path / "p" / "distill_log.jsonl").read_text().splitlines()[-1])
+    # the schedule stands where its step says (the time fraction is tiny); a counted pause would be at the 5 % floor
+    assert last["step"] == 5 and last["lr"] == pytest.approx(distill_module._cosine_lr(opts.lr, 5, 6, 1))
+    assert (final / "model.safetensors").is_file()

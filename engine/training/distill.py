@@ -25,7 +25,8 @@ Determinism and resume: every batch is drawn from a generator seeded by ``(seed,
 stopped at any step and resumed from its checkpoint (``checkpoint.pt``: weights, optimizer, schedule position,
 elapsed time, loss log) ends in the same state as an uninterrupted run (when no time budget cuts it). With a
 time budget, each phase stops when its share is spent (layer-wise: ``--layerwise-share`` of the budget, split
-between layers like the steps).
+between layers like the steps). Time counts training only: a gap of over ``PAUSE_GAP_S`` between two steps (the
+process stopped with ``kill -STOP`` while a benchmark runs, or the machine suspended) is left out of it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ log = logging.getLogger("engine.training.distill")
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "distill_log.jsonl"
 LAYER_INITS = ("teacher", "fit")
+PAUSE_GAP_S = 60.0  # no training step takes this long; a longer gap between two steps is a pause
 
 
 def default_teacher() -> Path:
@@ -418,8 +420,9 @@ class _Run:
     text: TrainingText | CorpusText
     progress: bool
     stop_after_steps: int | None
-    started: float  # time.monotonic() at which the run's elapsed time was 0 (earlier calls included)
+    started: float  # time.monotonic() at which the run's elapsed time was 0 (earlier calls and pauses left out)
     steps_this_call: int = 0
+    last_step: float | None = None  # time.monotonic() of the last step, None before a loop's first
 
     @classmethod
     def start(cls, opts: DistillOptions, *, resume: bool, progress: bool, stop_after_steps: int | None) -> _Run:
@@ -505,6 +508,15 @@ class _Run:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def count_step(self) -> None:
+        """Called at each training step: a gap of over PAUSE_GAP_S since the last one was a pause and does not
+        count toward the time budget (so pausing a run for a benchmark does not anneal its learning rate)."""
+        now = time.monotonic()
+        if self.last_step is not None and now - self.last_step > PAUSE_GAP_S:
+            log.info("paused for %.0f s: not counted as training time", now - self.last_step)
+            self.started += now - self.last_step
+        self.last_step = now
 
     def should_stop(self) -> bool:
         return self.stop_after_steps is not None and self.steps_this_call >= self.stop_after_steps
@@ -608,11 +620,13 @@ class _Run:
             optim = torch.optim.Adam(list(fff.parameters()), lr=opts.layer_lr)
             self.restore_optimizer(optim)
             layer_budget = lw_budget * alloc[i] / sum(alloc) if lw_budget else None
-            layer_start = time.monotonic() - state.get("layer_elapsed_s", 0.0)
+            layer_start = self.elapsed() - state.get("layer_elapsed_s", 0.0)
+            self.last_step = None
             fff.train()
             bar = tqdm(total=alloc[i], initial=state["step"], desc=f"layer-wise {i}", disable=not self.progress)
             while state["step"] < alloc[i]:
-                if layer_budget is not None and time.monotonic() - layer_start > layer_budget:
+                self.count_step()
+                if layer_budget is not None and self.elapsed() - layer_start > layer_budget:
                     log.info("layer %d: time share spent after %d of %d steps", i, state["step"], alloc[i])
                     break
                 step = state["step"]
@@ -624,7 +638,7 @@ class _Run:
                         step,
                         alloc[i],
                         max(1, alloc[i] // 50),
-                        (time.monotonic() - layer_start) / layer_budget if layer_budget else 0.0,
+                        (self.elapsed() - layer_start) / layer_budget if layer_budget else 0.0,
                     )
                 loss = F.mse_loss(fff(x), y)
                 optim.zero_grad(set_to_none=True)
@@ -650,12 +664,12 @@ class _Run:
                 if self.should_stop():
                     break
                 if state["step"] % opts.checkpoint_every == 0:
-                    state["layer_elapsed_s"] = time.monotonic() - layer_start
+                    state["layer_elapsed_s"] = self.elapsed() - layer_start
                     self.checkpoint(optim)
             bar.close()
             fff.eval()
             if self.should_stop() and state["step"] < alloc[i]:
-                state["layer_elapsed_s"] = time.monotonic() - layer_start
+                state["layer_elapsed_s"] = self.elapsed() - layer_start
                 self.checkpoint(optim)
                 return False
             if opts.refit_out:
@@ -705,7 +719,9 @@ class _Run:
         bar = tqdm(total=opts.steps, initial=state["step"], desc="end-to-end", disable=not self.progress)
         model.train()
         teacher.model.eval()
+        self.last_step = None
         while state["step"] < opts.steps and not self.should_stop():
+            self.count_step()
             if budget_s is not None and self.elapsed() > budget_s:
                 log.info("end-to-end: time budget spent after %d of %d steps", state["step"], opts.steps)
                 break
