@@ -247,12 +247,12 @@ def test_grow_keeps_the_earlier_trees_and_fits_the_added_ones(
     trees are then fitted to what the earlier trees miss (every layer's error goes down), and end-to-end training
     follows; an interrupted grown run resumes to the same state."""
     from engine.checkpoint import convert_hf_bert
-    from engine.training.distill import _grow_from_student
+    from engine.training.warm_start import grow_from_student
 
     earlier = load_model(distilled)
     grown = convert_hf_bert(tiny_teacher, trees=4, depth=2, name="g")
     state: dict = {}
-    _grow_from_student(grown, distilled, state)
+    grow_from_student(grown, distilled, state)
     assert state["phase"] == "grow" and state["grown_from"]["trees"] == 2
     ids = earlier.tokenizer.encode(_texts(6, seed=9), max_length=64, truncate=True)
     for a, b in zip(earlier.model.pooled_ids(ids, cls=False), grown.model.pooled_ids(ids, cls=False)):
@@ -379,7 +379,7 @@ def test_fresh_windows_and_token_noise_resume_to_the_same_state(
 
 
 def test_relation_loss_sees_only_how_sentences_sit_relative_to_each_other() -> None:
-    from engine.training.distill import relation_loss
+    from engine.training.targets import relation_loss
 
     torch.manual_seed(0)
     teacher = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)

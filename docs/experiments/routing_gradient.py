@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import convert_hf_bert, load_model
-from engine.training.distill import collect_ffn_pairs, default_teacher, relative_error
+from engine.training.distill import default_teacher
+from engine.training.targets import collect_ffn_pairs, relative_error
 from engine.training.text_data import distillation_texts
 from engine.training.training_text import TrainingText
 

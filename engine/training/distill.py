@@ -49,7 +49,9 @@ from engine.layers import EncoderLayer
 from engine.model import UltraFastBert
 from engine.training.fff_fit import fit_output_rows, split_routing
 from engine.training.head import attach_classifier_head
+from engine.training.targets import collect_ffn_pairs, layer_outputs, relation_loss, relative_error, sentence_embedding
 from engine.training.training_text import CorpusText, TrainingText, seeded
+from engine.training.warm_start import fit_added_trees, grow_from_student, init_from_student
 
 log = logging.getLogger("engine.training.distill")
 
@@ -106,103 +108,12 @@ class DistillOptions:
     head_data: Any = field(default=None, repr=False)  # override (texts, labels) for the head (tests)
 
 
-# ---------------------------------------------------------------------------------------------------- forward helpers
-
-
-def layer_outputs(model: UltraFastBert, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Per-layer outputs ``[B, T, H]`` (the same computation as ``UltraFastBert.forward``)."""
-    keep = mask.bool()
-    x = model.embeddings(input_ids, None)
-    additive = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
-    real = None if bool(keep.all()) else keep.flatten().nonzero().squeeze(1)
-    outs = []
-    for layer in model.layers:
-        x = layer(x, additive, real)
-        outs.append(x)
-    if model.final_norm is not None:
-        outs[-1] = model.final_norm(outs[-1])
-    return outs
-
-
-def sentence_embedding(model: UltraFastBert, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return F.normalize(model.pool(hidden, mask), dim=-1)
-
-
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of the pairwise cosine similarities within the batch (normalised embeddings).
-
-    Why: the per-sentence cosine loss pulls each embedding towards its teacher's, but what nearest-neighbour search
-    and similarity scores use is how sentences sit relative to each other; this loss targets that directly (as in
-    relational knowledge distillation). The diagonal (always 1) is left out."""
-    n = student.shape[0]
-    if n < 2:
-        return student.new_zeros(())
-    off = ~torch.eye(n, dtype=torch.bool)
-    return F.mse_loss((student @ student.T)[off], (teacher @ teacher.T)[off])
-
-
-@torch.no_grad()
-def collect_ffn_pairs(
-    teacher: LoadedModel, chunks: list[list[int]], n_tokens: int, batch_size: int, progress: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Teacher FFN inputs and outputs on real tokens, per layer, float16 ``[n, H]``."""
-    model = teacher.model
-    h = model.config.hidden_size
-    n_layers = len(model.layers)
-    xs = [torch.empty(n_tokens, h, dtype=torch.float16) for _ in range(n_layers)]
-    ys = [torch.empty(n_tokens, h, dtype=torch.float16) for _ in range(n_layers)]
-    filled = [0]
-    pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
-    hooks = []
-    for i, layer in enumerate(cast("list[EncoderLayer]", model.layers)):
-
-        def hook(_m: Any, args: tuple, out: torch.Tensor, i: int = i) -> None:
-            pending[i] = (args[0].reshape(-1, h), out.reshape(-1, h))
-
-        hooks.append(layer.ffn.register_forward_hook(hook))
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_tokens, desc="caching teacher FFN pairs", unit="tok", disable=not progress)
-        for start in range(0, len(chunks), batch_size):
-            ids, mask = teacher.tokenizer.pad(chunks[start : start + batch_size])
-            model(ids, mask)
-            take = min(int(mask.sum()), n_tokens - filled[0])
-            for i in range(n_layers):
-                pair = pending[i]
-                if pair is None:
-                    raise RuntimeError(f"the hook on layer {i}'s FFN did not run")
-                x, y = pair
-                xs[i][filled[0] : filled[0] + take] = x[:take].half()
-                ys[i][filled[0] : filled[0] + take] = y[:take].half()
-            filled[0] += take
-            bar.update(take)
-            if filled[0] >= n_tokens:
-                break
-        bar.close()
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return [x[: filled[0]] for x in xs], [y[: filled[0]] for y in ys]
-
-
 def _layer_fff(model: UltraFastBert, i: int) -> FFF:
     """Layer ``i``'s FFN, an FFF in every student the grow and layer-wise phases train."""
     ffn = cast("EncoderLayer", model.layers[i]).ffn
     if not isinstance(ffn, FFF):
         raise TypeError(f"layer {i}'s FFN is a {type(ffn).__name__}, not an FFF")
     return ffn
-
-
-@torch.no_grad()
-def relative_error(fff: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """||fff(x) - y|| / ||y - mean(y)|| on a token sample (the FFN output's variance is the scale)."""
-    was = fff.training
-    fff.train(False)
-    pred = fff._forward_masked(x.float())[0] if isinstance(fff, FFF) else fff(x.float())
-    fff.train(was)
-    yf = y.float()
-    return float((pred - yf).norm() / (yf - yf.mean(0)).norm())
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -219,107 +130,6 @@ def _save_checkpoint(
     tmp = out / (CHECKPOINT_FILE + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(out / CHECKPOINT_FILE)
-
-
-def _init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]) -> None:
-    """Copy an earlier student's weights into ``student`` and jump to the end-to-end phase.
-
-    The earlier student must have the same shapes (teacher, K, D); its classifier head is dropped, as the head
-    is refitted on the new encoder at the end. It may have fewer dense layers than ``student`` (a hybrid): those
-    layers then start from the teacher's FFN, every other weight from the earlier student."""
-    earlier = load_model(folder)
-    want, found = student.config, earlier.config
-    if (
-        found.ffn != want.ffn
-        or (want.ffn == "fff" and (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth))
-        or not set(found.dense_ffn_layers) <= set(want.dense_ffn_layers)
-    ):
-        expected = (
-            f"an FFF student with K={want.fff_trees}, D={want.fff_depth}"
-            if want.ffn == "fff"
-            else f"a student with ffn={want.ffn}"
-        )
-        raise ValueError(
-            f"--init-student {folder}: expected {expected}"
-            + (f" with dense layers among {want.dense_ffn_layers}" if want.dense_ffn_layers else "")
-            + f"; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
-            + (f", dense layers {found.dense_ffn_layers}" if found.dense_ffn_layers else "")
-        )
-    # the head is refitted; layers dense here but FFF there keep the teacher's FFN from the conversion
-    skip = ("head.", *(f"layers.{i}.ffn." for i in set(want.dense_ffn_layers) - set(found.dense_ffn_layers)))
-    weights = {k: v for k, v in earlier.model.state_dict().items() if not k.startswith(skip)}
-    missing, unexpected = student.model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith(skip)]
-    if missing or unexpected:
-        raise ValueError(
-            f"--init-student {folder}: weights do not match the student "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    for f in student.model.fffs():
-        f.invalidate()
-    state["phase"], state["layer"], state["step"] = "e2e", 0, 0
-    for key in ("layer_errors_init", "layer_errors_final"):
-        state[key] = earlier.config.extra.get(key, state[key])
-    state["init_student"] = str(folder)
-    log.info("continuing from the student in %s: end-to-end phase only", folder)
-
-
-def _grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]) -> int:
-    """Copy an earlier student with fewer trees of the same depth into ``student``; returns its tree count.
-
-    Its trees become the first trees of each layer and every other weight is copied, so with the added trees'
-    output rows at zero the grown student computes exactly what the earlier one did; the ``grow`` phase then fits
-    the added trees' output rows to what the earlier ones miss (:func:`_fit_added_trees`)."""
-    earlier = load_model(folder)
-    want, found = student.config, earlier.config
-    if (
-        found.ffn != "fff"
-        or want.ffn != "fff"
-        or found.fff_depth != want.fff_depth
-        or found.fff_trees >= want.fff_trees
-    ):
-        raise ValueError(
-            f"--grow-from {folder}: expected an FFF student of depth {want.fff_depth} with fewer than "
-            f"{want.fff_trees} trees; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
-        )
-    old = found.fff_trees
-    own = student.model.state_dict()
-    with torch.no_grad():
-        for key, value in earlier.model.state_dict().items():
-            if key.startswith("head."):
-                continue
-            if key not in own:
-                raise ValueError(f"--grow-from {folder}: unexpected weight {key}")
-            target = own[key]
-            if key.endswith("ffn.linear_in.weight") or key.endswith("ffn.linear_in.bias"):
-                target[: value.shape[0]].copy_(value)
-            elif key.endswith("ffn.linear_out.weight"):
-                target[:, : value.shape[1]].copy_(value)
-                target[:, value.shape[1] :].zero_()
-            else:
-                target.copy_(value)
-    for f in student.model.fffs():
-        f.invalidate()
-    state["phase"], state["layer"], state["step"] = "grow", 0, 0
-    state["grown_from"] = {"folder": str(folder), "trees": old}
-    log.info("growing the student in %s from %d to %d trees per layer", folder, old, want.fff_trees)
-    return old
-
-
-@torch.no_grad()
-def _fit_added_trees(fff: FFF, old_trees: int, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Fit the output rows of the trees after the first ``old_trees`` to the residual ``y - fff(x)`` by least
-    squares (:func:`engine.training.fff_fit.fit_output_rows`); their splits stay as initialised (the teacher's
-    neurons). Splits fitted node by node (``split_routing``) cost a cross-covariance over the tokens at every node:
-    hours for several trees of depth 7 on 2 cores, so they are left to end-to-end training."""
-    rows = old_trees * fff.n_nodes
-    added = FFF(fff.d_in, fff.d_out, fff.depth, fff.trees - old_trees, bias_out=False)
-    added.linear_in.weight.copy_(fff.linear_in.weight[rows:])
-    added.linear_in.bias.copy_(fff.linear_in.bias[rows:])
-    added.linear_out.weight.zero_()
-    fit_output_rows(added, x, y - fff._forward_masked(x)[0])
-    fff.linear_out.weight[:, rows:] = added.linear_out.weight
-    fff.invalidate()
 
 
 def _log(out: Path, record: dict[str, Any]) -> None:
@@ -476,9 +286,9 @@ class _Run:
         elif not resume:
             (out / LOG_FILE).unlink(missing_ok=True)
         if opts.init_student and state["phase"] == "layerwise":
-            _init_from_student(student, Path(opts.init_student), state)
+            init_from_student(student, Path(opts.init_student), state)
         if opts.grow_from and state["phase"] == "layerwise":
-            _grow_from_student(student, Path(opts.grow_from), state)
+            grow_from_student(student, Path(opts.grow_from), state)
         if not model.fffs() and state["phase"] == "layerwise":
             state["phase"] = "e2e"  # nothing to train layer by layer
         started = time.monotonic() - state["elapsed_s"]
@@ -551,7 +361,7 @@ class _Run:
             fff = _layer_fff(self.model, i)
             x, y = xs[i].float(), ys[i].float()
             errs_before.append(relative_error(fff, xs[i][probe], ys[i][probe]))
-            _fit_added_trees(fff, old, x, y)
+            fit_added_trees(fff, old, x, y)
             errs_after.append(relative_error(fff, xs[i][probe], ys[i][probe]))
             log.info(
                 "layer %d: relative error %.3f -> %.3f with %d added trees",
