@@ -148,7 +148,6 @@ class _Request:
     rows: list[torch.Tensor | None] = field(default_factory=list)
     remaining: int = 0
     first_start: float | None = None
-    last_end: float | None = None
     finished: bool = False  # resolved, failed, cancelled or expired: its queued items are garbage
     # the submitter's context variables (the service's request id among them): lines the worker logs about this
     # request alone are logged inside it
@@ -571,7 +570,6 @@ class Batcher:
                     continue
                 req.rows[it.index] = row.clone()
                 req.remaining -= 1
-                req.last_end = end
                 if req.remaining == 0:
                     req.finished = True
                     done.append(req)
