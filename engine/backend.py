@@ -65,8 +65,7 @@ class ModelBackend:
         self.config = loaded.config
         self.vocab_size = int(getattr(self.tokenizer, "vocab_size", self.config.vocab_size))
         self.max_input_tokens = int(self.config.max_position_embeddings)
-        shape = self.model.tree_shape() if hasattr(self.model, "tree_shape") else None
-        self.tree_shape: tuple[int, int] | None = tuple(shape) if shape else None
+        self.tree_depth: int | None = self.model.tree_depth() if hasattr(self.model, "tree_depth") else None
         self._recording: bool | None = None
         self._recording_lock = threading.Lock()
         self.max_padding_ratio = max_padding_ratio
@@ -83,7 +82,7 @@ class ModelBackend:
         self, task: Task, ids: Sequence[Sequence[int]], record_leaves: bool
     ) -> tuple[Outputs, list[torch.Tensor] | None]:
         """Rows of the output follow ``ids``; leaves (per layer, [real tokens, K]) come in no set order."""
-        record = record_leaves and self.tree_shape is not None
+        record = record_leaves and self.tree_depth is not None
         if record != self._recording:
             with self._recording_lock:  # workers share the model: switch once (switching drops recorded leaves)
                 if record != self._recording:

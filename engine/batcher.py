@@ -597,15 +597,15 @@ class Batcher:
                 self._inflight_batches -= 1
 
     def _leaf_counts(self, leaves: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-        shape = getattr(self.backend, "tree_shape", None)
-        if not leaves or not shape:
+        """Per FFF layer ``[K, 2^D]`` visits of each tree's leaves (K from the layer's leaves, so it may differ)."""
+        depth = getattr(self.backend, "tree_depth", None)
+        if not leaves or depth is None:
             return None
-        trees, depth = shape
         n_leaves = 2**depth
-        offsets = torch.arange(trees, dtype=torch.long) * n_leaves
         counts = []
         for layer in leaves:
-            flat = (layer.long() + offsets).reshape(-1)
+            trees = layer.shape[1]
+            flat = (layer.long() + torch.arange(trees, dtype=torch.long) * n_leaves).reshape(-1)
             counts.append(torch.bincount(flat, minlength=trees * n_leaves).reshape(trees, n_leaves))
         return counts
 

@@ -24,6 +24,10 @@ ACTIVATIONS = ("gelu",)
 CLASSIFIER_ACTIVATIONS = ("tanh",)
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class ModelConfig:
     """Architecture and serving defaults of one model.
@@ -37,7 +41,9 @@ class ModelConfig:
     ``classifier_dim`` is 1024 and a plain linear probe when it is None.
 
     ``dense_ffn_layers`` makes an FFF model a hybrid: those layers keep a dense FFN of ``intermediate_size``
-    (spending compute where a tree fits its FFN worst); every other layer is an FFF.
+    (spending compute where a tree fits its FFN worst); every other layer is an FFF. ``fff_layer_trees`` gives
+    some FFF layers another tree count than ``fff_trees`` (``{layer: K}``; JSON keys are strings): a per-layer
+    neuron budget. Every FFF layer has the same depth.
     """
 
     layout: str = "bert"
@@ -49,6 +55,7 @@ class ModelConfig:
     fff_trees: int = 1
     fff_depth: int = 7
     dense_ffn_layers: list[int] = field(default_factory=list)  # FFF models only: layers with a dense FFN
+    fff_layer_trees: dict[int, int] = field(default_factory=dict)  # FFF layers with K other than fff_trees
     intermediate_size: int = 1536
     hidden_act: str = "gelu"
     max_position_embeddings: int = 512
@@ -68,6 +75,10 @@ class ModelConfig:
             self.labels = list(self.labels)
         if isinstance(self.dense_ffn_layers, (list, tuple)):
             self.dense_ffn_layers = list(self.dense_ffn_layers)
+        if isinstance(self.fff_layer_trees, dict):  # JSON object keys are strings
+            self.fff_layer_trees = {
+                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.fff_layer_trees.items()
+            }
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -124,6 +135,17 @@ class ModelConfig:
             len(layers) < self.num_layers,
             "dense_ffn_layers names every layer: that is ffn='dense', not a hybrid",
         )
+        per_layer = self.fff_layer_trees
+        need(
+            isinstance(per_layer, dict)
+            and all(
+                isinstance(i, int) and 0 <= i < self.num_layers and i not in layers and _positive_int(k)
+                for i, k in per_layer.items()
+            ),
+            f"fff_layer_trees maps FFF layers (0..{self.num_layers - 1}, not dense_ffn_layers) to tree counts >= 1,"
+            f" got {per_layer!r}",
+        )
+        need(not per_layer or self.ffn == "fff", f"fff_layer_trees is for FFF models; ffn={self.ffn!r}")
         for problem in LAYOUTS[self.layout].problems(self):
             need(False, problem)
         need(self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
@@ -155,6 +177,10 @@ class ModelConfig:
     def ffn_kind(self, layer: int) -> str:
         """What layer ``layer``'s feedforward is: ``config.ffn``, or ``"dense"`` in a hybrid's dense layers."""
         return "dense" if layer in self.dense_ffn_layers else self.ffn
+
+    def trees_in(self, layer: int) -> int:
+        """K of layer ``layer``'s FFF (meaningful where :meth:`ffn_kind` is ``"fff"``)."""
+        return self.fff_layer_trees.get(layer, self.fff_trees)
 
     @property
     def num_labels(self) -> int:

@@ -141,7 +141,7 @@ def build_ffn(config: ModelConfig, layer: int, bias: bool) -> nn.Module:
     its output bias)."""
     kind = config.ffn_kind(layer)
     if kind == "fff":
-        return FFF(config.hidden_size, config.hidden_size, config.fff_depth, config.fff_trees, bias_out=bias)
+        return FFF(config.hidden_size, config.hidden_size, config.fff_depth, config.trees_in(layer), bias_out=bias)
     if kind == "dense":
         return DenseFFN(config.hidden_size, config.intermediate_size, bias=bias)
     return NoFFN()

@@ -192,17 +192,19 @@ class UltraFastBert(nn.Module):
         """Indices of the layers whose FFN is an FFF, in the order of :meth:`fffs` and :meth:`last_leaves`."""
         return [i for i, layer in enumerate(self.layers) if isinstance(layer.ffn, FFF)]
 
-    def tree_shape(self) -> tuple[int, int] | None:
-        """``(K, D)`` of the FFF layers, None for a dense or removed feedforward."""
-        if self.config.ffn != "fff":
-            return None
-        return self.config.fff_trees, self.config.fff_depth
+    def tree_depth(self) -> int | None:
+        """D of the FFF layers (all share it; K may differ per layer), None without FFF layers."""
+        return self.config.fff_depth if self.config.ffn == "fff" else None
 
     def neurons_per_token(self) -> list[tuple[int, int]]:
         """Per layer ``(neurons evaluated per token, dense-equivalent width)``."""
         c = self.config
-        evaluated = {"fff": c.fff_trees * (c.fff_depth + 1), "dense": c.intermediate_size, "none": 0}
-        return [(evaluated[c.ffn_kind(i)], c.intermediate_size) for i in range(c.num_layers)]
+        evaluated = {
+            "fff": lambda i: c.trees_in(i) * (c.fff_depth + 1),
+            "dense": lambda i: c.intermediate_size,
+            "none": lambda i: 0,
+        }
+        return [(evaluated[c.ffn_kind(i)](i), c.intermediate_size) for i in range(c.num_layers)]
 
     def set_ffn_impl(self, impl: str) -> None:
         for fff in self.fffs():

@@ -27,6 +27,7 @@ def build_info(state: ServiceState) -> dict[str, Any]:
             "num_heads": c.num_heads,
             "ffn": c.ffn,
             "fff_trees": c.fff_trees if c.ffn == "fff" else None,
+            "fff_layer_trees": {str(i): k for i, k in sorted(c.fff_layer_trees.items())},
             "fff_depth": c.fff_depth if c.ffn == "fff" else None,
             "dense_ffn_layers": c.dense_ffn_layers,
             "intermediate_size": c.intermediate_size,

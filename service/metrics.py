@@ -115,7 +115,7 @@ class ServiceMetrics:
         self._npt: list[tuple[int, int]] = []
         self._fff_layers: list[str] = []
         self._half_life = float(half_life_tokens)
-        self._leaf_counts: torch.Tensor | None = None
+        self._leaf_counts: list[torch.Tensor] | None = None  # per FFF layer, decayed
         self._leaf_lock = threading.Lock()
 
     # ------------------------------------------------------------------ wiring
@@ -177,17 +177,16 @@ class ServiceMetrics:
             self._update_leaves(stats.leaf_counts, stats.tokens)
 
     def _update_leaves(self, counts: Sequence[torch.Tensor], n_tokens: int) -> None:
-        new = torch.stack([c.double() for c in counts])  # [layers, trees, leaves]
+        new = [c.double() for c in counts]  # per FFF layer [trees, leaves]; layers may differ in trees
         with self._leaf_lock:
-            if self._leaf_counts is None or self._leaf_counts.shape != new.shape:
-                self._leaf_counts = torch.zeros_like(new)
+            if self._leaf_counts is None or [c.shape for c in self._leaf_counts] != [c.shape for c in new]:
+                self._leaf_counts = [torch.zeros_like(c) for c in new]
             decay = 0.5 ** (n_tokens / self._half_life)
-            self._leaf_counts.mul_(decay).add_(new)
-            entropy, used = leaf_evenness(self._leaf_counts)
-        for i, layer in enumerate(self._fff_layers[: new.shape[0]]):
-            for tree in range(new.shape[1]):
-                self.leaf_entropy.labels(layer, str(tree)).set(float(entropy[i, tree]))
-                self.leaves_used.labels(layer, str(tree)).set(float(used[i, tree]))
+            evenness = [leaf_evenness(total.mul_(decay).add_(c)) for total, c in zip(self._leaf_counts, new)]
+        for layer, (entropy, used) in zip(self._fff_layers, evenness):
+            for tree in range(entropy.shape[0]):
+                self.leaf_entropy.labels(layer, str(tree)).set(float(entropy[tree]))
+                self.leaves_used.labels(layer, str(tree)).set(float(used[tree]))
 
 
 class _WithoutCreated:

@@ -16,7 +16,7 @@ from engine.errors import InputTooLong
 
 class FakeBackend:
     vocab_size = 1000
-    tree_shape = None
+    tree_depth = None
 
     def __init__(self) -> None:
         self.max_input_tokens = 64

@@ -254,7 +254,7 @@ def test_grow_keeps_the_earlier_trees_and_fits_the_added_ones(
     grown = convert_hf_bert(tiny_teacher, trees=4, depth=2, name="g")
     state: dict = {}
     grow_from_student(grown, distilled, state)
-    assert state["phase"] == "grow" and state["grown_from"]["trees"] == 2
+    assert state["phase"] == "grow" and state["grown_from"]["trees"] == {0: 2, 1: 2}
     ids = earlier.tokenizer.encode(_texts(6, seed=9), max_length=64, truncate=True)
     for a, b in zip(earlier.model.pooled_ids(ids, cls=False), grown.model.pooled_ids(ids, cls=False)):
         assert torch.allclose(a, b, atol=1e-5)
@@ -270,7 +270,7 @@ def test_grow_keeps_the_earlier_trees_and_fits_the_added_ones(
     cut = distill(opts2, resume=True, progress=False)
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="fewer than"):
+    with pytest.raises(ValueError, match="fewer trees than K=2; found ffn=fff, K=2"):
         distill(_opts(tiny_teacher, tmp_path / "g3", trees=2, grow_from=str(distilled)), progress=False)
 
 
@@ -486,6 +486,11 @@ def test_cli_names_options_that_cannot_work_without_a_traceback(
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="K=4, D=1"):
         distill(_opts(tiny_teacher, tmp_path / "d", init_student=str(distilled), trees=4, depth=1), progress=False)
+    per_layer = _opts(tiny_teacher, tmp_path / "f", init_student=str(distilled), trees_per_layer={1: 3})
+    with pytest.raises(ValueError, match=r"expected an FFF student with K=\{0: 2, 1: 3\}, D=2; found ffn=fff, K=2"):
+        distill(per_layer, progress=False)
+    with pytest.raises(ValueError, match="needs an FFF layer"):
+        distill(_opts(tiny_teacher, tmp_path / "h", dense_layers=[1], trees_per_layer={1: 3}), progress=False)
     both = _opts(tiny_teacher, tmp_path / "e", init_student=str(distilled), grow_from=str(distilled), trees=4)
     with pytest.raises(ValueError, match="alternatives"):
         distill(both, progress=False)
@@ -559,3 +564,22 @@ def test_the_packaged_teacher_is_recorded_by_its_name(minilm_dir: Path, tmp_path
 
     assert teacher_name(default_teacher()) == DEFAULT_TEACHER_NAME == "all-MiniLM-L6-v2"
     assert teacher_name(tmp_path / "my-bert") == "my-bert"
+
+
+def test_a_per_layer_budget_grows_only_the_layers_it_names(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:
+    """``--trees-per-layer 1:3`` from a K=2 student: layer 1 gains a tree (fitted, then trained), layer 0 keeps K=2;
+    the saved student records the budget and serves each layer's own neuron count."""
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["distill", "--trees", "2", "--trees-per-layer", "1:3"])
+    assert args.trees_per_layer == {1: 3}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--trees-per-layer", "1=3"])
+    opts = _opts(tiny_teacher, tmp_path / "p", grow_from=str(distilled), trees_per_layer={1: 3}, steps=2)
+    final = load_model(distill(opts, progress=False))
+    assert final.config.fff_trees == 2 and final.config.fff_layer_trees == {1: 3}
+    assert final.model.neurons_per_token() == [(2 * 3, 64), (3 * 3, 64)]
+    grow = [json.loads(line) for line in (tmp_path / "p" / "distill_log.jsonl").read_text().splitlines()][0]
+    assert grow["phase"] == "grow"
+    assert grow["rel_err_after"][0] == pytest.approx(grow["rel_err_before"][0])  # nothing added to layer 0
+    assert grow["rel_err_after"][1] < grow["rel_err_before"][1]

@@ -113,3 +113,29 @@ def test_leaf_counts_decay_towards_recent_traffic() -> None:
     samples = metric_samples(m.exposition().decode())
     assert metric(samples, "ufb_ffn_neurons_evaluated_total", layer="0") == 4 * 2100
     assert metric(samples, "ufb_ffn_neurons_dense_total", layer="0") == 16 * 2100
+
+
+def test_layers_with_their_own_tree_counts_save_load_serve_and_report(tmp_path) -> None:
+    """A per-layer budget (layer 1: 3 trees, layer 0: 2) survives save and load, and /info and the leaf gauges
+    follow each layer's own count."""
+    from tiny_models import build_tiny_model
+
+    from engine.checkpoint import load_model
+
+    loaded = load_model(build_tiny_model(tmp_path / "per-layer", trees=2, depth=3, layer_trees={1: 3}))
+    assert [f.trees for f in loaded.model.fffs()] == [2, 3]
+
+    async def main():
+        async with running(make_app(loaded)) as c:
+            assert (await c.post("/embed", json={"inputs": ["one", "two words here"]})).status_code == 200
+            return (await c.get("/info")).json(), metric_samples((await c.get("/metrics")).text)
+
+    info, samples = run(main())
+    assert info["model"]["fff_trees"] == 2 and info["model"]["fff_layer_trees"] == {"1": 3}
+    assert [row["evaluated"] for row in info["neurons_per_token"]["per_layer"]] == [8, 12]
+    trees_seen: dict[str, set[str]] = {}
+    for name, labels in samples:
+        if name == "ufb_fff_leaf_entropy_ratio":
+            found = dict(labels)
+            trees_seen.setdefault(found["layer"], set()).add(found["tree"])
+    assert trees_seen == {"0": {"0", "1"}, "1": {"0", "1", "2"}}

@@ -10,6 +10,7 @@ from tiny_models import random_batch, tiny_model
 
 from engine.config import ModelConfig
 from engine.fff import FFF
+from engine.model import UltraFastBert
 from engine.packing import length_groups
 
 torch.set_num_threads(2)
@@ -273,11 +274,11 @@ def test_embed_pooling_and_normalisation_options() -> None:
 def test_metrics_and_controls() -> None:
     fff_model = tiny_model("bert", trees=2, depth=3)
     assert fff_model.neurons_per_token() == [(8, 64), (8, 64)]
-    assert fff_model.tree_shape() == (2, 3)
+    assert fff_model.tree_depth() == 3
     dense = tiny_model("crammed", ffn="dense")
-    assert dense.neurons_per_token() == [(64, 64)] * 2 and dense.tree_shape() is None
+    assert dense.neurons_per_token() == [(64, 64)] * 2 and dense.tree_depth() is None
     hybrid = tiny_model("bert", ffn="hybrid")
-    assert hybrid.neurons_per_token() == [(8, 64), (64, 64)] and hybrid.tree_shape() == (2, 3)
+    assert hybrid.neurons_per_token() == [(8, 64), (64, 64)] and hybrid.tree_depth() == 3
     assert hybrid.fff_layers() == [0] and len(hybrid.fffs()) == 1
     hybrid.set_record_leaves(True)
     with torch.inference_mode():
@@ -330,3 +331,40 @@ def test_config_validation_and_json(tmp_path: Path) -> None:
         ModelConfig(num_layers=2, dense_ffn_layers=[0, 1])
     with pytest.raises(ValueError, match="for FFF models"):
         ModelConfig(ffn="dense", dense_ffn_layers=[0])
+
+
+def test_per_layer_tree_counts(tmp_path: Path) -> None:
+    """``fff_layer_trees``: some FFF layers get another K; JSON keeps its keys as strings and loads them back."""
+    config = ModelConfig(num_layers=3, fff_trees=2, fff_depth=3, dense_ffn_layers=[1], fff_layer_trees={2: 5})
+    assert [config.trees_in(i) for i in (0, 2)] == [2, 5]
+    config.save(tmp_path / "c.json")
+    assert '"2": 5' in (tmp_path / "c.json").read_text()
+    assert ModelConfig.load(tmp_path / "c.json") == config
+    for bad in ({1: 4}, {3: 4}, {0: 0}, {0: True}, {"x": 2}, [2, 2, 2]):
+        with pytest.raises(ValueError, match="fff_layer_trees maps FFF layers"):
+            ModelConfig(num_layers=3, dense_ffn_layers=[1], fff_layer_trees=bad)
+    with pytest.raises(ValueError, match="fff_layer_trees is for FFF models"):
+        ModelConfig(ffn="dense", fff_layer_trees={0: 2})
+
+    model = UltraFastBert(
+        ModelConfig(
+            vocab_size=120,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=64,
+            fff_trees=2,
+            fff_depth=3,
+            fff_layer_trees={1: 3},
+            max_position_embeddings=64,
+        )
+    )
+    model.init_weights(0)
+    model.eval()
+    assert [f.trees for f in model.fffs()] == [2, 3]
+    assert model.neurons_per_token() == [(8, 64), (12, 64)] and model.tree_depth() == 3
+    model.set_record_leaves(True)
+    with torch.inference_mode():
+        model.embed_ids([[5, 6, 7], [8, 9]])
+    leaves = model.last_leaves()
+    assert leaves is not None and [tuple(x.shape) for x in leaves] == [(5, 2), (5, 3)]

@@ -4,7 +4,7 @@ point; ``ultrafastbert convert``)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ def convert_hf_bert(
     init: str = "teacher",
     ffn: str = "fff",
     dense_layers: Sequence[int] = (),
+    layer_trees: Mapping[int, int] | None = None,
     seed: int = 0,
     name: str | None = None,
 ) -> LoadedModel:
@@ -45,7 +46,8 @@ def convert_hf_bert(
     neurons. The strongest neurons thus sit nearest the roots, which every token visits. ``init="random"`` uses the
     reference FFF initialisation (seeded). Either way the FFF keeps the teacher's output bias, and the config keeps
     ``intermediate_size`` = teacher width as the dense equivalent. ``dense_layers`` (FFF only) keeps the teacher's
-    FFN in those layers: a hybrid (``ModelConfig.dense_ffn_layers``).
+    FFN in those layers: a hybrid (``ModelConfig.dense_ffn_layers``). ``layer_trees`` (FFF only) gives some layers
+    another tree count than ``trees`` (``ModelConfig.fff_layer_trees``).
     """
     folder = Path(hf_folder)
     if detect_format(folder) != hf_bert.NAME:
@@ -68,9 +70,12 @@ def convert_hf_bert(
         n = teacher_config.num_layers
         if any(not 0 <= i < n for i in dense_layers):  # the argument's fault, not the teacher's config.json
             raise ValueError(f"dense_layers {list(dense_layers)}: the teacher has layers 0..{n - 1}")
-        fields.update(fff_trees=trees, fff_depth=depth, dense_ffn_layers=list(dense_layers))
-    elif dense_layers:
-        raise ValueError("dense_layers is for ffn='fff' (a hybrid)")
+        per_layer = {int(i): k for i, k in (layer_trees or {}).items() if k != trees}
+        if any(not 0 <= i < n for i in per_layer):
+            raise ValueError(f"layer_trees {dict(per_layer)}: the teacher has layers 0..{n - 1}")
+        fields.update(fff_trees=trees, fff_depth=depth, dense_ffn_layers=list(dense_layers), fff_layer_trees=per_layer)
+    elif dense_layers or layer_trees:
+        raise ValueError("dense_layers and layer_trees are for ffn='fff'")
     config = make_config(fields, folder / "config.json")
     model = UltraFastBert(config)
     ffn_tensors = {k: tensors.pop(k) for k in list(tensors) if re.fullmatch(r"layers\.\d+\.ffn\..*", k)}

@@ -96,6 +96,13 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
         help="a hybrid: these layers (0-based, comma-separated) keep the teacher's dense FFN, trained end to end "
         "with the rest; the others are FFFs",
     )
+    p.add_argument(
+        "--trees-per-layer",
+        type=_layer_trees,
+        default={},
+        metavar="I:K,J:K",
+        help="a per-layer neuron budget: these FFF layers (0-based) get K trees instead of --trees",
+    )
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the per-layer hidden-state MSE")
     p.add_argument(
         "--embed-weight", type=float, default=1.0, help="weight of (1 - cosine) to the teacher's sentence embeddings"
@@ -219,3 +226,12 @@ def _layer_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,4; got {text!r}") from None
+
+
+def _layer_trees(text: str) -> dict[int, int]:
+    """``"3:12,5:12"`` -> ``{3: 12, 5: 12}``; an empty string is no layer."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(i): int(k) for i, k in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER:TREES pairs such as 3:12,5:12; got {text!r}") from None

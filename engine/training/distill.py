@@ -91,6 +91,7 @@ class DistillOptions:
     trees: int = 2  # 0: no feedforward at all (the control student)
     depth: int = 7
     dense_layers: list[int] = field(default_factory=list)  # a hybrid: these layers keep the teacher's dense FFN
+    trees_per_layer: dict[int, int] = field(default_factory=dict)  # FFF layers with K other than ``trees``
     seed: int = 0
     time_budget_min: float | None = None  # whole run (both phases); None = steps only
     layerwise_share: float = 0.35  # of the time budget
@@ -252,8 +253,11 @@ class _Run:
         """The teacher, the student (resumed from the checkpoint, or started per the options) and the text."""
         if opts.layer_init not in LAYER_INITS:
             raise ValueError(f"layer_init must be one of {LAYER_INITS}, got {opts.layer_init!r}")
-        if opts.trees == 0 and opts.dense_layers:
-            raise ValueError("dense_layers makes an FFF student a hybrid; the trees=0 control has no FFF layers")
+        if opts.trees == 0 and (opts.dense_layers or opts.trees_per_layer):
+            raise ValueError("dense_layers and trees_per_layer shape FFF layers; the trees=0 control has no FFF layers")
+        bad = {i: k for i, k in opts.trees_per_layer.items() if i in opts.dense_layers or k < 1}
+        if bad:
+            raise ValueError(f"trees_per_layer {bad}: each entry needs an FFF layer (not a dense one) and K >= 1")
         if opts.init_student and opts.grow_from:
             raise ValueError("init_student and grow_from are alternatives: give one")
         out = Path(opts.out)
@@ -269,10 +273,12 @@ class _Run:
                 trees=opts.trees,
                 depth=opts.depth,
                 dense_layers=opts.dense_layers,
+                layer_trees=opts.trees_per_layer,
                 init="teacher",
                 seed=opts.seed,
                 name=f"ultrafastbert-{teacher_dir.name}-{opts.trees}x{opts.depth}"
-                + "".join(f"-dense{i}" for i in sorted(opts.dense_layers)),
+                + "".join(f"-dense{i}" for i in sorted(opts.dense_layers))
+                + "".join(f"-l{i}k{k}" for i, k in sorted(opts.trees_per_layer.items())),
             )
         model = student.model
         for f in model.fffs():
@@ -368,20 +374,21 @@ class _Run:
         state = self.state
         t0 = time.monotonic()
         xs, ys, probe = self.teacher_pairs()
-        old = state["grown_from"]["trees"]
+        old: dict[int, int] = state["grown_from"]["trees"]  # per FFF layer
         errs_before, errs_after = [], []
         for i in self.model.fff_layers():
             fff = _layer_fff(self.model, i)
             x, y = xs[i].float(), ys[i].float()
             errs_before.append(relative_error(fff, xs[i][probe], ys[i][probe]))
-            fit_added_trees(fff, old, x, y)
+            if fff.trees > old[i]:
+                fit_added_trees(fff, old[i], x, y)
             errs_after.append(relative_error(fff, xs[i][probe], ys[i][probe]))
             log.info(
                 "layer %d: relative error %.3f -> %.3f with %d added trees",
                 i,
                 errs_before[-1],
                 errs_after[-1],
-                fff.trees - old,
+                fff.trees - old[i],
             )
         del xs, ys
         state["grow_errors"] = {"before": errs_before, "after": errs_after}
@@ -662,6 +669,7 @@ def run_cli(args: Any) -> int:
         trees=args.trees,
         depth=args.depth,
         dense_layers=args.dense_layers,
+        trees_per_layer=args.trees_per_layer,
         seed=args.seed,
         time_budget_min=args.time_budget,
         layerwise_share=args.layerwise_share,

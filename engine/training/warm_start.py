@@ -10,34 +10,42 @@ from typing import Any
 import torch
 
 from engine.checkpoint import LoadedModel, load_model
+from engine.config import ModelConfig
 from engine.fff import FFF
 from engine.training.fff_fit import fit_output_rows
 
 log = logging.getLogger("engine.training.distill")
 
 
+def fff_trees(config: ModelConfig) -> dict[int, int]:
+    """K of every FFF layer: ``{layer: trees}`` (dense and removed layers absent)."""
+    return {i: config.trees_in(i) for i in range(config.num_layers) if config.ffn_kind(i) == "fff"}
+
+
 def init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]) -> None:
     """Copy an earlier student's weights into ``student`` and jump to the end-to-end phase.
 
-    The earlier student must have the same shapes (teacher, K, D); its classifier head is dropped, as the head
+    The earlier student must have the same shapes (teacher, K per layer, D); its classifier head is dropped, as the head
     is refitted on the new encoder at the end. It may have fewer dense layers than ``student`` (a hybrid): those
     layers then start from the teacher's FFN, every other weight from the earlier student."""
     earlier = load_model(folder)
     want, found = student.config, earlier.config
+    want_trees, found_trees = fff_trees(want), fff_trees(found)
     if (
         found.ffn != want.ffn
-        or (want.ffn == "fff" and (found.fff_trees, found.fff_depth) != (want.fff_trees, want.fff_depth))
+        or (want.ffn == "fff" and found.fff_depth != want.fff_depth)
         or not set(found.dense_ffn_layers) <= set(want.dense_ffn_layers)
+        or any(found_trees.get(i) != k for i, k in want_trees.items())
     ):
         expected = (
-            f"an FFF student with K={want.fff_trees}, D={want.fff_depth}"
+            f"an FFF student with K={_ks(want_trees)}, D={want.fff_depth}"
             if want.ffn == "fff"
             else f"a student with ffn={want.ffn}"
         )
         raise ValueError(
             f"--init-student {folder}: expected {expected}"
             + (f" with dense layers among {want.dense_ffn_layers}" if want.dense_ffn_layers else "")
-            + f"; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
+            + f"; found ffn={found.ffn}, K={_ks(found_trees)}, D={found.fff_depth}"
             + (f", dense layers {found.dense_ffn_layers}" if found.dense_ffn_layers else "")
         )
     # the head is refitted; layers dense here but FFF there keep the teacher's FFN from the conversion
@@ -59,25 +67,28 @@ def init_from_student(student: LoadedModel, folder: Path, state: dict[str, Any])
     log.info("continuing from the student in %s: end-to-end phase only", folder)
 
 
-def grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]) -> int:
-    """Copy an earlier student with fewer trees of the same depth into ``student``; returns its tree count.
+def grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any]) -> dict[int, int]:
+    """Copy an earlier student with fewer trees of the same depth into ``student``; returns its tree count per FFF
+    layer (no more than ``student``'s in any layer, fewer in at least one).
 
     Its trees become the first trees of each layer and every other weight is copied, so with the added trees'
     output rows at zero the grown student computes exactly what the earlier one did; the ``grow`` phase then fits
     the added trees' output rows to what the earlier ones miss (:func:`fit_added_trees`)."""
     earlier = load_model(folder)
     want, found = student.config, earlier.config
+    want_trees, old = fff_trees(want), fff_trees(found)
     if (
         found.ffn != "fff"
         or want.ffn != "fff"
         or found.fff_depth != want.fff_depth
-        or found.fff_trees >= want.fff_trees
+        or old.keys() != want_trees.keys()
+        or any(old[i] > k for i, k in want_trees.items())
+        or old == want_trees
     ):
         raise ValueError(
-            f"--grow-from {folder}: expected an FFF student of depth {want.fff_depth} with fewer than "
-            f"{want.fff_trees} trees; found ffn={found.ffn}, K={found.fff_trees}, D={found.fff_depth}"
+            f"--grow-from {folder}: expected an FFF student of depth {want.fff_depth} in the same layers with fewer "
+            f"trees than K={_ks(want_trees)}; found ffn={found.ffn}, K={_ks(old)}, D={found.fff_depth}"
         )
-    old = found.fff_trees
     own = student.model.state_dict()
     with torch.no_grad():
         for key, value in earlier.model.state_dict().items():
@@ -86,7 +97,7 @@ def grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any])
             if key not in own:
                 raise ValueError(f"--grow-from {folder}: unexpected weight {key}")
             target = own[key]
-            if key.endswith("ffn.linear_in.weight") or key.endswith("ffn.linear_in.bias"):
+            if key.endswith(("ffn.linear_in.weight", "ffn.linear_in.bias")):
                 target[: value.shape[0]].copy_(value)
             elif key.endswith("ffn.linear_out.weight"):
                 target[:, : value.shape[1]].copy_(value)
@@ -97,8 +108,13 @@ def grow_from_student(student: LoadedModel, folder: Path, state: dict[str, Any])
         f.invalidate()
     state["phase"], state["layer"], state["step"] = "grow", 0, 0
     state["grown_from"] = {"folder": str(folder), "trees": old}
-    log.info("growing the student in %s from %d to %d trees per layer", folder, old, want.fff_trees)
+    log.info("growing the student in %s from K=%s to K=%s", folder, _ks(old), _ks(want_trees))
     return old
+
+
+def _ks(trees: dict[int, int]) -> str:
+    """``6`` when every FFF layer has 6 trees, else ``{0: 6, 3: 12, ...}``."""
+    return str(next(iter(trees.values()))) if len(set(trees.values())) == 1 else str(trees)
 
 
 @torch.no_grad()
