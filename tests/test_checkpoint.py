@@ -169,7 +169,8 @@ def test_published_crammed_checkpoint_matches_independent_forward(tmp_path: Path
     written = write_crammed_checkpoint(folder, minilm_dir, trees=trees, depth=3, num_labels=3, seed=trees)
     loaded = load_model(folder)
     assert loaded.source_format == "crammedBERT" and loaded.config.layout == "crammed"
-    assert loaded.model.tree_shape() == (trees, 3) and loaded.config.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    assert (loaded.config.fff_trees, loaded.model.tree_depth()) == (trees, 3)
+    assert loaded.config.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
     ids, mask = encode(loaded, ["Hello there, general Kenobi.", "short", "padding does not leak into this one"])
     want = independent_crammed_forward(written["sd"], written["arch"], ids, mask)
     real = mask.bool()
