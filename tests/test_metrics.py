@@ -104,12 +104,19 @@ def test_leaf_counts_decay_towards_recent_traffic() -> None:
             leaf_counts=[torch.tensor([counts])],
         )
 
+    def gauges() -> tuple[float, float]:
+        samples = metric_samples(m.exposition().decode())
+        return tuple(
+            metric(samples, f"ufb_fff_{n}_ratio", layer="0", tree="0") for n in ("leaf_entropy", "leaves_used")
+        )
+
+    assert not [k for k in metric_samples(m.exposition().decode()) if k[0].startswith("ufb_fff_")]  # no batch yet
     m.on_batch(batch([100, 0, 0, 0], 100))
-    assert m.leaf_entropy.labels("0", "0")._value.get() == 0
+    assert gauges() == (0.0, 0.25)
     for _ in range(20):  # 20 half-lives of even traffic wash the collapse out
         m.on_batch(batch([25, 25, 25, 25], 100))
-    assert m.leaf_entropy.labels("0", "0")._value.get() > 0.99
-    assert m.leaves_used.labels("0", "0")._value.get() == 1
+    entropy, used = gauges()
+    assert entropy > 0.99 and used == 1
     samples = metric_samples(m.exposition().decode())
     assert metric(samples, "ufb_ffn_neurons_evaluated_total", layer="0") == 4 * 2100
     assert metric(samples, "ufb_ffn_neurons_dense_total", layer="0") == 16 * 2100
