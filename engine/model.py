@@ -199,12 +199,14 @@ class UltraFastBert(nn.Module):
     def neurons_per_token(self) -> list[tuple[int, int]]:
         """Per layer ``(neurons evaluated per token, dense-equivalent width)``."""
         c = self.config
-        evaluated = {
-            "fff": lambda i: c.trees_in(i) * (c.fff_depth + 1),
-            "dense": lambda i: c.intermediate_size,
-            "none": lambda i: 0,
-        }
-        return [(evaluated[c.ffn_kind(i)](i), c.intermediate_size) for i in range(c.num_layers)]
+
+        def evaluated(layer: int) -> int:
+            kind = c.ffn_kind(layer)
+            if kind == "fff":
+                return c.trees_in(layer) * (c.fff_depth + 1)
+            return c.intermediate_size if kind == "dense" else 0
+
+        return [(evaluated(i), c.intermediate_size) for i in range(c.num_layers)]
 
     def set_ffn_impl(self, impl: str) -> None:
         for fff in self.fffs():
