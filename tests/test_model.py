@@ -10,7 +10,6 @@ from tiny_models import random_batch, tiny_model
 
 from engine.config import ModelConfig
 from engine.fff import FFF
-from engine.model import UltraFastBert
 from engine.packing import length_groups
 
 torch.set_num_threads(2)
@@ -346,21 +345,7 @@ def test_per_layer_tree_counts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fff_layer_trees is for FFF models"):
         ModelConfig(ffn="dense", fff_layer_trees={0: 2})
 
-    model = UltraFastBert(
-        ModelConfig(
-            vocab_size=120,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            intermediate_size=64,
-            fff_trees=2,
-            fff_depth=3,
-            fff_layer_trees={1: 3},
-            max_position_embeddings=64,
-        )
-    )
-    model.init_weights(0)
-    model.eval()
+    model = tiny_model("bert", trees=2, depth=3, layer_trees={1: 3})
     assert [f.trees for f in model.fffs()] == [2, 3]
     assert model.neurons_per_token() == [(8, 64), (12, 64)] and model.tree_depth() == 3
     model.set_record_leaves(True)

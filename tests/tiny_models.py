@@ -69,9 +69,17 @@ def build_tiny_model(
 
 
 def tiny_model(
-    layout: str, ffn: str = "fff", trees: int = 2, depth: int = 3, labels=None, seed: int = 0, vocab: int = 120
+    layout: str,
+    ffn: str = "fff",
+    trees: int = 2,
+    depth: int = 3,
+    labels=None,
+    seed: int = 0,
+    vocab: int = 120,
+    layer_trees: dict[int, int] | None = None,
 ) -> UltraFastBert:
-    """Two layers; ``ffn="hybrid"`` is an FFF model whose second layer keeps a dense FFN."""
+    """Two layers; ``ffn="hybrid"`` is an FFF model whose second layer keeps a dense FFN; ``layer_trees`` gives
+    layers their own tree count (``ModelConfig.fff_layer_trees``)."""
     hybrid = ffn == "hybrid"
     config = ModelConfig(
         layout=layout,
@@ -82,6 +90,7 @@ def tiny_model(
         ffn="fff" if hybrid else ffn,
         fff_trees=trees,
         fff_depth=depth,
+        fff_layer_trees=layer_trees or {},
         dense_ffn_layers=[1] if hybrid else [],
         intermediate_size=64,
         max_position_embeddings=64,

@@ -297,10 +297,9 @@ def evaluate(
     )
     summary["ff_speedup_neurons"] = s["dense_width"] / max(1, s["neurons_per_token"])
     summary["speedup_vs_teacher"] = s["sentences_per_s"] / t["sentences_per_s"]
-    cfg = models["student"].config
-    fff_layers = [i for i in range(cfg.num_layers) if cfg.ffn_kind(i) == "fff"]
-    if fff_layers:  # the kernel against the dense FFN at the student's largest per-layer tree count
-        trees = max(cfg.trees_in(i) for i in fff_layers)
+    cfg, fffs = models["student"].config, models["student"].model.fffs()
+    if fffs:  # the kernel against the dense FFN at the student's largest per-layer tree count
+        trees = max(f.trees for f in fffs)
         summary["ffn_speedup_measured"] = ffn_speedup(cfg.hidden_size, cfg.intermediate_size, trees, cfg.fff_depth)
     return {
         "model": str(model_path),
