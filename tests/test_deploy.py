@@ -179,7 +179,9 @@ def test_dockerfile_is_multistage_non_root_with_healthcheck_and_default_model() 
     for var in ufb:
         assert var[4:].lower() in Settings.model_fields, var
     default_model = Settings.model_fields["model"].default
-    assert build_args["MODEL_DIR"] == f"models/{default_model.name}" and ufb["UFB_MODEL"].endswith(default_model.name)
+    # the model sits at /<MODEL_DIR>, so another model's image does not serve it from the default's path
+    assert build_args["MODEL_DIR"] == f"models/{default_model.name}" and ufb["UFB_MODEL"] == "/${MODEL_DIR}"
+    assert any(a.split()[-2:] == ["${MODEL_DIR}/", "/${MODEL_DIR}/"] for a in args("COPY"))
     assert ufb["UFB_PORT"] in " ".join(args("EXPOSE")).split()
 
 
