@@ -481,6 +481,14 @@ def test_cli_names_options_that_cannot_work_without_a_traceback(
     assert main([*base, "--out", str(tmp_path / "b"), "--trees", "-1"]) == 2
     assert "--trees must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    # a folder holding a run is continued with --resume, never silently started over
+    run = tmp_path / "c"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"a run")
+    (run / "distill_log.jsonl").write_text("{}\n")
+    assert main([*base, "--out", str(run)]) == 2
+    assert f"{run} already holds a run (checkpoint.pt): pass --resume" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == b"a run" and (run / "distill_log.jsonl").read_text() == "{}\n"
 
 
 def test_init_student_rejects_another_shape(tiny_teacher: Path, distilled: Path, tmp_path: Path) -> None:

@@ -663,6 +663,14 @@ def run_cli(args: Any) -> int:
             file=sys.stderr,
         )
         return 2
+    if not args.resume and (Path(args.out) / CHECKPOINT_FILE).is_file():
+        # Starting over would delete the run's log and overwrite its checkpoint at the first save.
+        print(
+            f"ultrafastbert distill: error: {args.out} already holds a run ({CHECKPOINT_FILE}): pass --resume to "
+            "continue it, or give another --out (delete the folder to start it over)",
+            file=sys.stderr,
+        )
+        return 2
     opts = DistillOptions(
         teacher=args.teacher,
         out=args.out,
