@@ -1,7 +1,8 @@
 """Builds the CMM kernel (csrc/) as a torch C++ extension, against the torch already installed.
 
-csrc/ops.cpp registers the ops, csrc/cpu/ holds the CPU kernels (CMM and the dense linear), csrc/python/ the
-CPython fast path; the sources in csrc/cuda/ are compiled only where torch has CUDA and nvcc is present.
+csrc/ops.cpp registers the ops, csrc/cpu/ holds the CPU kernels (CMM, the dense linear, packed attention),
+csrc/python/ the CPython fast path; the sources in csrc/cuda/ are compiled only where torch has CUDA and nvcc is
+present.
 """
 
 import os
@@ -23,6 +24,8 @@ sources = [
     "csrc/cpu/cmm_cpu.cpp",
     "csrc/cpu/linear_op.cpp",
     "csrc/cpu/linear_cpu.cpp",
+    "csrc/cpu/attention_op.cpp",
+    "csrc/cpu/attention_cpu.cpp",
     "csrc/python/fast_path.cpp",
 ]
 cuda_sources = sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))

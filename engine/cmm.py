@@ -71,8 +71,8 @@ def _load_kernel() -> KernelInfo:
 
 
 def _register_fake() -> None:
-    """Shape-only implementations so torch.compile / FakeTensor tracing can see through the ops (``ufb::cmm`` and
-    ``ufb::linear``, engine.linear's kernel)."""
+    """Shape-only implementations so torch.compile / FakeTensor tracing can see through the ops (``ufb::cmm``,
+    ``ufb::linear``, engine.linear's kernel, and ``ufb::varlen_attention``, engine.attention's)."""
 
     @torch.library.register_fake("ufb::cmm")
     def _(x, w_in, b_in, w_out, depth, return_leaves, b_out=None):
@@ -84,6 +84,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("ufb::linear")
     def _(x, weight, bias=None):
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("ufb::varlen_attention")
+    def _(qkv, starts, lengths, num_heads):
+        return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3), dtype=torch.float32)
 
 
 KERNEL: KernelInfo = _load_kernel()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import attention
 from engine import linear as dense
 from engine.fff import FFF
 from engine.packing import Packing
@@ -101,17 +102,10 @@ class SelfAttention(nn.Module, ABC):
         return dense.apply(self.out, context.transpose(1, 2).reshape(b, t, -1))
 
     def forward_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """``[N, H]`` packed tokens: projections over all of them at once, attention per length group."""
-        qkv = self.qkv_heads(x)
-        parts = []
-        for g in packing.groups:
-            rows = qkv[g.start : g.end]
-            block = rows if g.gather is None else rows.index_select(0, g.gather)
-            q, k, v = block.view(g.n, g.t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
-            context = context.transpose(1, 2).reshape(g.n * g.t, -1)
-            parts.append(context if g.scatter is None else context.index_select(0, g.scatter))
-        return dense.apply(self.out, parts[0] if len(parts) == 1 else torch.cat(parts))
+        """``[N, H]`` packed tokens: projections over all of them at once, attention per sequence
+        (engine/attention.py)."""
+        context = attention.packed(self.qkv_heads(x), packing, self.num_heads)
+        return dense.apply(self.out, context)
 
 
 # ---------------------------------------------------------------------------------------------------- feedforward

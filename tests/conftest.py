@@ -27,6 +27,7 @@ TIERS = {
     "test_fff_fit": "engine",
     "test_layering": "engine",
     "test_linear": "engine",
+    "test_attention": "engine",
     "test_model": "engine",
     "test_model_inference": "engine",
     "test_precision": "engine",

@@ -1,9 +1,9 @@
 // The Python fast path: bare CPython functions (METH_FASTCALL) for the calls the serving path makes per layer and
 // per batch, where pybind11's argument conversion or the dispatcher would cost as much as the kernel on one token
-// (docs/kernel.md). cmm_eager and linear_eager are torch.ops.ufb.cmm and .linear without the dispatcher;
-// tensor_stamp is engine.derived's staleness check; fff_forward is engine.fff.FFF.forward's serving case, which
-// reads the module's attributes (the names below) and must change with them. Each falls back to Python
-// (NotImplemented) where unsure.
+// (docs/kernel.md). cmm_eager, linear_eager and attention_eager are torch.ops.ufb.cmm, .linear and
+// .varlen_attention without the dispatcher; tensor_stamp is engine.derived's staleness check; fff_forward is
+// engine.fff.FFF.forward's serving case, which reads the module's attributes (the names below) and must change with
+// them. Each falls back to Python (NotImplemented) where unsure.
 #include "python/fast_path.h"
 
 #include <torch/csrc/Exceptions.h>
@@ -12,6 +12,7 @@
 #include <cstring>
 #include <utility>
 
+#include "cpu/attention_op.h"
 #include "cpu/cmm_op.h"
 #include "cpu/linear_op.h"
 
@@ -84,6 +85,28 @@ PyObject* linear_eager_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   const at::Tensor* bias = has_bias ? &THPVariable_Unpack(args[2]) : nullptr;
   if (!linear_applies(x, weight, bias)) Py_RETURN_NOTIMPLEMENTED;
   return THPVariable_Wrap(linear_eager(x, weight, bias));
+  END_HANDLE_TH_ERRORS
+}
+
+// engine.attention's eager call, attention_eager(qkv, starts, lengths, num_heads): torch.ops.ufb.varlen_attention
+// without the dispatcher, for the calls varlen_attention_applies accepts; anything else returns NotImplemented and
+// Python runs torch's scaled_dot_product_attention. Bad shapes raise RuntimeError.
+PyObject* attention_eager_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4) {
+    PyErr_Format(PyExc_TypeError, "attention_eager(qkv, starts, lengths, num_heads) takes 4 arguments, got %zd",
+                 nargs);
+    return nullptr;
+  }
+  if (!THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) || !THPVariable_Check(args[2]) ||
+      !PyLong_Check(args[3]))
+    Py_RETURN_NOTIMPLEMENTED;
+  const long long heads = PyLong_AsLongLong(args[3]);
+  if (heads == -1 && PyErr_Occurred()) return nullptr;
+  const at::Tensor& qkv = THPVariable_Unpack(args[0]);
+  if (!varlen_attention_applies(qkv)) Py_RETURN_NOTIMPLEMENTED;
+  return THPVariable_Wrap(
+      varlen_attention(qkv, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]), heads, true));
   END_HANDLE_TH_ERRORS
 }
 
@@ -286,6 +309,10 @@ PyMethodDef tensor_stamp_def = {
 PyMethodDef cmm_eager_def = {"cmm_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cmm_eager)),
                              METH_FASTCALL, "cmm without the dispatcher (eager calls): (y, leaves or None)"};
 
+PyMethodDef attention_eager_def = {
+    "attention_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_eager_py)),
+    METH_FASTCALL, "torch.ops.ufb.varlen_attention without the dispatcher, or NotImplemented where SDPA must run"};
+
 PyMethodDef linear_eager_def = {
     "linear_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&linear_eager_py)), METH_FASTCALL,
     "torch.ops.ufb.linear over x [..., K] without the dispatcher, or NotImplemented where F.linear must run"};
@@ -296,6 +323,8 @@ void add_fast_path(pybind11::module_& m) {
   m.add_object("cmm_eager", pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&cmm_eager_def, nullptr)));
   m.add_object("linear_eager",
                pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&linear_eager_def, nullptr)));
+  m.add_object("attention_eager",
+               pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&attention_eager_def, nullptr)));
   if (!init_fff_names()) throw pybind11::error_already_set();
   m.add_object("fff_forward",
                pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(&fff_forward_def, nullptr)));
