@@ -54,7 +54,7 @@ def model_parts(folder: str, text: str, n: int) -> None:
         whole = per_call_us(lambda: model.embed_ids(ids, normalize=False), n)
     totals: collections.Counter[str] = collections.Counter()
     for layer in model.layers:
-        timed(totals, layer.attention, "attention (q/k/v, SDPA, output projection)", "forward_packed")
+        timed(totals, layer.attention, "attention (q/k/v, attention core, output projection)", "forward_packed")
         timed(totals, layer.attn_norm, "LayerNorms")
         timed(totals, layer.ffn_norm, "LayerNorms")
         timed(totals, layer.ffn, f"feedforward: {type(layer.ffn).__name__}")
