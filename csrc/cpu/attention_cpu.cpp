@@ -54,26 +54,7 @@ void item(const AttentionProblem& p, int64_t seq, int64_t head, float* scratch) 
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 
-using V = __m256;
-constexpr int64_t kLanes = 8;
-inline V vzero() { return _mm256_setzero_ps(); }
-inline V vset1(float f) { return _mm256_set1_ps(f); }
-inline V vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
-inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
-inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
-inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline V vpow2(V n) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-inline float vsum(V v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
-}
+#include "vec_avx2.inc"
 
 #include "attention_simd.inc"
 
@@ -86,22 +67,7 @@ inline float vsum(V v) {
 #pragma GCC target("avx512f,avx2,fma")
 namespace avx512 {
 
-using V = __m512;
-constexpr int64_t kLanes = 16;
-inline V vzero() { return _mm512_setzero_ps(); }
-inline V vset1(float f) { return _mm512_set1_ps(f); }
-inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
-inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
-inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
-inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline V vpow2(V n) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-}
-inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+#include "vec_avx512.inc"
 
 #include "attention_simd.inc"
 

@@ -135,36 +135,14 @@ void gelu_inplace(float* c, int64_t n) {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 
-using V = __m256;
-constexpr int64_t kLanes = 8;
-inline V vzero() { return _mm256_setzero_ps(); }
-inline V vset1(float f) { return _mm256_set1_ps(f); }
-inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+#include "vec_avx2.inc"
+// 16-bit weights, which only the CMM kernel reads: bfloat16 (uint16_t bits) and float16 (Half).
 inline V vload(const uint16_t* p) {
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
 // float16: one F16C conversion for 8 values (bfloat16 above needs a widen and a shift).
 inline V vload(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
-inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
-inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
-inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
-inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline V vpow2(V n) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-inline V vabs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
-inline V vsign(V a) { return _mm256_and_ps(a, _mm256_set1_ps(-0.0f)); }
-inline V vor(V a, V b) { return _mm256_or_ps(a, b); }
-inline float vsum(V v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
-}
 
 #include "cmm_simd.inc"
 #include "cmm_driver.inc"
@@ -179,36 +157,13 @@ inline float vsum(V v) {
 #pragma GCC target("avx512f,avx2,fma,f16c")
 namespace avx512 {
 
-using V = __m512;
-constexpr int64_t kLanes = 16;
-inline V vzero() { return _mm512_setzero_ps(); }
-inline V vset1(float f) { return _mm512_set1_ps(f); }
-inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+#include "vec_avx512.inc"
+// 16-bit weights, which only the CMM kernel reads: bfloat16 (uint16_t bits) and float16 (Half).
 inline V vload(const uint16_t* p) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 inline V vload(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
-inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
-inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
-inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
-inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline V vpow2(V n) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-}
-// Sign-bit logic in the integer domain: float and/or on 512-bit registers needs AVX512DQ, which AVX512F lacks.
-inline V vabs(V a) {
-  return _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32(int32_t(0x80000000u)), _mm512_castps_si512(a)));
-}
-inline V vsign(V a) {
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_set1_epi32(int32_t(0x80000000u)), _mm512_castps_si512(a)));
-}
-inline V vor(V a, V b) { return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))); }
-inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 
 #include "cmm_simd.inc"
 #include "cmm_driver.inc"

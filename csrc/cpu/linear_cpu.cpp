@@ -59,15 +59,11 @@ void columns(const LinearProblem& p, int64_t col_begin, int64_t col_end) {
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 
-using V = __m256;
-constexpr int64_t kLanes = 8;
+#include "vec_avx2.inc"
 alignas(32) constexpr int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-inline V vzero() { return _mm256_setzero_ps(); }
-inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline V vload_part(const float* p, int64_t r) {
   return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMask + 8 - r)));
 }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 // Lane i of the result: ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) of the i-th argument.
 inline __m128 vsum4(V a, V b, V c, V d) {
   const V abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -85,12 +81,8 @@ inline __m128 vsum4(V a, V b, V c, V d) {
 #pragma GCC target("avx512f,avx2,fma")
 namespace avx512 {
 
-using V = __m512;
-constexpr int64_t kLanes = 16;
-inline V vzero() { return _mm512_setzero_ps(); }
-inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+#include "vec_avx512.inc"
 inline V vload_part(const float* p, int64_t r) { return _mm512_maskz_loadu_ps(__mmask16((1u << r) - 1), p); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 // The two 256-bit halves added lane by lane, then the AVX2 path's reduction.
 inline __m256 fold(V v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
